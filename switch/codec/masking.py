@@ -1,0 +1,54 @@
+"""Card-data protection for anything a human or a metrics system may read.
+
+A full PAN, track data, a PIN block or a CVV must never reach an error message, a repr, a log line or a
+metric. These helpers keep at most the BIN (first 6) and the last 4 digits of a PAN, and replace
+sensitive fields wholesale. jPOS calls this "protect" and "wipe"; we do both by field number so every
+caller agrees on which fields are secret.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+#: Fields whose content is shown as BIN + last 4 only (PAN).
+PAN_FIELDS = frozenset({"2"})
+#: Fields never shown at all: track 1/2/3, PIN block, security info, ICC data, MACs, key material.
+WIPED_FIELDS = frozenset({"35", "36", "45", "52", "53", "55", "64", "96", "128"})
+
+_DIGIT_RUN = re.compile(r"\d{12,19}")
+
+
+def mask_pan(pan: str | bytes | None) -> str:
+    """BIN (first 6) + stars + last 4; short or odd values are starred entirely."""
+    if pan is None:
+        return ""
+    if isinstance(pan, bytes | bytearray):
+        pan = pan.decode("ascii", "replace")
+    digits = pan.strip()
+    if len(digits) < 13 or not digits.isdigit():
+        return "*" * len(digits)
+    return f"{digits[:6]}{'*' * (len(digits) - 10)}{digits[-4:]}"
+
+
+def scrub_text(text: str) -> str:
+    """Mask any run of 12-19 digits in free text (an error message quoting raw field data)."""
+    return _DIGIT_RUN.sub(lambda m: mask_pan(m.group(0)), text)
+
+
+def mask_field(field: str, value: Any) -> Any:
+    """The printable form of one field's value."""
+    if field in PAN_FIELDS:
+        return mask_pan(value if isinstance(value, str | bytes | bytearray) else str(value))
+    if field in WIPED_FIELDS:
+        n = len(value) if hasattr(value, "__len__") else 0
+        return f"[{n} wiped]"
+    if isinstance(value, str):
+        return scrub_text(value)
+    return value
+
+
+def mask_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a decoded or to-be-encoded field dict safe to log."""
+    return {k: mask_field(k, v) for k, v in fields.items()}

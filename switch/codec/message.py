@@ -1,0 +1,115 @@
+"""A typed view over a decoded ISO 8583 field dict.
+
+The codec speaks pyiso8583's dicts (field number as a string -> str value; binary fields as upper-case
+hex). Processing code wants MTI parts, fields by number and amounts as integers; this view gives that
+without copying the dict. Its repr masks card data (switch.codec.masking).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from switch.codec.masking import mask_fields
+
+
+class MessageError(ValueError):
+    """A field is missing or malformed; `field` names it (the switch answers 30)."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"field {field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class Message:
+    """Read access to a decoded message. `fields` is pyiso8583's decoded dict (not copied)."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self, fields: Mapping[str, Any]) -> None:
+        self.fields = fields
+
+    # --- MTI: version / class / function / origin (ISO 8583 digit positions 1-4) -----------------
+    @property
+    def mti(self) -> str:
+        mti = self.fields.get("t", "")
+        if len(mti) != 4 or not mti.isdigit():
+            raise MessageError("t", "MTI must be 4 digits")
+        return mti
+
+    @property
+    def version(self) -> str:
+        return self.mti[0]
+
+    @property
+    def mti_class(self) -> str:
+        """Message class, e.g. '02' for financial (01 authorisation, 04 reversal, 08 network...)."""
+        return self.mti[1:3]
+
+    @property
+    def function(self) -> str:
+        """Message function: 0 request, 1 response, 2 advice, 3 advice response..."""
+        return self.mti[2]
+
+    @property
+    def origin(self) -> str:
+        """Message origin: 0 acquirer, 1 acquirer repeat, 2 issuer, 3 issuer repeat..."""
+        return self.mti[3]
+
+    @property
+    def is_repeat(self) -> bool:
+        return self.origin in ("1", "3", "5")
+
+    @property
+    def is_request(self) -> bool:
+        return self.function in ("0", "2", "4")
+
+    def response_mti(self) -> str:
+        """The MTI that answers this one: function + 1, origin reset (0200/0201 -> 0210)."""
+        mti = self.mti
+        return f"{mti[0]}{mti[1]}{int(mti[2]) + 1}0"
+
+    # --- fields ----------------------------------------------------------------------------------
+    def __contains__(self, field: int | str) -> bool:
+        return str(field) in self.fields
+
+    def __getitem__(self, field: int | str) -> str:
+        key = str(field)
+        try:
+            return self.fields[key]
+        except KeyError:
+            raise MessageError(key, "missing") from None
+
+    def get(self, field: int | str, default: str | None = None) -> str | None:
+        return self.fields.get(str(field), default)
+
+    def digits(self, field: int | str) -> str:
+        """A field that must be all digits (30 otherwise)."""
+        value = self[field]
+        if not value.isdigit():
+            raise MessageError(str(field), "must be numeric")
+        return value
+
+    # --- money -----------------------------------------------------------------------------------
+    @property
+    def amount_minor(self) -> int:
+        """Field 4 as an integer in minor units (never a float)."""
+        return int(self.digits(4))
+
+    @property
+    def currency(self) -> str:
+        """Field 49, ISO 4217 numeric."""
+        cur = self.digits(49)
+        if len(cur) != 3:
+            raise MessageError("49", "currency must be 3 digits")
+        return cur
+
+    @property
+    def processing_code(self) -> str:
+        return self.digits(3)
+
+    def __repr__(self) -> str:
+        return f"Message({mask_fields(self.fields)!r})"
+
+    __str__ = __repr__

@@ -1,0 +1,189 @@
+"""Every setting and limit of the switch, as msgspec Structs loaded once from TOML.
+
+TigerBeetle style: every queue, batch, frame, connection count and timeout has a named limit here, with
+its unit last in the name. Validation happens once, at load; the rest of the code trusts these values.
+Each layer reads only its own section. Sections are owned by the layer named in their docstring; add
+fields with defaults so older config files keep loading.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+FramingKind = Literal["binary2", "ascii4"]
+LedgerBackendKind = Literal["sqlite", "postgres"]
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the setting."""
+
+
+class ListenerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One terminal-facing TCP listener (switch.server). One per terminal profile."""
+
+    name: str
+    profile: str = "terminal_ascii"
+    host: str = "127.0.0.1"
+    port: int = 0
+    framing: FramingKind = "binary2"
+    tpdu: bool = False
+    max_frame_bytes: int = 4096
+    max_connections: int = 1024
+    max_inflight_per_connection: int = 64
+    idle_timeout_ms: int = 300_000
+
+
+class AcquirerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One acquirer host and its links (switch.routing, switch.server)."""
+
+    name: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    profile: str = "acquirer_1987"
+    framing: FramingKind = "binary2"
+    connections: int = 2
+    max_frame_bytes: int = 8192
+    max_outstanding_per_link: int = 1024
+    request_timeout_ms: int = 5_000
+    echo_interval_ms: int = 30_000
+    reconnect_backoff_min_ms: int = 100
+    reconnect_backoff_max_ms: int = 10_000
+    backup: str | None = None
+    #: Stand-in: approve below this amount while the acquirer is down (0 disables stand-in).
+    stand_in_floor_minor: int = 0
+    #: Hex MAC key shared with the acquirer (empty: acquirer link is not MACed).
+    mac_key_hex: str = ""
+
+
+class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One BIN range: a 6-11 digit PAN prefix routed to an acquirer (switch.routing)."""
+
+    prefix: str
+    acquirer: str
+    currency: str | None = None
+    processing_code: str | None = None
+
+
+class RoutingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """BIN table and its default (switch.routing)."""
+
+    default_acquirer: str | None = None
+    routes: list[RouteConfig] = []
+
+
+class StoreForwardConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The durable queue of reversals and advices to deliver to acquirers (switch.routing)."""
+
+    path: str = "var/saf.db"
+    retry_interval_ms: int = 2_000
+    max_retry_interval_ms: int = 60_000
+    max_depth: int = 100_000
+
+
+class LedgerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The append-only ledger (switch.ledger)."""
+
+    backend: LedgerBackendKind = "sqlite"
+    path: str = "var/ledger.db"
+    dsn: str = ""
+    batch_window_ms: float = 2.0
+    max_batch_entries: int = 1_000
+    max_queue_entries: int = 100_000
+    checkpoint_every_entries: int = 10_000
+    #: Environment variable / file holding the checkpoint signing key (hex). Never logged.
+    checkpoint_key_env: str = "SWITCH_CHECKPOINT_KEY"
+    checkpoint_key_file: str = ""
+    #: Environment variable / file holding the HMAC key for PAN hashes (hex). Never logged.
+    pan_hash_key_env: str = "SWITCH_PAN_HASH_KEY"
+    pan_hash_key_file: str = ""
+
+
+class KeysConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where the key-encryption key comes from; terminal master keys are stored under it."""
+
+    kek_env: str = "SWITCH_KEK"
+    kek_file: str = ""
+
+
+class MerchantConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A merchant as configured before the registry (issue 6) takes over (switch.processing)."""
+
+    id: str
+    name: str = ""
+    mcc: str = "5999"
+    currency: str = "978"
+    refund_window_days: int = 180
+    single_refund_cap_minor: int = 0
+    daily_refund_cap_minor: int = 0
+
+
+class TerminalConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A terminal: id, owner and its master key encrypted under the KEK (hex)."""
+
+    id: str
+    merchant_id: str
+    profile: str = "terminal_ascii"
+    master_key_encrypted_hex: str = ""
+
+
+class ProcessingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Transaction-flow limits (switch.processing)."""
+
+    #: The terminal hears 68 (or 91) at this deadline if the acquirer has not answered.
+    terminal_deadline_ms: int = 10_000
+    #: Response code sent at the terminal deadline.
+    timeout_response_code: str = "68"
+    #: How long a pre-authorisation hold stays open before it expires.
+    hold_expiry_ms: int = 7 * 24 * 3_600_000
+    #: Duplicate-detection memory (terminal keys remembered).
+    max_remembered_keys: int = 1_000_000
+
+
+class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Prometheus exposition (switch.server)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 9108
+
+
+class AdminConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Admin HTTP API (switch.server)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8088
+    token_env: str = "SWITCH_ADMIN_TOKEN"
+
+
+class SwitchConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The whole of switch.toml."""
+
+    listeners: list[ListenerConfig] = []
+    acquirers: list[AcquirerConfig] = []
+    routing: RoutingConfig = RoutingConfig()
+    store_forward: StoreForwardConfig = StoreForwardConfig()
+    ledger: LedgerConfig = LedgerConfig()
+    keys: KeysConfig = KeysConfig()
+    merchants: list[MerchantConfig] = []
+    terminals: list[TerminalConfig] = []
+    processing: ProcessingConfig = ProcessingConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    admin: AdminConfig = AdminConfig()
+
+
+def load_config(path: str | Path) -> SwitchConfig:
+    """Read and validate a TOML config; errors name the offending setting."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        return msgspec.toml.decode(data, type=SwitchConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None

@@ -1,0 +1,1 @@
+"""switch.ledger: see docs/architecture.md."""

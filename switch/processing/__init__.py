@@ -1,0 +1,1 @@
+"""switch.processing: see docs/architecture.md."""

@@ -1,0 +1,1 @@
+"""switch.routing: see docs/architecture.md."""

@@ -1,0 +1,1 @@
+"""switch.server: see docs/architecture.md."""

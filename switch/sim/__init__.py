@@ -1,0 +1,1 @@
+"""switch.sim: see docs/architecture.md."""
