@@ -56,8 +56,10 @@ def test_six_digit_processing_code_matches_exactly() -> None:
 
 def test_six_digit_code_beats_two_digit_code_whatever_the_order() -> None:
     for order in (1, -1):
-        routes = [RouteConfig("411111", "tt", processing_code="30"),
-                  RouteConfig("411111", "exact", processing_code="301000")][::order]
+        routes = [
+            RouteConfig("411111", "tt", processing_code="30"),
+            RouteConfig("411111", "exact", processing_code="301000"),
+        ][::order]
         t = table(*routes)
         assert t.acquirer_for("4111111111111111", processing_code="301000") == "exact"
         assert t.acquirer_for("4111111111111111", processing_code="302000") == "tt"
@@ -110,9 +112,13 @@ codes = st.sampled_from([None, "00", "20", "000000"])
 @given(
     routes=st.lists(st.tuples(digits, currencies, codes), max_size=40, unique=True),
     probes=st.lists(
-        st.tuples(st.text(alphabet="459", min_size=12, max_size=19), st.sampled_from(["840", "978"]),
-                  st.sampled_from(["000000", "200000", "300000"])),
-        min_size=1, max_size=20,
+        st.tuples(
+            st.text(alphabet="459", min_size=12, max_size=19),
+            st.sampled_from(["840", "978"]),
+            st.sampled_from(["000000", "200000", "300000"]),
+        ),
+        min_size=1,
+        max_size=20,
     ),
 )
 def test_matches_brute_force_oracle(routes, probes) -> None:
