@@ -1,0 +1,550 @@
+"""The storage interface of the ledger, and the SQL that SQLite and PostgreSQL share.
+
+Why this shape: the writer thread (switch.ledger.writer) owns all the logic -- sequence numbers,
+idempotency, hold/refund rules, the Merkle tree -- and hands a backend one fully prepared `BatchRows`
+per group commit. A backend only moves rows in and out in bulk, so a new backend is small: it
+connects, supplies its `Dialect`, and (optionally) overrides the bulk insert with something faster
+(COPY on PostgreSQL). Everything else is `SqlBackend`, written once against DB-API cursors.
+
+Tables (names and column orders are constants below; the PostgreSQL backend reuses them):
+
+- `entries`       one row per committed entry, seq 0.. gap-free (= Merkle leaf index). `body` holds the
+                  canonical draft bytes (`switch.ledger.codec.draft_bytes`); the other columns are
+                  projections of it for queries, cross-checked by `verify`. `leaf_hash` is
+                  SHA-256(0x00 || entry bytes), stored so proofs need no rehashing.
+- `postings`      one row per posting (seq, idx); side 'D' or 'C'.
+- `merkle_nodes`  roots of complete subtrees at levels >= NODE_MIN_LEVEL: node (level, idx) covers
+                  leaves [idx * 2**level, (idx + 1) * 2**level). Lower levels are rebuilt from
+                  `leaf_hash` (at most 2**NODE_MIN_LEVEL hashes), which keeps the write cost ~1/128 row
+                  per entry while proofs stay O(log n) reads.
+- `tree_heads`    one row per committed batch: tree size and RFC 6962 root after that batch.
+- `checkpoints`   signed tree heads (Ed25519 over `checkpoint_message`), every N entries and at shutdown.
+- `balances`      derived, mutable: per (account, currency) balance (debits positive) and last seq that
+                  touched it; one upsert per touched account per batch. `rebuild check` refolds it.
+- `ledger_meta`   schema version and other facts, key/value.
+
+Every table but `balances` and `ledger_meta` is append-only: triggers reject UPDATE and DELETE, so only
+someone who drops the triggers (as the tamper tests do, on a copy) can change history -- and then
+`verify` names the first index that differs.
+
+Contract of `write_batch`: one transaction; when it returns the batch is durable (fsync'd); when it
+raises nothing of the batch is visible (the backend rolled back) and the writer fails every caller of
+that batch. Backends never invent sequence numbers or hashes; they store what they are given.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple, Protocol
+
+import msgspec
+
+#: Version of the schema below; stored in ledger_meta('schema_version'). Bump on incompatible change.
+SCHEMA_VERSION = 1
+
+#: Lowest Merkle level stored in merkle_nodes (levels below are recomputed from entries.leaf_hash).
+NODE_MIN_LEVEL = 8
+
+#: Upper bound on values bound into one `IN (...)` list; larger lookups are chunked.
+MAX_IN_LIST = 900
+
+ENTRY_COLUMNS: tuple[str, ...] = (
+    "seq",
+    "idempotency_key",
+    "kind",
+    "rrn",
+    "original_rrn",
+    "at_ms",
+    "response_code",
+    "merchant_id",
+    "terminal_id",
+    "pan_masked",
+    "pan_hash",
+    "amount_minor",
+    "currency",
+    "body",
+    "leaf_hash",
+)
+POSTING_COLUMNS: tuple[str, ...] = ("seq", "idx", "account", "side", "amount_minor", "currency")
+NODE_COLUMNS: tuple[str, ...] = ("level", "idx", "hash")
+TREE_HEAD_COLUMNS: tuple[str, ...] = ("tree_size", "root_hash", "at_ms")
+CHECKPOINT_COLUMNS: tuple[str, ...] = ("tree_size", "root_hash", "at_ms", "key_id", "signature")
+BALANCE_COLUMNS: tuple[str, ...] = ("account", "currency", "balance_minor", "last_seq")
+
+#: Tables that triggers keep append-only.
+APPEND_ONLY_TABLES: tuple[str, ...] = ("entries", "postings", "merkle_nodes", "tree_heads", "checkpoints")
+
+
+class EntryRowT(NamedTuple):
+    """One `entries` row in ENTRY_COLUMNS order."""
+
+    seq: int
+    idempotency_key: str
+    kind: str
+    rrn: str
+    original_rrn: str
+    at_ms: int
+    response_code: str
+    merchant_id: str
+    terminal_id: str
+    pan_masked: str
+    pan_hash: str
+    amount_minor: int
+    currency: str
+    body: bytes
+    leaf_hash: bytes
+
+
+class PostingRowT(NamedTuple):
+    """One `postings` row in POSTING_COLUMNS order."""
+
+    seq: int
+    idx: int
+    account: str
+    side: str
+    amount_minor: int
+    currency: str
+
+
+class TxnRow(NamedTuple):
+    """What the hold/refund rules need of an existing entry (switch.ledger.rules)."""
+
+    seq: int
+    kind: str
+    rrn: str
+    original_rrn: str
+    amount_minor: int
+    currency: str
+
+
+TXN_COLUMNS = "seq, kind, rrn, original_rrn, amount_minor, currency"
+
+
+class BatchRows(msgspec.Struct, kw_only=True):
+    """Everything one group commit writes, fully prepared by the writer (plain tuples, column order as
+    the *_COLUMNS constants). `balance_deltas` rows are (account, currency, delta_minor, last_seq) and
+    are ADDED to the stored balance (upsert)."""
+
+    entries: list[tuple[Any, ...]]
+    postings: list[tuple[Any, ...]]
+    nodes: list[tuple[int, int, bytes]]
+    balance_deltas: list[tuple[str, str, int, int]]
+    tree_head: tuple[int, bytes, int] | None
+    checkpoint: tuple[int, bytes, int, str, bytes] | None = None
+
+
+class Dialect(msgspec.Struct, frozen=True):
+    """The few spots where SQLite and PostgreSQL SQL differ."""
+
+    name: str
+    placeholder: str  # "?" (sqlite3) or "%s" (psycopg)
+    bigint: str  # column type for 64-bit integers
+    blob: str  # column type for bytes
+    without_rowid: str  # table suffix for clustered-by-primary-key tables ("" where n/a)
+
+    def params(self, n: int) -> str:
+        return ", ".join([self.placeholder] * n)
+
+    def insert(self, table: str, columns: Sequence[str]) -> str:
+        return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({self.params(len(columns))})"
+
+    def in_list(self, column: str, n: int) -> str:
+        return f"{column} IN ({self.params(n)})"
+
+    def balance_upsert(self) -> str:
+        """Add a delta to a balance row, creating it at zero if absent (same syntax in both dialects)."""
+        return (
+            f"INSERT INTO balances ({', '.join(BALANCE_COLUMNS)}) VALUES ({self.params(4)}) "
+            "ON CONFLICT (account, currency) DO UPDATE SET "
+            "balance_minor = balances.balance_minor + excluded.balance_minor, "
+            "last_seq = excluded.last_seq"
+        )
+
+    def append_only_triggers(self, table: str) -> list[str]:
+        if self.name == "sqlite":
+            return [
+                f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} ON {table} "
+                f"BEGIN SELECT RAISE(ABORT, 'ledger table {table} is append-only: {op} rejected'); END"
+                for op in ("UPDATE", "DELETE")
+            ]
+        # PostgreSQL: one shared function, one trigger per operation (TRUNCATE too).
+        return [
+            "CREATE OR REPLACE FUNCTION ledger_append_only() RETURNS trigger LANGUAGE plpgsql AS $$ "
+            "BEGIN RAISE EXCEPTION 'ledger table % is append-only: % rejected', TG_TABLE_NAME, TG_OP; "
+            "END $$",
+            f"DROP TRIGGER IF EXISTS {table}_no_update ON {table}",
+            f"CREATE TRIGGER {table}_no_update BEFORE UPDATE OR DELETE ON {table} "
+            "FOR EACH ROW EXECUTE FUNCTION ledger_append_only()",
+            f"DROP TRIGGER IF EXISTS {table}_no_truncate ON {table}",
+            f"CREATE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {table} "
+            "FOR EACH STATEMENT EXECUTE FUNCTION ledger_append_only()",
+        ]
+
+
+SQLITE = Dialect(
+    name="sqlite", placeholder="?", bigint="INTEGER", blob="BLOB", without_rowid=" WITHOUT ROWID"
+)
+POSTGRES = Dialect(name="postgres", placeholder="%s", bigint="BIGINT", blob="BYTEA", without_rowid="")
+
+
+def schema(d: Dialect) -> list[str]:
+    """DDL statements, idempotent (IF NOT EXISTS), in order."""
+    i, b = d.bigint, d.blob
+    stmts = [
+        f"""CREATE TABLE IF NOT EXISTS entries (
+            seq {i} PRIMARY KEY CHECK (seq >= 0),
+            idempotency_key TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            rrn TEXT NOT NULL,
+            original_rrn TEXT NOT NULL,
+            at_ms {i} NOT NULL,
+            response_code TEXT NOT NULL,
+            merchant_id TEXT NOT NULL,
+            terminal_id TEXT NOT NULL,
+            pan_masked TEXT NOT NULL,
+            pan_hash TEXT NOT NULL,
+            amount_minor {i} NOT NULL,
+            currency TEXT NOT NULL,
+            body {b} NOT NULL,
+            leaf_hash {b} NOT NULL)""",
+        "CREATE UNIQUE INDEX IF NOT EXISTS entries_idempotency_key ON entries (idempotency_key)",
+        "CREATE INDEX IF NOT EXISTS entries_rrn ON entries (rrn)",
+        "CREATE INDEX IF NOT EXISTS entries_original_rrn ON entries (original_rrn) WHERE original_rrn <> ''",
+        "CREATE INDEX IF NOT EXISTS entries_merchant_time ON entries (merchant_id, at_ms)",
+        f"""CREATE TABLE IF NOT EXISTS postings (
+            seq {i} NOT NULL,
+            idx INTEGER NOT NULL,
+            account TEXT NOT NULL,
+            side TEXT NOT NULL CHECK (side IN ('D', 'C')),
+            amount_minor {i} NOT NULL CHECK (amount_minor > 0),
+            currency TEXT NOT NULL,
+            PRIMARY KEY (seq, idx)){d.without_rowid}""",
+        "CREATE INDEX IF NOT EXISTS postings_account ON postings (account, currency, seq)",
+        f"""CREATE TABLE IF NOT EXISTS merkle_nodes (
+            level INTEGER NOT NULL,
+            idx {i} NOT NULL,
+            hash {b} NOT NULL,
+            PRIMARY KEY (level, idx)){d.without_rowid}""",
+        f"""CREATE TABLE IF NOT EXISTS tree_heads (
+            tree_size {i} PRIMARY KEY,
+            root_hash {b} NOT NULL,
+            at_ms {i} NOT NULL)""",
+        f"""CREATE TABLE IF NOT EXISTS checkpoints (
+            tree_size {i} PRIMARY KEY,
+            root_hash {b} NOT NULL,
+            at_ms {i} NOT NULL,
+            key_id TEXT NOT NULL,
+            signature {b} NOT NULL)""",
+        f"""CREATE TABLE IF NOT EXISTS balances (
+            account TEXT NOT NULL,
+            currency TEXT NOT NULL,
+            balance_minor {i} NOT NULL,
+            last_seq {i} NOT NULL,
+            PRIMARY KEY (account, currency))""",
+        "CREATE TABLE IF NOT EXISTS ledger_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    ]
+    for table in APPEND_ONLY_TABLES:
+        stmts.extend(d.append_only_triggers(table))
+    return stmts
+
+
+class LedgerStorageError(RuntimeError):
+    """The database refused or failed an operation; the message says which."""
+
+
+class LedgerBackend(Protocol):
+    """What the writer, the queries and `verify` need from storage. `SqlBackend` implements it all on
+    DB-API; a backend subclasses it and provides `_connect`, `_begin`, `dialect`.
+
+    Threading: one backend object is used by one thread at a time. The writer thread owns its own
+    backend; readers (queries, verify, CLI) open another one on the same database.
+    """
+
+    dialect: Dialect
+
+    def create_schema(self) -> None: ...
+    def close(self) -> None: ...
+
+    # --- writer side -----------------------------------------------------------------------------
+    def entry_count(self) -> int:
+        """Number of entries (= next seq). Trusts the gap-free invariant; verify checks it."""
+        ...
+
+    def find_idempotency(self, keys: Sequence[str]) -> dict[str, tuple[int, bytes]]:
+        """key -> (seq, body) for keys already committed."""
+        ...
+
+    def txn_rows(self, rrns: Iterable[str]) -> list[TxnRow]:
+        """Entries whose rrn OR original_rrn is in `rrns`, ordered by seq."""
+        ...
+
+    def write_batch(self, batch: BatchRows) -> None:
+        """Insert the batch in ONE transaction and return only once it is durable; on failure roll
+        back and raise LedgerStorageError (nothing of the batch is visible)."""
+        ...
+
+    def write_checkpoint(self, row: tuple[int, bytes, int, str, bytes]) -> None: ...
+
+    # --- reader side -----------------------------------------------------------------------------
+    def leaf_hashes(self, start: int, stop: int) -> list[bytes]: ...
+    def nodes(self, level: int, start: int, stop: int) -> list[tuple[int, bytes]]: ...
+    def iter_entry_rows(self, start: int = 0, chunk: int = 10_000) -> Iterator[EntryRowT]: ...
+    def postings_between(self, start: int, stop: int) -> list[PostingRowT]: ...
+    def entries_by_rrn(self, rrn: str) -> list[EntryRowT]: ...
+    def entry_rows(self, start: int, stop: int) -> list[EntryRowT]: ...
+    def tree_heads(self) -> list[tuple[int, bytes, int]]: ...
+    def checkpoints(self) -> list[tuple[int, bytes, int, str, bytes]]: ...
+    def balance(self, account: str, currency: str, before_seq: int | None = None) -> int: ...
+    def stored_balances(self) -> dict[tuple[str, str], tuple[int, int]]: ...
+    def folded_balances(self) -> dict[tuple[str, str], int]: ...
+    def merchant_totals(
+        self, merchant_id: str, from_ms: int, to_ms: int
+    ) -> list[tuple[str, str, int, int]]: ...
+    def meta(self, key: str) -> str | None: ...
+
+
+class SqlBackend(abc.ABC):
+    """LedgerBackend over a DB-API connection; subclasses supply the connection and dialect."""
+
+    dialect: Dialect
+
+    def __init__(self) -> None:
+        self.conn: Any = self._connect()
+        d = self.dialect
+        self._sql_entry = d.insert("entries", ENTRY_COLUMNS)
+        self._sql_posting = d.insert("postings", POSTING_COLUMNS)
+        self._sql_node = d.insert("merkle_nodes", NODE_COLUMNS)
+        self._sql_head = d.insert("tree_heads", TREE_HEAD_COLUMNS)
+        self._sql_checkpoint = d.insert("checkpoints", CHECKPOINT_COLUMNS)
+        self._sql_balance = d.balance_upsert()
+
+    # --- subclass hooks --------------------------------------------------------------------------
+    @abc.abstractmethod
+    def _connect(self) -> Any:
+        """Open the DB-API connection (settings for durability included)."""
+
+    @abc.abstractmethod
+    def _begin(self, cur: Any) -> None:
+        """Start a write transaction on `cur` (SQLite: BEGIN IMMEDIATE; psycopg: implicit)."""
+
+    def _insert_many(self, cur: Any, table: str, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """Bulk insert; PostgreSQL may override with COPY (columns: the *_COLUMNS of `table`)."""
+        cur.executemany(sql, rows)
+
+    # --- plumbing --------------------------------------------------------------------------------
+    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        cur = self.conn.cursor()
+        try:
+            cur.execute(sql, params)
+            return cur.fetchall()
+        finally:
+            cur.close()
+            self._end_read()
+
+    def _end_read(self) -> None:
+        """Hook: end an implicit read transaction (psycopg opens one; sqlite3 autocommit has none)."""
+        return None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def create_schema(self) -> None:
+        cur = self.conn.cursor()
+        try:
+            self._begin(cur)
+            for stmt in schema(self.dialect):
+                cur.execute(stmt)
+            cur.execute("SELECT value FROM ledger_meta WHERE key = 'schema_version'")
+            row = cur.fetchone()
+            if row is None:
+                cur.execute(
+                    f"INSERT INTO ledger_meta (key, value) VALUES ({self.dialect.params(2)})",
+                    ("schema_version", str(SCHEMA_VERSION)),
+                )
+            elif int(row[0]) != SCHEMA_VERSION:
+                raise LedgerStorageError(
+                    f"ledger schema version {row[0]} is not the supported {SCHEMA_VERSION}"
+                )
+            self.conn.commit()
+        except BaseException:
+            self.conn.rollback()
+            raise
+        finally:
+            cur.close()
+
+    # --- writer side -----------------------------------------------------------------------------
+    def entry_count(self) -> int:
+        row = self._all("SELECT MAX(seq) FROM entries")[0]
+        return 0 if row[0] is None else int(row[0]) + 1
+
+    def find_idempotency(self, keys: Sequence[str]) -> dict[str, tuple[int, bytes]]:
+        found: dict[str, tuple[int, bytes]] = {}
+        for chunk in _chunks(list(keys)):
+            sql = (
+                "SELECT idempotency_key, seq, body FROM entries WHERE "
+                + self.dialect.in_list("idempotency_key", len(chunk))
+            )
+            for key, seq, body in self._all(sql, chunk):
+                found[key] = (seq, bytes(body))
+        return found
+
+    def txn_rows(self, rrns: Iterable[str]) -> list[TxnRow]:
+        rows: dict[int, TxnRow] = {}
+        for chunk in _chunks(sorted(set(rrns))):
+            n = len(chunk)
+            sql = (
+                f"SELECT {TXN_COLUMNS} FROM entries WHERE {self.dialect.in_list('rrn', n)} "
+                f"UNION SELECT {TXN_COLUMNS} FROM entries WHERE "
+                f"original_rrn <> '' AND {self.dialect.in_list('original_rrn', n)}"
+            )
+            for r in self._all(sql, chunk + chunk):
+                rows[r[0]] = TxnRow(*r)
+        return [rows[k] for k in sorted(rows)]
+
+    def write_batch(self, batch: BatchRows) -> None:
+        cur = self.conn.cursor()
+        try:
+            self._begin(cur)
+            if batch.entries:
+                self._insert_many(cur, "entries", self._sql_entry, batch.entries)
+            if batch.postings:
+                self._insert_many(cur, "postings", self._sql_posting, batch.postings)
+            if batch.nodes:
+                self._insert_many(cur, "merkle_nodes", self._sql_node, batch.nodes)
+            if batch.balance_deltas:
+                cur.executemany(self._sql_balance, batch.balance_deltas)
+            if batch.tree_head is not None:
+                cur.execute(self._sql_head, batch.tree_head)
+            if batch.checkpoint is not None:
+                cur.execute(self._sql_checkpoint, batch.checkpoint)
+            self.conn.commit()
+        except BaseException as exc:
+            try:
+                self.conn.rollback()
+            except Exception:  # the connection may be gone; the transaction is gone with it
+                pass
+            if isinstance(exc, Exception) and not isinstance(exc, LedgerStorageError):
+                raise LedgerStorageError(f"ledger commit failed: {type(exc).__name__}: {exc}") from exc
+            raise
+        finally:
+            cur.close()
+
+    def write_checkpoint(self, row: tuple[int, bytes, int, str, bytes]) -> None:
+        self.write_batch(BatchRows(entries=[], postings=[], nodes=[], balance_deltas=[], tree_head=None,
+                                   checkpoint=row))
+
+    # --- reader side -----------------------------------------------------------------------------
+    def leaf_hashes(self, start: int, stop: int) -> list[bytes]:
+        p = self.dialect.placeholder
+        rows = self._all(
+            f"SELECT leaf_hash FROM entries WHERE seq >= {p} AND seq < {p} ORDER BY seq", (start, stop)
+        )
+        return [bytes(r[0]) for r in rows]
+
+    def nodes(self, level: int, start: int, stop: int) -> list[tuple[int, bytes]]:
+        p = self.dialect.placeholder
+        rows = self._all(
+            f"SELECT idx, hash FROM merkle_nodes WHERE level = {p} AND idx >= {p} AND idx < {p} ORDER BY idx",
+            (level, start, stop),
+        )
+        return [(int(i), bytes(h)) for i, h in rows]
+
+    def entry_rows(self, start: int, stop: int) -> list[EntryRowT]:
+        p = self.dialect.placeholder
+        rows = self._all(
+            f"SELECT {', '.join(ENTRY_COLUMNS)} FROM entries WHERE seq >= {p} AND seq < {p} ORDER BY seq",
+            (start, stop),
+        )
+        return [_entry_row(r) for r in rows]
+
+    def iter_entry_rows(self, start: int = 0, chunk: int = 10_000) -> Iterator[EntryRowT]:
+        """All entries from `start` in seq order, in chunks (keyset pagination, bounded memory)."""
+        p = self.dialect.placeholder
+        sql = (
+            f"SELECT {', '.join(ENTRY_COLUMNS)} FROM entries WHERE seq >= {p} ORDER BY seq LIMIT {int(chunk)}"
+        )
+        while True:
+            rows = self._all(sql, (start,))
+            for r in rows:
+                yield _entry_row(r)
+            if len(rows) < chunk:
+                return
+            start = int(rows[-1][0]) + 1
+
+    def postings_between(self, start: int, stop: int) -> list[PostingRowT]:
+        p = self.dialect.placeholder
+        rows = self._all(
+            f"SELECT {', '.join(POSTING_COLUMNS)} FROM postings WHERE seq >= {p} AND seq < {p} "
+            "ORDER BY seq, idx",
+            (start, stop),
+        )
+        return [PostingRowT(*r) for r in rows]
+
+    def entries_by_rrn(self, rrn: str) -> list[EntryRowT]:
+        p = self.dialect.placeholder
+        rows = self._all(
+            f"SELECT {', '.join(ENTRY_COLUMNS)} FROM entries WHERE rrn = {p} ORDER BY seq", (rrn,)
+        )
+        return [_entry_row(r) for r in rows]
+
+    def tree_heads(self) -> list[tuple[int, bytes, int]]:
+        rows = self._all(f"SELECT {', '.join(TREE_HEAD_COLUMNS)} FROM tree_heads ORDER BY tree_size")
+        return [(int(s), bytes(h), int(t)) for s, h, t in rows]
+
+    def checkpoints(self) -> list[tuple[int, bytes, int, str, bytes]]:
+        rows = self._all(f"SELECT {', '.join(CHECKPOINT_COLUMNS)} FROM checkpoints ORDER BY tree_size")
+        return [(int(s), bytes(h), int(t), str(k), bytes(sig)) for s, h, t, k, sig in rows]
+
+    def balance(self, account: str, currency: str, before_seq: int | None = None) -> int:
+        """Debits minus credits of `account` in `currency`, over entries with seq < before_seq (all
+        entries when None). Folded from postings, so it is the log's answer, not the cache's."""
+        p = self.dialect.placeholder
+        sql = (
+            "SELECT COALESCE(SUM(CASE WHEN side = 'D' THEN amount_minor ELSE -amount_minor END), 0) "
+            f"FROM postings WHERE account = {p} AND currency = {p}"
+        )
+        params: tuple[Any, ...] = (account, currency)
+        if before_seq is not None:
+            sql += f" AND seq < {p}"
+            params += (before_seq,)
+        return int(self._all(sql, params)[0][0])
+
+    def stored_balances(self) -> dict[tuple[str, str], tuple[int, int]]:
+        rows = self._all("SELECT account, currency, balance_minor, last_seq FROM balances")
+        return {(a, c): (int(b), int(s)) for a, c, b, s in rows}
+
+    def folded_balances(self) -> dict[tuple[str, str], int]:
+        rows = self._all(
+            "SELECT account, currency, "
+            "SUM(CASE WHEN side = 'D' THEN amount_minor ELSE -amount_minor END) "
+            "FROM postings GROUP BY account, currency"
+        )
+        return {(a, c): int(s) for a, c, s in rows}
+
+    def merchant_totals(self, merchant_id: str, from_ms: int, to_ms: int) -> list[tuple[str, str, int, int]]:
+        """(kind, currency, count, sum amount_minor) of approved entries with from_ms <= at_ms < to_ms."""
+        p = self.dialect.placeholder
+        rows = self._all(
+            "SELECT kind, currency, COUNT(*), COALESCE(SUM(amount_minor), 0) FROM entries "
+            f"WHERE merchant_id = {p} AND at_ms >= {p} AND at_ms < {p} AND kind <> 'decline' "
+            "GROUP BY kind, currency ORDER BY kind, currency",
+            (merchant_id, from_ms, to_ms),
+        )
+        return [(str(k), str(c), int(n), int(s)) for k, c, n, s in rows]
+
+    def meta(self, key: str) -> str | None:
+        rows = self._all(f"SELECT value FROM ledger_meta WHERE key = {self.dialect.placeholder}", (key,))
+        return None if not rows else str(rows[0][0])
+
+
+def _entry_row(r: Sequence[Any]) -> EntryRowT:
+    row = list(r)
+    row[13] = bytes(row[13])
+    row[14] = bytes(row[14])
+    return EntryRowT(*row)
+
+
+def _chunks(values: list[str]) -> Iterator[list[str]]:
+    for i in range(0, len(values), MAX_IN_LIST):
+        yield values[i : i + MAX_IN_LIST]
