@@ -49,6 +49,8 @@ class AcquirerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_outstanding_per_link: int = 1024
     request_timeout_ms: int = 5_000
     echo_interval_ms: int = 30_000
+    #: Consecutive unanswered echoes after which a link is marked down and reconnected.
+    max_echo_failures: int = 2
     reconnect_backoff_min_ms: int = 100
     reconnect_backoff_max_ms: int = 10_000
     backup: str | None = None
