@@ -1,0 +1,269 @@
+"""Terminal-facing TCP listeners: accept, read in batches, hand frames to the core, write answers together.
+
+Shape (DESIGN.md "what costs what"): one reader and one writer task per CONNECTION, never a task per
+request. The reader takes everything the socket has, feeds the FrameReader, and hands all complete
+frames to the core in one synchronous call (decode, MAC check, processor, one ledger submit). Answers
+come back whenever their entries are durable (any order); the writer sends everything queued in ONE
+`send_all`. Limits from ListenerConfig, each with one clear log line when hit (switch.server.limits):
+
+- max_connections: a connection beyond it is closed at once;
+- max_inflight_per_connection: the reader stops taking frames (frames already read wait in a backlog,
+  the socket is not read) until answers free the window, so TCP pushes back on the terminal;
+- idle_timeout_ms: a connection with nothing in flight and no bytes for that long is closed;
+- max_frame_bytes: a frame header above it is a framing error; the connection is closed (the stream
+  cannot be resynchronised).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import trio
+
+from switch.codec.framing import FrameReader, FramingError
+from switch.config import ListenerConfig
+from switch.server.limits import LimitLog
+from switch.server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+#: Bytes asked of the socket per receive; a batch of 200-byte frames fits many times over.
+RECEIVE_BYTES = 65_536
+
+_conn_ids = itertools.count(1)
+
+
+class FrameHandler(Protocol):
+    """What the listener needs from the core (switch.server.core.SwitchCore)."""
+
+    def on_frames(self, conn: TerminalConnection, frames: Sequence[Any]) -> None: ...
+
+    def on_closed(self, conn: TerminalConnection) -> None: ...
+
+
+class TerminalConnection:
+    """One terminal connection: its framing state, in-flight count and outbox.
+
+    `terminal_id` is the last terminal seen on the connection (answers to undecodable messages are MACed
+    with its key); `tpdu` the last TPDU received (answers carry it with source and destination swapped).
+    """
+
+    __slots__ = (
+        "_backlog",
+        "_capacity",
+        "_closed",
+        "_outbox",
+        "_wake",
+        "config",
+        "conn_id",
+        "inflight",
+        "listener",
+        "peer",
+        "reader",
+        "stream",
+        "terminal_id",
+    )
+
+    def __init__(self, listener: TerminalListener, stream: trio.SocketStream) -> None:
+        self.conn_id = next(_conn_ids)
+        self.listener = listener
+        self.config = listener.config
+        self.stream = stream
+        try:
+            host, port = stream.socket.getpeername()[:2]
+            self.peer = f"{host}:{port}"
+        except OSError:
+            self.peer = "?"
+        self.reader = FrameReader(self.config.framing, self.config.tpdu, self.config.max_frame_bytes)
+        self.inflight = 0
+        self.terminal_id: str | None = None
+        self._outbox: list[bytes] = []
+        self._wake = trio.Event()
+        self._capacity = trio.Event()
+        self._backlog: deque[Any] = deque()
+        self._closed = False
+
+    # --- called by the core (synchronously, on the trio thread) ----------------------------------
+    def request_started(self) -> None:
+        self.inflight += 1
+
+    def send(self, data: bytes, *, answers_request: bool = True) -> None:
+        """Queue one framed answer; the writer task sends all queued answers in one write."""
+        if self._closed:
+            return
+        self._outbox.append(data)
+        if answers_request and self.inflight > 0:
+            self.inflight -= 1
+            if self.inflight < self.config.max_inflight_per_connection:
+                self._capacity.set()
+        self._wake.set()
+
+    def close_soon(self) -> None:
+        """Close after the answers already queued have been written (bad frame, bad message)."""
+        self._closed = True
+        self._wake.set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # --- tasks -------------------------------------------------------------------------------------
+    async def run(self, handler: FrameHandler) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, nursery.cancel_scope)
+                await self._reader(handler)
+                # Reader finished (EOF, idle, framing error): flush what is queued, then stop.
+                self._closed = True
+                self._wake.set()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self._closed = True
+            handler.on_closed(self)
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+
+    async def _reader(self, handler: FrameHandler) -> None:
+        cfg = self.config
+        lst = self.listener
+        idle_s = cfg.idle_timeout_ms / 1000.0
+        max_inflight = cfg.max_inflight_per_connection
+        while not self._closed:
+            if self._backlog:
+                room = max_inflight - self.inflight
+                if room <= 0:
+                    lst.inflight_limit.hit(f"{self.peer} has {self.inflight} requests in flight")
+                    self._capacity = trio.Event()
+                    await self._capacity.wait()
+                    continue
+                take = [self._backlog.popleft() for _ in range(min(room, len(self._backlog)))]
+                handler.on_frames(self, take)
+                continue
+            data = b""
+            with trio.move_on_after(idle_s) as idle:
+                try:
+                    data = await self.stream.receive_some(RECEIVE_BYTES)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    return
+            if idle.cancelled_caught:
+                if self.inflight == 0:
+                    lst.idle_limit.hit(f"{self.peer} sent nothing for {cfg.idle_timeout_ms} ms; closing")
+                    return
+                continue
+            if not data:
+                return
+            try:
+                frames = self.reader.feed(data)
+            except FramingError as exc:
+                lst.metrics.framing_errors.labels("terminal").inc()
+                if "max_frame_bytes" in str(exc) or "too long" in str(exc) or "exceeds" in str(exc):
+                    lst.frame_limit.hit(f"{self.peer}: {exc}; closing")
+                else:
+                    log.warning("%s %s: bad frame: %s; closing", cfg.name, self.peer, exc)
+                return
+            if not frames:
+                continue
+            room = max_inflight - self.inflight
+            if len(frames) > room:
+                self._backlog.extend(frames[max(room, 0) :])
+                frames = frames[: max(room, 0)]
+            if frames:
+                handler.on_frames(self, frames)
+
+    async def _writer(self, scope: trio.CancelScope) -> None:
+        stream = self.stream
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            if self._outbox:
+                out = self._outbox
+                self._outbox = []
+                try:
+                    await stream.send_all(out[0] if len(out) == 1 else b"".join(out))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    self._closed = True
+                    scope.cancel()
+                    return
+            if self._closed and not self._outbox:
+                scope.cancel()
+                return
+
+
+class TerminalListener:
+    """One ListenerConfig: a TCP listener with a connection limit, serving TerminalConnections."""
+
+    def __init__(self, config: ListenerConfig, handler: FrameHandler, metrics: Metrics) -> None:
+        self.config = config
+        self.handler = handler
+        self.metrics = metrics
+        self.connections: dict[int, TerminalConnection] = {}
+        where = f"listener {config.name}"
+        self.conn_limit = LimitLog(
+            log, where, "max_connections", metrics.limit_hits.labels(config.name, "max_connections")
+        )
+        self.inflight_limit = LimitLog(
+            log,
+            where,
+            "max_inflight_per_connection",
+            metrics.limit_hits.labels(config.name, "max_inflight_per_connection"),
+        )
+        self.idle_limit = LimitLog(
+            log, where, "idle_timeout_ms", metrics.limit_hits.labels(config.name, "idle_timeout_ms")
+        )
+        self.frame_limit = LimitLog(
+            log, where, "max_frame_bytes", metrics.limit_hits.labels(config.name, "max_frame_bytes")
+        )
+        self._open_gauge = metrics.open_connections.labels(config.name)
+        self.port = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host, backlog=1024)
+        self.port = listeners[0].socket.getsockname()[1]
+        log.info(
+            "listener %s (%s, %s%s) on %s:%d",
+            cfg.name,
+            cfg.profile,
+            cfg.framing,
+            "+tpdu" if cfg.tpdu else "",
+            cfg.host,
+            self.port,
+        )
+        async with trio.open_nursery() as nursery:
+            for ln in listeners:
+                nursery.start_soon(self._accept_loop, ln, nursery)
+            task_status.started(self.port)
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:  # EMFILE and friends: back off instead of spinning
+                    log.warning("listener %s: accept failed: %s", self.config.name, exc)
+                    await trio.sleep(0.1)
+                    continue
+                if len(self.connections) >= self.config.max_connections:
+                    self.conn_limit.hit(f"{len(self.connections)} connections open; refusing a new one")
+                    with trio.CancelScope(shield=True):
+                        await stream.aclose()
+                    continue
+                conn = TerminalConnection(self, stream)
+                self.connections[conn.conn_id] = conn
+                self._open_gauge.inc()
+                nursery.start_soon(self._run_connection, conn)
+
+    async def _run_connection(self, conn: TerminalConnection) -> None:
+        started = time.monotonic()
+        try:
+            await conn.run(self.handler)
+        finally:
+            self.connections.pop(conn.conn_id, None)
+            self._open_gauge.dec()
+            log.debug("connection %s closed after %.1f s", conn.peer, time.monotonic() - started)
