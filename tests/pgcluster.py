@@ -234,11 +234,13 @@ class PgCluster:
             fh.write("\n# throwaway test cluster (tests/pgcluster.py)\n" + lines)
 
     def _check_durable_settings(self) -> None:
+        """The server must run with the durability settings we asked for (on, unless a test asked off)."""
         with psycopg.connect(self.dsn(), autocommit=True) as conn:
             for name in ("fsync", "synchronous_commit"):
                 row = conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()
-                if row is None or row[0] != "on":
-                    raise PgClusterError(f"cluster started with {name}={row and row[0]!r}, need 'on'")
+                if row is None or row[0] != self.settings[name]:
+                    want = self.settings[name]
+                    raise PgClusterError(f"cluster started with {name}={row and row[0]!r}, asked {want!r}")
 
     def _run(self, argv: list[str], *, timeout_s: float, what: str, cwd: Path | None = None) -> None:
         env = {

@@ -1,0 +1,170 @@
+"""PostgreSQL-specific behaviour of the ledger backend: durability settings it insists on, append-only
+triggers, all-or-nothing batches, bounded waits and reconnects. The shared ledger suite (via the
+`ledger_backend` fixture) covers the behaviour common to both backends."""
+
+from __future__ import annotations
+
+import hashlib
+
+import psycopg
+import pytest
+
+from switch.ledger.backend import APPEND_ONLY_TABLES, BatchRows, LedgerStorageError
+from switch.ledger.postgres import PostgresBackend
+from tests import pgcluster
+from tests.pgcluster import PgCluster
+
+pytestmark = pytest.mark.postgres
+pg_cluster = pgcluster.pg_cluster
+pg_dsn = pgcluster.pg_dsn
+
+
+def _batch(start: int, n: int, *, head: bool = True) -> BatchRows:
+    """n balanced entries from seq `start` (rows as the writer prepares them)."""
+    entries, postings = [], []
+    for seq in range(start, start + n):
+        body = f"entry-{seq}".encode()
+        entries.append(
+            (
+                seq,
+                f"idem-{seq}",
+                "purchase",
+                f"{seq:012d}",
+                "",
+                1_700_000_000_000 + seq,
+                "00",
+                "M1",
+                "T1",
+                "411111******1111",
+                "ab" * 32,
+                1_000,
+                "978",
+                body,
+                hashlib.sha256(b"\0" + body).digest(),
+            )
+        )
+        postings.append((seq, 0, "acquirer:A:clearing", "D", 1_000, "978"))
+        postings.append((seq, 1, "merchant:M1:payable", "C", 1_000, "978"))
+    last = start + n - 1
+    return BatchRows(
+        entries=entries,
+        postings=postings,
+        nodes=[],
+        balance_deltas=[
+            ("acquirer:A:clearing", "978", 1_000 * n, last),
+            ("merchant:M1:payable", "978", -1_000 * n, last),
+        ],
+        tree_head=(start + n, b"\x11" * 32, 1) if head else None,
+    )
+
+
+def test_batch_round_trips_with_binary_copy(pg_dsn: str) -> None:
+    be = PostgresBackend(pg_dsn)
+    be.write_batch(_batch(0, 300))
+    be.write_batch(_batch(300, 200))
+    assert be.entry_count() == 500
+    row = be.entries_by_rrn("000000000042")[0]
+    assert (row.seq, row.idempotency_key, row.body) == (42, "idem-42", b"entry-42")
+    assert be.balance("acquirer:A:clearing", "978") == 500_000
+    assert be.balance("acquirer:A:clearing", "978", before_seq=10) == 10_000
+    assert be.stored_balances()[("merchant:M1:payable", "978")] == (-500_000, 499)
+    assert be.folded_balances() == {
+        ("acquirer:A:clearing", "978"): 500_000,
+        ("merchant:M1:payable", "978"): -500_000,
+    }
+    be.close()
+
+
+def test_failed_batch_leaves_nothing_and_backend_stays_usable(pg_dsn: str) -> None:
+    be = PostgresBackend(pg_dsn)
+    be.write_batch(_batch(0, 10))
+    bad = _batch(5, 10)  # seq 5..9 already exist: the whole batch must be rejected
+    with pytest.raises(LedgerStorageError, match="ledger commit failed"):
+        be.write_batch(bad)
+    assert be.entry_count() == 10
+    assert be.find_idempotency(["idem-12"]) == {}
+    assert be.balance("acquirer:A:clearing", "978") == 10_000
+    assert [s for s, _h, _t in be.tree_heads()] == [10]
+    be.write_batch(_batch(10, 5))
+    assert be.entry_count() == 15
+    be.close()
+
+
+@pytest.mark.parametrize("table", APPEND_ONLY_TABLES)
+def test_triggers_reject_update_delete_truncate(pg_dsn: str, table: str) -> None:
+    be = PostgresBackend(pg_dsn)
+    be.write_batch(_batch(0, 3))
+    be.write_checkpoint((3, b"\x22" * 32, 5, "k1", b"\x33" * 64))
+    be.conn.execute("ALTER TABLE merkle_nodes DISABLE TRIGGER USER")  # seed one node row (none at n=3)
+    be.conn.execute("INSERT INTO merkle_nodes VALUES (8, 0, '\\x00')")
+    be.conn.execute("ALTER TABLE merkle_nodes ENABLE TRIGGER USER")
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        for stmt in (
+            f"UPDATE {table} SET tree_size = tree_size"
+            if table in ("tree_heads", "checkpoints")
+            else f"UPDATE {table} SET seq = seq"
+            if table in ("entries", "postings")
+            else f"UPDATE {table} SET idx = idx",
+            f"DELETE FROM {table}",
+            f"TRUNCATE {table} CASCADE",
+        ):
+            with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+                conn.execute(stmt)
+    be.close()
+
+
+def test_insists_on_durable_commit(pg_cluster: PgCluster, pg_dsn: str) -> None:
+    dbname = psycopg.conninfo.conninfo_to_dict(pg_dsn)["dbname"]
+    with psycopg.connect(pg_cluster.dsn(), autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{dbname}" SET synchronous_commit = off')
+    be = PostgresBackend(pg_dsn)
+    assert be.conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+    be.close()
+
+
+def test_refuses_server_without_fsync() -> None:
+    with (
+        PgCluster(settings={"fsync": "off"}) as cluster,
+        pytest.raises(LedgerStorageError, match="fsync=off"),
+    ):
+        PostgresBackend(cluster.create_database())
+
+
+def test_reconnects_after_the_server_drops_the_connection(pg_cluster: PgCluster, pg_dsn: str) -> None:
+    be = PostgresBackend(pg_dsn)
+    be.write_batch(_batch(0, 5))
+    pid = be.conn.info.backend_pid
+    with psycopg.connect(pg_cluster.dsn(), autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    with pytest.raises(LedgerStorageError):
+        be.write_batch(_batch(5, 5))  # the broken connection fails this batch: no false success
+    be.write_batch(_batch(5, 5))  # and is replaced for the next one
+    assert be.entry_count() == 10
+    assert be.conn.info.backend_pid != pid
+    be.close()
+
+
+def test_second_writer_waits_for_the_lock_and_times_out(pg_dsn: str) -> None:
+    first = PostgresBackend(pg_dsn)
+    second = PostgresBackend(pg_dsn, statement_timeout_ms=300)
+    first.conn.execute("BEGIN")
+    first.conn.execute("SELECT pg_advisory_xact_lock(%s)", (0x1ED6E5,))
+    with pytest.raises(LedgerStorageError, match="statement timeout"):
+        second.write_batch(_batch(0, 5))
+    first.conn.execute("ROLLBACK")
+    second.write_batch(_batch(0, 5))
+    assert first.entry_count() == 5
+    first.close()
+    second.close()
+
+
+def test_unreachable_server_is_a_clear_error(tmp_path: object) -> None:
+    dsn = f"host={tmp_path} port=5999 dbname=ledger user=switch password=s3cret"
+    with pytest.raises(LedgerStorageError, match="cannot connect") as info:
+        PostgresBackend(dsn, connect_timeout_s=2)
+    assert "s3cret" not in str(info.value)
+
+
+def test_open_without_schema_is_refused(pg_dsn: str) -> None:
+    with pytest.raises(LedgerStorageError, match="no ledger schema"):
+        PostgresBackend(pg_dsn, create=False)
