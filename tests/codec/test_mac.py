@@ -27,7 +27,9 @@ VECTORS = _load_vectors()
 
 
 def _data(vector: dict[str, Any]) -> bytes:
-    return vector["data_ascii"].encode("ascii") if "data_ascii" in vector else bytes.fromhex(vector["data_hex"])
+    if "data_ascii" in vector:
+        return vector["data_ascii"].encode("ascii")
+    return bytes.fromhex(vector["data_hex"])
 
 
 def _cases(group: str) -> list[Any]:
