@@ -4,19 +4,19 @@ Why the simulators have their own small binding rather than switch.server.wire: 
 import only codec and config, and a simulator must be able to *break* the wire on purpose (garbage
 frames, a wrong MAC), which the server's helper rightly cannot.
 
-Stand-ins: switch.codec.framing / switch.codec.mac may not be importable yet while the codec is being
-built; until they are, the two small fallbacks below (2-byte / 4-digit length framing, ANSI X9.19
-retail MAC with `cryptography`) are used. They implement the same standards, so both sides agree either
-way.
+MAC: switch.codec.mac (retail MAC; which bytes are covered is defined there only). Framing: a small
+stand-in for the 2-byte / 4-digit length prefix and TPDU until switch.codec.framing lands.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from typing import Any
 
 from switch import codec
+from switch.codec import mac
 from switch.codec.masking import scrub_text
 
 MAC_BYTES = 8
@@ -35,7 +35,6 @@ def _optional(name: str) -> Any:
 
 
 _specs_mod = _optional("switch.codec.specs")
-_mac_mod = _optional("switch.codec.mac")
 
 
 def spec_for(profile: str) -> dict:
@@ -112,79 +111,55 @@ def swap_tpdu(tpdu: bytes) -> bytes:
 
 
 # --- MAC ---------------------------------------------------------------------------------------------
-def _fallback_retail_mac(key16: bytes, data: bytes) -> bytes:
-    """ANSI X9.19 retail MAC, ISO 9797-1 padding method 1: single-DES CBC under K1, then D(K2), E(K1)."""
-    from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
-    from cryptography.hazmat.primitives.ciphers import Cipher, modes
-
-    k1, k2 = key16[:8], key16[8:16]
-    if len(data) % 8:
-        data = data + b"\0" * (8 - len(data) % 8)
-    enc1 = Cipher(TripleDES(k1 * 3), modes.CBC(b"\0" * 8)).encryptor()
-    last = (enc1.update(data) + enc1.finalize())[-8:]
-    dec2 = Cipher(TripleDES(k2 * 3), modes.ECB()).decryptor()
-    mid = dec2.update(last) + dec2.finalize()
-    enc3 = Cipher(TripleDES(k1 * 3), modes.ECB()).encryptor()
-    return enc3.update(mid) + enc3.finalize()
-
-
-def retail_mac(key16: bytes, data: bytes) -> bytes:
-    if len(key16) != 16:
-        raise SimWireError("MAC key must be 16 bytes (double-length DES)")
-    if _mac_mod is not None and hasattr(_mac_mod, "retail_mac"):
-        return bytes(_mac_mod.retail_mac(key16, data))
-    return _fallback_retail_mac(key16, data)
-
-
 MacFn = Callable[[bytes], bytes]
 
 
-def _mac_offset(raw: bytes, encoded: dict[str, Any]) -> int:
-    """Where field 64's 8 bytes start: before every encoded field numbered above 64."""
-    after = sum(len(v["len"]) + len(v["data"]) for k, v in encoded.items() if k.isdigit() and int(k) > 64)
-    return len(raw) - after - MAC_BYTES
+def retail_mac_fn(key16: bytes) -> MacFn:
+    """ANSI X9.19 retail MAC under a double-length key (switch.codec.mac)."""
+    if len(key16) != 16:
+        raise SimWireError("MAC key must be 16 bytes (double-length DES)")
+    return functools.partial(mac.retail_mac, key16)
 
 
 class SimWire:
-    """Encode/decode/MAC/frame for one profile. The MAC (field 64, 8 bytes) covers every other byte of
-    the message: MTI, bitmaps, and every field before and after 64."""
+    """Encode/decode/MAC/frame for one profile. The MAC goes in field 64, or 128 when the message has
+    fields above 64, always as the last field; which bytes it covers is switch.codec.mac's rule."""
 
     def __init__(self, profile: str, framing: str, mac_key_hex: str = "", tpdu: bool = False) -> None:
         self.profile = profile
         self.spec = spec_for(profile)
         self.framing = framing
         self.tpdu = tpdu
-        self.mac_key = bytes.fromhex(mac_key_hex) if mac_key_hex else None
-        if self.mac_key is not None and len(self.mac_key) != 16:
-            raise SimWireError("mac_key_hex must be 32 hex digits")
+        self.mac_fn: MacFn | None = None
+        self.set_mac_key(bytes.fromhex(mac_key_hex) if mac_key_hex else None)
         frame(b"", framing)  # validates the framing kind now, not at the first message
 
     def set_mac_key(self, key16: bytes | None) -> None:
-        self.mac_key = key16
+        """Start (or stop, with None) MACing: e.g. after a sign-on delivered a new MAC working key."""
+        self.mac_fn = retail_mac_fn(key16) if key16 is not None else None
 
     def reader(self, max_frame_bytes: int) -> FrameReader:
         return FrameReader(self.framing, max_frame_bytes, self.tpdu)
 
-    def encode(self, fields: dict[str, Any], *, mac: bool | None = None, wrong_mac: bool = False) -> bytes:
-        """Encode; MAC field 64 when a key is set (or ``mac`` says so). ``wrong_mac`` flips its bits."""
-        use_mac = self.mac_key is not None if mac is None else mac
+    def encode(self, fields: dict[str, Any], *, wrong_mac: bool = False) -> bytes:
+        """Encode; MACed when a key is set. ``wrong_mac`` sends a MAC that cannot verify."""
         fields = dict(fields)
-        if use_mac or wrong_mac:
-            fields["64"] = "00" * MAC_BYTES if self.spec["64"]["data_enc"] == "b" else "0" * 16
-        else:
-            fields.pop("64", None)
+        fields.pop("64", None)
+        fields.pop("128", None)
+        mac_field = None
+        if self.mac_fn is not None or wrong_mac:
+            mac_field = "128" if any(k.isdigit() and int(k) > 64 for k in fields) else "64"
+            fields[mac_field] = "00" * MAC_BYTES if self.spec[mac_field]["data_enc"] == "b" else "0" * 16
         try:
-            raw, encoded = codec.encode(fields, self.spec)
+            raw, _ = codec.encode(fields, self.spec)
         except codec.EncodeError as exc:
             raise SimWireError(scrub_text(str(exc))) from None
         raw = bytes(raw)
-        if use_mac or wrong_mac:
-            at = _mac_offset(raw, encoded)
-            covered = raw[:at] + raw[at + MAC_BYTES :]
-            tag = retail_mac(self.mac_key, covered) if self.mac_key else b"\0" * MAC_BYTES
+        if mac_field is not None:
+            mac_fn = self.mac_fn or retail_mac_fn(b"\x01" * 16)
+            raw = mac.sign_message(raw, self.spec, mac_fn)
             if wrong_mac:
-                tag = bytes(b ^ 0xFF for b in tag)
-            raw = raw[:at] + tag + raw[at + MAC_BYTES :]
+                raw = raw[:-1] + bytes([raw[-1] ^ 0x01])
         return raw
 
     def decode(self, payload: bytes) -> dict[str, Any]:
@@ -193,18 +168,17 @@ class SimWire:
     def decode_with_mac(self, payload: bytes) -> tuple[dict[str, Any], bool]:
         """Fields, and whether the MAC is right (True when no key is set)."""
         try:
-            fields, encoded = codec.decode(payload, self.spec)
+            fields, _ = codec.decode(payload, self.spec)
         except codec.DecodeError as exc:
             raise SimWireError(scrub_text(str(exc))) from None
         except (KeyError, ValueError, IndexError) as exc:  # pyiso8583 on a bitmap naming an unknown field
             raise SimWireError(f"undecodable message: {type(exc).__name__}") from None
-        if self.mac_key is None:
+        if self.mac_fn is None:
             return fields, True
-        if "64" not in fields:
-            return fields, False
-        at = _mac_offset(payload, encoded)
-        tag = retail_mac(self.mac_key, payload[:at] + payload[at + MAC_BYTES :])
-        return fields, tag == payload[at : at + MAC_BYTES]
+        try:
+            return fields, mac.verify_message(payload, self.spec, self.mac_fn)
+        except mac.MacError:
+            return fields, False  # no MAC field, or not the last field
 
     def frame(self, payload: bytes, tpdu: bytes | None = None) -> bytes:
         return frame(payload, self.framing, tpdu if self.tpdu else None)
