@@ -161,6 +161,30 @@ class AdminConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     token_env: str = "SWITCH_ADMIN_TOKEN"
 
 
+class MerchantServicesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Defaults and limits of merchant services (switch.merchant, issue 6). Per-merchant values live in
+    each merchant's contract in the registry; these are the defaults a new contract starts from."""
+
+    #: Business days (refund windows, daily refund caps, cutover) start at 00:00 at this UTC offset.
+    business_day_utc_offset_minutes: int = 0
+    #: Default refund window: a refund on day original+N is allowed, on day original+N+1 declined.
+    refund_window_days: int = 180
+    #: Grace after paid-until before a terminal is declined for a lapsed subscription.
+    subscription_grace_days: int = 7
+    subscription_period_days: int = 30
+    #: A renewal cancelled within this many days of being paid is refunded in full.
+    subscription_refund_window_days: int = 14
+    #: Field 18 (MCC) absent from a request: False accepts it under the registered MCC (the switch
+    #: sends the registered MCC on); True declines it like a mismatch.
+    require_mcc: bool = False
+    #: Largest registry list returned by one CLI/API call (pagination beyond).
+    max_list_rows: int = 1_000
+    #: Largest accepted admin API request body.
+    max_admin_body_bytes: int = 65_536
+    #: Largest settlement report (entries folded) the API produces in one call.
+    max_report_entries: int = 5_000_000
+
+
 class SwitchConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The whole of switch.toml."""
 
@@ -175,6 +199,7 @@ class SwitchConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     processing: ProcessingConfig = ProcessingConfig()
     metrics: MetricsConfig = MetricsConfig()
     admin: AdminConfig = AdminConfig()
+    merchant_services: MerchantServicesConfig = MerchantServicesConfig()
 
 
 def load_config(path: str | Path) -> SwitchConfig:

@@ -16,9 +16,10 @@ ALLOWED: dict[str, set[str]] = {
     "codec": {"config", "_speedups"},
     "ledger": {"config"},
     "routing": {"config", "codec"},
-    "processing": {"config", "codec", "routing", "ledger"},
+    "processing": {"config", "codec", "routing", "ledger", "merchant"},
+    "merchant": {"config", "codec", "ledger"},
     "sim": {"config", "codec"},
-    "server": {"config", "codec", "routing", "ledger", "processing", "sim"},
+    "server": {"config", "codec", "routing", "ledger", "processing", "sim", "merchant"},
     "commands": {"*"},
     "cli": {"*"},
     "__main__": {"*"},
@@ -54,7 +55,7 @@ def test_imports_point_down(path: Path) -> None:
 
 
 def test_pure_layers_do_not_import_trio() -> None:
-    for layer in ("codec", "ledger", "processing", "config"):
+    for layer in ("codec", "ledger", "processing", "config", "merchant"):
         root = PACKAGE / layer
         for path in root.rglob("*.py") if root.is_dir() else [PACKAGE / f"{layer}.py"]:
             tree = ast.parse(path.read_text())

@@ -1,0 +1,1 @@
+"""switch.merchant: merchant services (issue 6); see docs/merchant.md."""
