@@ -142,6 +142,20 @@ class ProcessingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     hold_expiry_ms: int = 7 * 24 * 3_600_000
     #: Duplicate-detection memory (terminal keys remembered).
     max_remembered_keys: int = 1_000_000
+    #: Finished transactions kept in memory as originals for voids/refunds/reversals (older ones are
+    #: fetched from the ledger with FindOriginal).
+    max_cached_originals: int = 1_000_000
+    #: Transactions in flight at once (beyond it a request is answered 96 at once).
+    max_open_transactions: int = 100_000
+    #: Largest amount accepted in field 4, in minor units (13 above it).
+    max_amount_minor: int = 999_999_999_999
+    #: Field 32, the switch's acquiring institution id on the acquirer side.
+    institution_id: str = "00000000001"
+    #: RRNs reserved durably per block, and the reserve below which the next block is requested.
+    rrn_block_size: int = 100_000
+    rrn_low_water: int = 20_000
+    #: Pre-authorisation holds expired per Tick event at most.
+    max_hold_expiries_per_tick: int = 1_000
 
 
 class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
