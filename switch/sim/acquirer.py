@@ -33,7 +33,7 @@ import trio
 
 from switch.codec.masking import mask_pan
 from switch.config import FramingKind
-from switch.sim.wire import SimWire, SimWireError
+from switch.sim.wire import FramingError, SimWire, SimWireError
 
 log = logging.getLogger(__name__)
 
@@ -421,12 +421,12 @@ class _Connection:
                 return
             try:
                 frames = reader.feed(data)
-            except SimWireError as exc:
+            except FramingError as exc:
                 log.warning("acquirer simulator %s: bad frame, closing: %s", sim.config.name, exc)
                 return
-            for payload, _tpdu in frames:
+            for fr in frames:
                 try:
-                    fields, mac_ok = sim.wire.decode_with_mac(payload)
+                    fields, mac_ok = sim.wire.decode_with_mac(fr.payload)
                 except SimWireError as exc:
                     sim.records.undecodable += 1
                     log.warning(

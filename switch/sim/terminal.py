@@ -39,13 +39,29 @@ from typing import Any
 import msgspec
 import trio
 
+from switch.codec import keys
 from switch.codec.masking import mask_fields, mask_pan
 from switch.config import FramingKind
-from switch.sim.wire import SimWire, SimWireError
+from switch.sim.wire import FramingError, SimWire, SimWireError
 
 RECEIVE_BYTES = 65_536
 KeyHandler = Callable[[dict[str, Any]], bytes | None]
 Clock = Callable[[], dt.datetime]
+
+
+def tmk_key_handler(tmk: bytes) -> KeyHandler:
+    """The MAC working key of a sign-on answer: field 62 unwrapped under the terminal master key
+    (switch.codec.keys; both check values verified, so a wrong TMK installs nothing)."""
+
+    def handle(answer: dict[str, Any]) -> bytes | None:
+        if "62" not in answer:
+            return None
+        try:
+            return keys.parse_signon_field(tmk, answer["62"]).mac_key.value
+        except ValueError as exc:  # KeyCheckError included; the message names no key bytes
+            raise TerminalError(f"sign-on answer's working keys refused: {exc}") from None
+
+    return handle
 
 
 class TerminalError(RuntimeError):
@@ -66,6 +82,8 @@ class TerminalSimConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     stan_path: str = ""
     #: A static MAC key (32 hex digits) instead of one from sign-on; empty: MAC after sign-on only.
     mac_key_hex: str = ""
+    #: The terminal master key (32 hex digits) that unwraps the sign-on's working keys (field 62).
+    master_key_hex: str = ""
     max_inflight: int = 64
     request_timeout_ms: int = 30_000
     max_frame_bytes: int = 4096
@@ -188,6 +206,8 @@ class TerminalSim:
         self.tpdu = bytes.fromhex(config.tpdu_hex) if config.tpdu_hex else None
         self.stream = stream
         self.clock: Clock = clock or dt.datetime.now
+        if key_handler is None and config.master_key_hex:
+            key_handler = tmk_key_handler(bytes.fromhex(config.master_key_hex))
         self.key_handler = key_handler
         self.stans = StanCounter(config.stan_path)
         self.totals = _Totals()
@@ -212,9 +232,9 @@ class TerminalSim:
                 if not data:
                     self._close_all("connection closed by the switch")
                     return
-                for payload, _tpdu in reader.feed(data):
+                for fr in reader.feed(data):
                     try:
-                        fields, mac_ok = self.wire.decode_with_mac(payload)
+                        fields, mac_ok = self.wire.decode_with_mac(fr.payload)
                     except SimWireError:
                         self.unmatched += 1
                         continue
@@ -226,7 +246,7 @@ class TerminalSim:
                         fields = {**fields, "_mac_failed": "1"}
                     waiter[1].append(fields)
                     waiter[0].set()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, SimWireError) as exc:
+        except (trio.BrokenResourceError, trio.ClosedResourceError, FramingError) as exc:
             self._close_all(f"connection failed: {exc}")
 
     def _close_all(self, reason: str) -> None:

@@ -4,8 +4,8 @@ Why the simulators have their own small binding rather than switch.server.wire: 
 import only codec and config, and a simulator must be able to *break* the wire on purpose (garbage
 frames, a wrong MAC), which the server's helper rightly cannot.
 
-MAC: switch.codec.mac (retail MAC; which bytes are covered is defined there only). Framing: a small
-stand-in for the 2-byte / 4-digit length prefix and TPDU until switch.codec.framing lands.
+MAC: switch.codec.mac (retail MAC; which bytes are covered is defined there only). Framing:
+switch.codec.framing (FrameReader yields Frame(payload, tpdu)).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from collections.abc import Callable
 from typing import Any
 
 from switch import codec
-from switch.codec import mac
+from switch.codec import framing, mac
+from switch.codec.framing import Frame, FrameReader, FramingError, swap_tpdu
 from switch.codec.masking import scrub_text
 
 MAC_BYTES = 8
-TPDU_BYTES = 5
 
 
 class SimWireError(ValueError):
@@ -49,67 +49,6 @@ def spec_for(profile: str) -> dict:
     return iso8583.specs.default
 
 
-# --- framing -----------------------------------------------------------------------------------------
-def frame(payload: bytes, kind: str, tpdu: bytes | None = None) -> bytes:
-    """Length-prefix a message: ``binary2`` (2-byte big-endian) or ``ascii4`` (4 ASCII digits)."""
-    body = (tpdu or b"") + payload
-    if kind == "binary2":
-        if len(body) > 0xFFFF:
-            raise SimWireError(f"frame of {len(body)} bytes does not fit a 2-byte length")
-        return len(body).to_bytes(2, "big") + body
-    if kind == "ascii4":
-        if len(body) > 9999:
-            raise SimWireError(f"frame of {len(body)} bytes does not fit a 4-digit length")
-        return f"{len(body):04d}".encode() + body
-    raise SimWireError(f"unknown framing {kind!r}")
-
-
-class FrameReader:
-    """Split a byte stream into message payloads; refuses frames above ``max_frame_bytes``."""
-
-    def __init__(self, kind: str, max_frame_bytes: int, tpdu: bool = False) -> None:
-        if kind not in ("binary2", "ascii4"):
-            raise SimWireError(f"unknown framing {kind!r}")
-        self.kind = kind
-        self.max_frame_bytes = max_frame_bytes
-        self.tpdu = tpdu
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> list[tuple[bytes, bytes | None]]:
-        """Complete frames in ``data`` (plus what was buffered): (payload, tpdu or None) each."""
-        self._buf += data
-        out: list[tuple[bytes, bytes | None]] = []
-        header = 2 if self.kind == "binary2" else 4
-        while len(self._buf) >= header:
-            if self.kind == "binary2":
-                size = int.from_bytes(self._buf[:2], "big")
-            else:
-                digits = bytes(self._buf[:4])
-                if not digits.isdigit():
-                    raise SimWireError("ascii4 length prefix is not 4 digits")
-                size = int(digits)
-            if size > self.max_frame_bytes:
-                raise SimWireError(f"frame of {size} bytes exceeds max_frame_bytes={self.max_frame_bytes}")
-            if len(self._buf) < header + size:
-                break
-            body = bytes(self._buf[header : header + size])
-            del self._buf[: header + size]
-            if self.tpdu:
-                if len(body) < TPDU_BYTES:
-                    raise SimWireError("frame shorter than its TPDU")
-                out.append((body[TPDU_BYTES:], body[:TPDU_BYTES]))
-            else:
-                out.append((body, None))
-        return out
-
-
-def swap_tpdu(tpdu: bytes) -> bytes:
-    """The answer's TPDU: same ID, destination and source addresses swapped."""
-    if len(tpdu) != TPDU_BYTES:
-        raise SimWireError("TPDU must be 5 bytes")
-    return tpdu[:1] + tpdu[3:5] + tpdu[1:3]
-
-
 # --- MAC ---------------------------------------------------------------------------------------------
 MacFn = Callable[[bytes], bytes]
 
@@ -132,14 +71,14 @@ class SimWire:
         self.tpdu = tpdu
         self.mac_fn: MacFn | None = None
         self.set_mac_key(bytes.fromhex(mac_key_hex) if mac_key_hex else None)
-        frame(b"", framing)  # validates the framing kind now, not at the first message
+        FrameReader(framing, tpdu)  # validates the framing kind now, not at the first message
 
     def set_mac_key(self, key16: bytes | None) -> None:
         """Start (or stop, with None) MACing: e.g. after a sign-on delivered a new MAC working key."""
         self.mac_fn = retail_mac_fn(key16) if key16 is not None else None
 
     def reader(self, max_frame_bytes: int) -> FrameReader:
-        return FrameReader(self.framing, max_frame_bytes, self.tpdu)
+        return FrameReader(self.framing, self.tpdu, max_frame_bytes, tpdu_id=None)
 
     def encode(self, fields: dict[str, Any], *, wrong_mac: bool = False) -> bytes:
         """Encode; MACed when a key is set. ``wrong_mac`` sends a MAC that cannot verify."""
@@ -181,4 +120,10 @@ class SimWire:
             return fields, False  # no MAC field, or not the last field
 
     def frame(self, payload: bytes, tpdu: bytes | None = None) -> bytes:
-        return frame(payload, self.framing, tpdu if self.tpdu else None)
+        try:
+            return framing.frame(payload, self.framing, tpdu if self.tpdu else None)
+        except FramingError as exc:
+            raise SimWireError(str(exc)) from None
+
+
+__all__ = ["Frame", "FrameReader", "FramingError", "SimWire", "SimWireError", "retail_mac_fn", "swap_tpdu"]

@@ -18,7 +18,7 @@ class Client:
     def __init__(self, stream: trio.SocketStream, wire: SimWire) -> None:
         self.stream = stream
         self.wire = wire
-        self.reader: FrameReader = wire.reader(65_536)
+        self.reader: FrameReader = wire.reader(65_535)
         self.frames: list[bytes] = []
 
     @classmethod
@@ -35,7 +35,7 @@ class Client:
                 data = await self.stream.receive_some(65_536)
                 if not data:
                     return None
-                self.frames += [p for p, _ in self.reader.feed(data)]
+                self.frames += [f.payload for f in self.reader.feed(data)]
         return self.frames.pop(0)
 
     async def receive(self, timeout_s: float = 10.0) -> dict[str, Any]:

@@ -11,18 +11,21 @@ from typing import Any
 import pytest
 import trio
 
+from switch.codec import keys
 from switch.sim.terminal import TerminalError, TerminalSim, TerminalSimConfig, parse_amount, run_mix
 from switch.sim.wire import SimWire, swap_tpdu
 from tests.sim.simclient import trio_test
 
 PAN = "4111111111111111"
-WORKING_KEY = "00112233445566778899AABBCCDDEEFF"
+TMK = bytes.fromhex("0123456789ABCDEFFEDCBA9876543210")
+PIN_KEY = keys.set_odd_parity(bytes.fromhex("1111111111111111222222222222222F"))
+MAC_KEY = keys.set_odd_parity(bytes.fromhex("3333333333333333444444444444444F"))
 CLOCK = dt.datetime(2026, 3, 14, 15, 9, 26)
 
 
 class FakeSwitch:
     """Answers every request 00 with an RRN; answers each read's batch in reverse order; the sign-on
-    answer carries a MAC working key in field 62 (a stand-in for keys encrypted under the TMK)."""
+    answer carries fresh working keys in field 62 encrypted under the terminal's TMK."""
 
     def __init__(self, profile: str = "terminal_ascii", tpdu: bool = False, silent_mti: str = "") -> None:
         self.wire = SimWire(profile, "binary2", tpdu=tpdu)
@@ -41,7 +44,8 @@ class FakeSwitch:
         reader = self.wire.reader(4096)
         while data := await stream.receive_some(65536):
             out = []
-            for payload, tpdu in reader.feed(data):
+            for fr in reader.feed(data):
+                payload, tpdu = fr.payload, fr.tpdu
                 self.tpdus.append(tpdu)
                 fields, mac_ok = self.wire.decode_with_mac(payload)
                 self.received.append(fields)
@@ -57,24 +61,20 @@ class FakeSwitch:
                     self.rrn += 1
                     answer["37"] = f"{self.rrn:012d}"
                 if fields.get("70") == "001":
-                    answer["62"] = WORKING_KEY
+                    answer["62"] = keys.build_signon_field(TMK, PIN_KEY, MAC_KEY).hex().upper()
                 raw = self.wire.encode(answer)
                 out.append(self.wire.frame(raw, swap_tpdu(tpdu) if tpdu else None))
                 if fields.get("70") == "001":
-                    self.wire.set_mac_key(bytes.fromhex(WORKING_KEY))
+                    self.wire.set_mac_key(MAC_KEY)
             if out:
                 await stream.send_all(b"".join(reversed(out)))
-
-
-def key_from_62(answer: dict[str, Any]) -> bytes | None:
-    return bytes.fromhex(answer["62"]) if "62" in answer else None
 
 
 async def with_terminal(fake: FakeSwitch, body, **cfg: Any) -> None:
     async with trio.open_nursery() as nursery:
         port = await nursery.start(fake.serve)
-        config = TerminalSimConfig(port=port, **cfg)
-        async with TerminalSim.connect(config, clock=lambda: CLOCK, key_handler=key_from_62) as term:
+        config = TerminalSimConfig(port=port, master_key_hex=TMK.hex(), **cfg)
+        async with TerminalSim.connect(config, clock=lambda: CLOCK) as term:
             await body(term)
         nursery.cancel_scope.cancel()
 
@@ -86,7 +86,6 @@ async def test_sign_on_then_macd_purchase_with_stan_and_local_time() -> None:
     async def body(term: TerminalSim) -> None:
         on = await term.sign_on()
         assert on.approved and on.mti == "0810"
-        fake.wire.set_mac_key(bytes.fromhex(WORKING_KEY))
         r = await term.purchase(PAN, 1234)
         assert r.approved and r.rrn == "000000000001" and r.mti == "0210"
 
@@ -96,6 +95,19 @@ async def test_sign_on_then_macd_purchase_with_stan_and_local_time() -> None:
     assert (purchase["11"], purchase["12"], purchase["13"]) == ("000002", "150926", "0314")
     assert purchase["4"] == "000000001234" and purchase["41"] == "TERM0001" and "64" in purchase
     assert fake.mac_results == [True, True]
+
+
+@trio_test
+async def test_wrong_master_key_installs_nothing() -> None:
+    fake = FakeSwitch()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(fake.serve)
+        cfg = TerminalSimConfig(port=port, master_key_hex="00" * 16)
+        async with TerminalSim.connect(cfg) as term:
+            with pytest.raises(TerminalError, match="check value mismatch"):
+                await term.sign_on()
+            assert term.wire.mac_fn is None
+        nursery.cancel_scope.cancel()
 
 
 @trio_test
