@@ -442,11 +442,12 @@ class _Session:
         nursery.start_soon(self.term._reader)
         return self.term
 
-    async def __aexit__(self, *exc: object) -> bool | None:
+    async def __aexit__(self, *exc: object) -> None:
+        # The caller's exception (if any) propagates as itself, not wrapped in the reader's nursery group.
         self._nursery.cancel_scope.cancel()
         with trio.CancelScope(shield=True):
             await self.term.stream.aclose()
-        return await self._nursery_cm.__aexit__(*exc)  # type: ignore[arg-type]
+        await self._nursery_cm.__aexit__(None, None, None)
 
 
 class MixStats(msgspec.Struct):
