@@ -1,0 +1,394 @@
+"""The ledger's single writer: one thread, group commit, callbacks once durable.
+
+Why one thread: sequence numbers, the Merkle right edge and the hold/refund rules are then plain
+single-threaded state, and batching is what makes durability cheap (one fsync per batch instead of per
+entry). Callers `submit` a list of drafts (one outcome: all of them are written or none) with a
+callback; the writer collects submissions for at most `batch_window_ms` or until `max_batch_entries`,
+checks them, writes the batch in one transaction and calls every callback from its own thread:
+`on_done(entries, None)` once the batch is durable, `on_done(None, error)` otherwise.
+
+What can fail, and for whom:
+- a draft that is malformed or unbalanced: `submit` raises at once (InvalidDraft, UnbalancedEntry);
+- a draft that breaks a rule (hold resolved twice, refund above the remainder, idempotency conflict):
+  only its submission fails, with that error; the rest of the batch is written;
+- the commit itself: EVERY submission of the batch fails with LedgerStorageError (nobody gets a false
+  success); the writer re-reads its state from the database before the next batch and stops
+  (LedgerUnavailable for everyone after) if it cannot.
+The queue is bounded by `max_queue_entries`: past it `submit` raises LedgerBusy instead of waiting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from switch.config import LedgerConfig
+from switch.ledger.backend import NODE_MIN_LEVEL, BatchRows, LedgerBackend
+from switch.ledger.codec import ENTRY_FORMAT, prepare
+from switch.ledger.keys import sign_checkpoint
+from switch.ledger.merkle import Frontier
+from switch.ledger.model import Entry, EntryDraft, IdempotencyConflict, Side
+from switch.ledger.rules import STARTING_KINDS, Book, LedgerCorrupt, LedgerRejected, family_rows
+from switch.ledger.tree import StoredTree
+
+log = logging.getLogger(__name__)
+
+OnDone = Callable[[list[Entry] | None, BaseException | None], None]
+
+_HEADER = struct.Struct(">BQ")
+#: Current balances kept in memory by the writer (cleared, then reloaded on demand, past this).
+MAX_CACHED_BALANCES = 1_000_000
+_sha256 = hashlib.sha256
+_DEBIT = Side.DEBIT
+
+
+class LedgerBusy(RuntimeError):
+    """The writer's queue is full (max_queue_entries); retry later or answer 91/96."""
+
+
+class LedgerUnavailable(RuntimeError):
+    """The writer is closed or stopped after a failure it could not recover from."""
+
+
+class LedgerTimeout(TimeoutError):
+    """append() waited longer than its timeout; the entries may still be committed."""
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class _Submission:
+    __slots__ = ("bodies", "drafts", "entries", "error", "on_done")
+
+    def __init__(self, drafts: Sequence[EntryDraft], bodies: list[bytes], on_done: OnDone) -> None:
+        self.drafts = drafts
+        self.bodies = bodies
+        self.on_done = on_done
+        self.entries: list[Entry] | None = None
+        self.error: BaseException | None = None
+
+
+class LedgerWriter:
+    """Owns `backend` (closes it on close()). Use as a context manager or call close()."""
+
+    def __init__(
+        self,
+        backend: LedgerBackend,
+        *,
+        signing_key: Ed25519PrivateKey | None,
+        config: LedgerConfig | None = None,
+        clock_ms: Callable[[], int] = wall_clock_ms,
+        name: str = "ledger-writer",
+    ) -> None:
+        cfg = config or LedgerConfig()
+        if cfg.max_batch_entries < 1 or cfg.max_queue_entries < cfg.max_batch_entries:
+            raise ValueError("ledger: need 1 <= max_batch_entries <= max_queue_entries")
+        if cfg.batch_window_ms < 0 or cfg.checkpoint_every_entries < 1:
+            raise ValueError("ledger: batch_window_ms must be >= 0 and checkpoint_every_entries >= 1")
+        self._backend = backend
+        self._key = signing_key
+        self._clock_ms = clock_ms
+        self._window_s = cfg.batch_window_ms / 1000.0
+        self._max_batch = cfg.max_batch_entries
+        self._max_queue = cfg.max_queue_entries
+        self._checkpoint_every = cfg.checkpoint_every_entries
+        self._cond = threading.Condition()
+        self._queue: deque[_Submission] = deque()
+        self._queued_entries = 0
+        self._closing = False
+        self._failure: BaseException | None = None
+        self._frontier = Frontier(NODE_MIN_LEVEL)
+        self._checkpointed_size = 0
+        self._balances: dict[tuple[str, str], int] = {}
+        self._load_state()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # --- public API --------------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        """Entries committed so far (the next seq)."""
+        return self._frontier.size
+
+    def root(self) -> bytes:
+        return self._frontier.root()
+
+    def submit(self, drafts: Sequence[EntryDraft], on_done: OnDone) -> None:
+        """Queue one outcome's drafts; `on_done` is called from the writer thread once they are durable
+        (or failed). Raises at once for malformed/unbalanced drafts, LedgerBusy, LedgerUnavailable."""
+        n = len(drafts)
+        if n == 0:
+            raise ValueError("submit needs at least one draft")
+        if n > self._max_batch:
+            raise ValueError(f"{n} drafts in one submission exceed max_batch_entries={self._max_batch}")
+        bodies = [prepare(d) for d in drafts]
+        sub = _Submission(drafts, bodies, on_done)
+        with self._cond:
+            if self._failure is not None:
+                raise LedgerUnavailable(f"ledger writer stopped: {self._failure}")
+            if self._closing:
+                raise LedgerUnavailable("ledger writer is closed")
+            queued = self._queued_entries
+            if queued + n > self._max_queue:
+                raise LedgerBusy(
+                    f"ledger queue full ({queued} entries queued, max_queue_entries={self._max_queue})"
+                )
+            self._queue.append(sub)
+            self._queued_entries = queued + n
+            if queued == 0 or queued + n >= self._max_batch:
+                self._cond.notify()
+
+    def append(self, drafts: Sequence[EntryDraft], timeout_s: float | None = None) -> list[Entry]:
+        """Blocking submit: the committed entries (originals for idempotent repeats), or the error."""
+        done = threading.Event()
+        box: list[tuple[list[Entry] | None, BaseException | None]] = []
+
+        def on_done(entries: list[Entry] | None, error: BaseException | None) -> None:
+            box.append((entries, error))
+            done.set()
+
+        self.submit(drafts, on_done)
+        if not done.wait(timeout_s):
+            raise LedgerTimeout(f"ledger did not answer within {timeout_s} s")
+        entries, error = box[0]
+        if error is not None:
+            raise error
+        assert entries is not None
+        return entries
+
+    def close(self, timeout_s: float | None = 60.0) -> None:
+        """Stop taking submissions, commit what is queued, write a final checkpoint, close the backend."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout_s)
+
+    def __enter__(self) -> LedgerWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- state ------------------------------------------------------------------------------------
+    def _load_state(self) -> None:
+        """Rebuild the Merkle right edge from storage and check it against the last tree head."""
+        b = self._backend
+        size = b.entry_count()
+        frontier = StoredTree(b, size).frontier()
+        head = b.last_tree_head()
+        if head is None and size:
+            raise LedgerCorrupt(f"{size} entries but no tree head; run `switch ledger verify`")
+        if head is not None and (head[0] != size or head[1] != frontier.root()):
+            raise LedgerCorrupt(
+                f"stored tree head (size {head[0]}) does not match the entries (size {size}); "
+                "run `switch ledger verify`"
+            )
+        self._frontier = frontier
+        self._checkpointed_size = b.last_checkpoint_size()
+        self._balances = {}
+
+    # --- the thread -------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                batch = self._take_batch()
+                if batch is None:
+                    break
+                self._process(batch)
+            self._final_checkpoint()
+        except BaseException as exc:  # a bug: fail everyone rather than leave callers waiting forever
+            log.exception("ledger writer stopped")
+            self._stop(exc)
+        finally:
+            try:
+                self._backend.close()
+            except Exception:
+                log.exception("closing the ledger backend failed")
+
+    def _take_batch(self) -> list[_Submission] | None:
+        with self._cond:
+            while not self._queue and not self._closing and self._failure is None:
+                self._cond.wait()
+            if not self._queue or self._failure is not None:
+                return None
+            if self._window_s > 0 and self._queued_entries < self._max_batch and not self._closing:
+                deadline = time.monotonic() + self._window_s
+                while self._queued_entries < self._max_batch and not self._closing:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            batch: list[_Submission] = []
+            n = 0
+            queue = self._queue
+            while queue and n + len(queue[0].drafts) <= self._max_batch:
+                sub = queue.popleft()
+                n += len(sub.drafts)
+                batch.append(sub)
+            self._queued_entries -= n
+            return batch
+
+    def _process(self, subs: list[_Submission]) -> None:
+        b = self._backend
+        try:
+            existing = b.find_idempotency([d.idempotency_key for s in subs for d in s.drafts])
+            rrns: set[str] = set()
+            for s in subs:
+                for d in s.drafts:
+                    if d.original_rrn:
+                        rrns.add(d.original_rrn)
+                    if d.kind in STARTING_KINDS:
+                        rrns.add(d.rrn)
+            book = Book()
+            book.replay(family_rows(b.txn_rows, rrns))
+        except BaseException as exc:
+            self._fail_batch(subs, exc)
+            return
+
+        seq = self._frontier.size
+        new: list[tuple[int, EntryDraft, bytes]] = []
+        batch_keys: dict[str, tuple[int, bytes]] = {}
+        for sub in subs:
+            start_seq, start_new = seq, len(new)
+            added: list[str] = []
+            out: list[Entry] = []
+            book.begin()
+            try:
+                for d, body in zip(sub.drafts, sub.bodies):
+                    key = d.idempotency_key
+                    hit = existing.get(key) or batch_keys.get(key)
+                    if hit is not None:
+                        if hit[1] != body:
+                            raise IdempotencyConflict(
+                                f"idempotency key {key!r} was used for a different entry (seq {hit[0]})"
+                            )
+                        out.append(Entry(seq=hit[0], draft=d))
+                        continue
+                    book.apply(seq, d.kind, d.rrn, d.original_rrn, d.amount_minor, d.currency)
+                    batch_keys[key] = (seq, body)
+                    added.append(key)
+                    out.append(Entry(seq=seq, draft=d))
+                    new.append((seq, d, body))
+                    seq += 1
+            except (LedgerRejected, IdempotencyConflict) as exc:
+                book.rollback()
+                seq = start_seq
+                del new[start_new:]
+                for key in added:
+                    del batch_keys[key]
+                sub.error = exc
+                continue
+            book.commit()
+            sub.entries = out
+
+        if new:
+            frontier = self._frontier.copy()
+            try:
+                rows, balances = self._rows(frontier, new)
+                b.write_batch(rows)
+            except BaseException as exc:
+                self._fail_batch(subs, exc)
+                return
+            self._frontier = frontier
+            if len(self._balances) + len(balances) > MAX_CACHED_BALANCES:
+                self._balances.clear()
+            self._balances.update(balances)
+            if rows.checkpoint is not None:
+                self._checkpointed_size = rows.checkpoint[0]
+        self._answer(subs)
+
+    def _rows(
+        self, frontier: Frontier, new: list[tuple[int, EntryDraft, bytes]]
+    ) -> tuple[BatchRows, dict[tuple[str, str], int]]:
+        """Entry, node and balance rows of the accepted drafts, and the new balances; advances
+        `frontier`. Touches no writer state, so a failed commit leaves nothing to undo."""
+        header = _HEADER.pack
+        sha = _sha256
+        append_leaf = frontier.append
+        nodes: list[tuple[int, int, bytes]] = []
+        entries: list[tuple[object, ...]] = []
+        cache = self._balances
+        running: dict[tuple[str, str], int] = {}
+        first_seq: dict[tuple[str, str], int] = {}
+        last_seq: dict[tuple[str, str], int] = {}
+        for seq, d, body in new:
+            leaf = sha(b"\x00" + header(ENTRY_FORMAT, seq) + body).digest()
+            append_leaf(leaf, nodes)
+            entries.append(
+                (seq, d.idempotency_key, d.kind.value, d.rrn, d.original_rrn, d.at_ms, d.merchant_id,
+                 d.amount_minor, d.currency, body, leaf)
+            )  # fmt: skip
+            for p in d.postings:
+                k = (p.account, p.currency)
+                bal = running.get(k)
+                if bal is None:
+                    bal = cache.get(k)
+                    if bal is None:
+                        row = self._backend.balance_at_or_before(k[0], k[1], None)
+                        bal = 0 if row is None else row.balance_minor
+                    first_seq[k] = seq
+                running[k] = bal + (p.amount_minor if p.side is _DEBIT else -p.amount_minor)
+                last_seq[k] = seq
+        size = frontier.size
+        root = frontier.root()
+        now_ms = self._clock_ms()
+        checkpoint = None
+        if self._key is not None and size - self._checkpointed_size >= self._checkpoint_every:
+            checkpoint = sign_checkpoint(self._key, size, root, now_ms)
+        return BatchRows(
+            entries=entries,
+            nodes=nodes,
+            balances=[(a, c, last_seq[(a, c)], first_seq[(a, c)], v) for (a, c), v in running.items()],
+            tree_head=(size, root, now_ms),
+            checkpoint=checkpoint,
+        ), running
+
+    def _answer(self, subs: list[_Submission]) -> None:
+        for sub in subs:
+            try:
+                sub.on_done(sub.entries, sub.error)
+            except Exception:
+                log.exception("ledger on_done callback raised; ignored")
+
+    def _fail_batch(self, subs: list[_Submission], exc: BaseException) -> None:
+        """The batch is not (known to be) durable: fail every caller that has no rule error of its own,
+        then re-read the state; if that fails too, stop."""
+        log.error("ledger batch of %d submissions failed: %s", len(subs), exc)
+        for sub in subs:
+            if sub.error is None:
+                sub.entries = None
+                sub.error = exc
+        self._answer(subs)
+        try:
+            self._load_state()
+        except BaseException as reload_exc:
+            log.error("ledger writer cannot recover its state: %s", reload_exc)
+            self._stop(reload_exc)
+
+    def _stop(self, exc: BaseException) -> None:
+        with self._cond:
+            self._failure = exc
+            pending = list(self._queue)
+            self._queue.clear()
+            self._queued_entries = 0
+        for sub in pending:
+            sub.error = LedgerUnavailable(f"ledger writer stopped: {exc}")
+        self._answer(pending)
+
+    def _final_checkpoint(self) -> None:
+        size = self._frontier.size
+        if self._key is None or size == 0 or size == self._checkpointed_size:
+            return
+        self._backend.write_checkpoint(
+            sign_checkpoint(self._key, size, self._frontier.root(), self._clock_ms())
+        )
+        self._checkpointed_size = size
