@@ -110,6 +110,7 @@ class FrameReader:
         return error
 
     def _length(self, header: bytes) -> int:
+        """The length a header announces, or FramingError (feed calls it for out-of-range headers)."""
         if self.kind == "binary2":
             length = (header[0] << 8) | header[1]
             shown = f"binary2 header 0x{header.hex().upper()}"
@@ -142,27 +143,39 @@ class FrameReader:
         buf = self._buf
         buf += data
         header_bytes = self._header_bytes
+        binary = self.kind == "binary2"
+        with_tpdu = self.tpdu
+        tpdu_id = self.tpdu_id
+        min_length = TPDU_BYTES + 1 if with_tpdu else 1
+        max_length = self.max_frame_bytes
         frames: list[Frame] = []
+        append = frames.append
         pos = 0
         end_of_data = len(buf)
         try:
             with memoryview(buf) as view:
                 while end_of_data - pos >= header_bytes:
-                    length = self._length(bytes(view[pos : pos + header_bytes]))
+                    if binary:
+                        length = (buf[pos] << 8) | buf[pos + 1]
+                    else:
+                        header = bytes(view[pos : pos + 4])
+                        length = int(header) if header.isdigit() else -1
+                    if not min_length <= length <= max_length:
+                        self._length(bytes(view[pos : pos + header_bytes]))  # raises the precise error
                     start = pos + header_bytes
                     end = start + length
                     if end > end_of_data:
                         break
-                    if self.tpdu:
+                    if with_tpdu:
                         tpdu = bytes(view[start : start + TPDU_BYTES])
-                        if self.tpdu_id is not None and tpdu[0] != self.tpdu_id:
+                        if tpdu_id is not None and tpdu[0] != tpdu_id:
                             raise self._fail(
-                                FramingError(f"TPDU id 0x{tpdu[0]:02X} is not 0x{self.tpdu_id:02X} "
+                                FramingError(f"TPDU id 0x{tpdu[0]:02X} is not 0x{tpdu_id:02X} "
                                              f"(TPDU {tpdu.hex().upper()})")
                             )
-                        frames.append(Frame(bytes(view[start + TPDU_BYTES : end]), tpdu))
+                        append(Frame(bytes(view[start + TPDU_BYTES : end]), tpdu))
                     else:
-                        frames.append(Frame(bytes(view[start:end])))
+                        append(Frame(bytes(view[start:end])))
                     pos = end
         except FramingError:
             buf.clear()
