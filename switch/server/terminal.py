@@ -67,6 +67,7 @@ class TerminalConnection:
         "reader",
         "stream",
         "terminal_id",
+        "tpdu",
     )
 
     def __init__(self, listener: TerminalListener, stream: trio.SocketStream) -> None:
@@ -82,6 +83,7 @@ class TerminalConnection:
         self.reader = FrameReader(self.config.framing, self.config.tpdu, self.config.max_frame_bytes)
         self.inflight = 0
         self.terminal_id: str | None = None
+        self.tpdu: bytes | None = None
         self._outbox: list[bytes] = []
         self._wake = trio.Event()
         self._capacity = trio.Event()

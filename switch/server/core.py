@@ -1,0 +1,561 @@
+"""The switch's trio core: feeds the sans-I/O processor and carries out its decisions.
+
+Everything here runs on the trio thread, synchronously, in batches (DESIGN.md): an entry point
+(`on_frames` for a terminal read, `on_link_answers` for an acquirer read, the ledger completions, the
+timer) feeds every event of its batch to the processor, collecting the decisions; then `_flush` does the
+work that needs I/O ONCE for the whole batch:
+
+1. arm the pre-stored reversals of the batch's acquirer requests (one durable write) and only then
+   queue the requests on their links;
+2. store queued reversals/advices in store-and-forward (one durable write);
+3. hand every `Post` to the ledger writer (they land in the same group commit).
+
+Answers (`Reply`) are queued on their connection at once; the connection's writer task sends them
+after the current batch (trio only switches tasks when this code returns), so every durable write of a
+batch happens before any answer of that batch leaves.
+
+The ledger writer calls back from its thread; completions are queued under a lock and ONE
+`run_sync_soon` per burst brings them to the trio thread, where they are processed as one batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import trio
+
+from switch.codec import keys as keymod
+from switch.codec.masking import scrub_text
+from switch.config import SwitchConfig
+from switch.ledger.model import Entry
+from switch.processing import decisions as d
+from switch.processing import events as ev
+from switch.routing.matching import Pending
+from switch.routing.store_forward import StoreForward, StoreForwardError
+from switch.server.acquirer import AcquirerGroup, AcquirerLink
+from switch.server.armed import ArmedStore
+from switch.server.ledger_reader import LedgerReader
+from switch.server.metrics import Metrics
+from switch.server.rrn_store import RrnStore
+from switch.server.terminal import TerminalConnection
+from switch.server.wire import MacFn, Wire, WireError, retail_mac_fn
+
+log = logging.getLogger(__name__)
+
+#: Network management codes of field 70 that are sign-ons (new working keys) and echoes.
+SIGN_ON_CODES = frozenset({"001", "101"})
+ECHO_CODE = "301"
+#: Context tag of store-and-forward deliveries on a link.
+SAF = "saf"
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Processor:  # the shape the core needs; switch.processing's Processor has it
+    def handle(self, event: Any) -> list[Any]: ...
+
+
+class TerminalKeys:
+    """Terminal master keys (opened under the KEK at start) and the working MAC keys of signed-on
+    terminals. Working keys live in memory only: after a restart a terminal's MAC fails (A0) and it signs
+    on again, as POS terminals do."""
+
+    def __init__(self, master: dict[str, keymod.SecretKey]) -> None:
+        self._master = master
+        self._mac: dict[str, MacFn] = {}
+
+    def mac_fn(self, terminal_id: str | None) -> MacFn | None:
+        return self._mac.get(terminal_id) if terminal_id else None
+
+    def sign_on(self, terminal_id: str) -> str | None:
+        """Fresh working keys for the terminal: field 62 as hex, or None without a master key."""
+        tmk = self._master.get(terminal_id)
+        if tmk is None:
+            return None
+        pin_key = keymod.generate_working_key()
+        mac_key = keymod.generate_working_key()
+        field = keymod.build_signon_field(tmk, pin_key, mac_key)
+        self._mac[terminal_id] = retail_mac_fn(mac_key)
+        return field.hex().upper()
+
+
+class _Request:
+    """What the core remembers of a terminal request until its answer leaves (latency, metrics)."""
+
+    __slots__ = ("mti", "pc", "t0")
+
+    def __init__(self, mti: str, pc: str, t0: float) -> None:
+        self.mti = mti
+        self.pc = pc
+        self.t0 = t0
+
+
+class SwitchCore:
+    def __init__(
+        self,
+        config: SwitchConfig,
+        processor: Processor,
+        writer: Any,
+        saf: StoreForward,
+        armed: ArmedStore,
+        rrns: RrnStore,
+        reader: LedgerReader,
+        keys: TerminalKeys,
+        metrics: Metrics,
+        clock_ms: Callable[[], int] = wall_ms,
+    ) -> None:
+        self.config = config
+        self.processor = processor
+        self.writer = writer
+        self.saf = saf
+        self.armed = armed
+        self.rrns = rrns
+        self.reader = reader
+        self.keys = keys
+        self.metrics = metrics
+        self.now_ms = clock_ms
+        self.wires: dict[str, Wire] = {}
+        self.conns: dict[int, TerminalConnection] = {}
+        self.groups: dict[str, AcquirerGroup] = {}
+        self._requests: dict[tuple[int, str, str], _Request] = {}
+        self._group_up: dict[str, bool] = {}
+        self._token: trio.lowlevel.TrioToken | None = None
+        # Work collected during one batch, carried out by _flush.
+        self._sends: list[d.SendToAcquirer] = []
+        self._saf_items: list[tuple[str, str, dict, str]] = []
+        self._posts: list[d.Post] = []
+        self._releases: list[tuple[str, str]] = []
+        self._events: deque[Any] = deque()
+        # Ledger completions from the writer thread.
+        self._done_lock = threading.Lock()
+        self._done: list[tuple[int, int, float, list[Entry] | None, BaseException | None]] = []
+        self._done_scheduled = False
+        self._busy = False
+        self._saf_wake = trio.Event()
+        self.decisions_seen = 0
+
+    def bind_trio(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+
+    def wire_for(self, listener_name: str, profile: str, framing: str, tpdu: bool) -> Wire:
+        wire = self.wires.get(listener_name)
+        if wire is None:
+            wire = self.wires[listener_name] = Wire(profile, framing, tpdu)
+        return wire
+
+    # --- events into the processor ------------------------------------------------------------------
+    def feed(self, event: Any) -> None:
+        """Feed one event (and the events its decisions cause), then flush the batch's I/O."""
+        self._events.append(event)
+        if not self._busy:
+            self._drain()
+
+    def _drain(self) -> None:
+        self._busy = True
+        try:
+            while True:
+                while self._events:
+                    self._execute(self.processor.handle(self._events.popleft()))
+                if not self._flush():
+                    break
+        finally:
+            self._busy = False
+
+    # --- terminal side --------------------------------------------------------------------------------
+    def on_frames(self, conn: TerminalConnection, frames: Sequence[Any]) -> None:
+        self.conns[conn.conn_id] = conn
+        lcfg = conn.config
+        wire = self.wire_for(lcfg.name, lcfg.profile, lcfg.framing, lcfg.tpdu)
+        now = self.now_ms()
+        t0 = time.perf_counter()
+        self._busy = True
+        try:
+            for frame in frames:
+                if conn.closed:
+                    break
+                payload = frame.payload
+                if frame.tpdu is not None:
+                    conn.tpdu = frame.tpdu
+                try:
+                    fields = wire.decode(payload)
+                except WireError as exc:
+                    self._undecodable(conn, wire, exc)
+                    continue
+                mti = fields.get("t", "")
+                if len(mti) != 4 or mti[2] not in "024":
+                    log.warning("%s: message with MTI %r is not a request; closing", conn.peer, mti)
+                    self.metrics.decode_errors.labels("terminal").inc()
+                    conn.close_soon()
+                    break
+                tid = fields.get("41")
+                if tid:
+                    conn.terminal_id = tid
+                code70 = fields.get("70", "")
+                network = mti[1:3] == "08"
+                if not (
+                    network and (code70 in SIGN_ON_CODES or (code70 == ECHO_CODE and "64" not in fields))
+                ):
+                    mac_fn = self.keys.mac_fn(tid)
+                    if mac_fn is None or "64" not in fields or not wire.verify(payload, mac_fn):
+                        self.metrics.mac_failures.labels("terminal").inc()
+                        conn.request_started()
+                        self._remember(conn, fields, t0)
+                        self._answer(conn, _bare_answer(fields, "A0"), mac=mac_fn is not None)
+                        continue
+                conn.request_started()
+                self._remember(conn, fields, t0)
+                self._events.append(ev.TerminalRequest(conn.conn_id, lcfg.profile, fields, now))
+            while True:
+                while self._events:
+                    self._execute(self.processor.handle(self._events.popleft()))
+                if not self._flush():
+                    break
+        finally:
+            self._busy = False
+
+    def on_closed(self, conn: TerminalConnection) -> None:
+        self.conns.pop(conn.conn_id, None)
+        prefix = conn.conn_id
+        # In-flight requests of a closed connection stay counted until the processor answers them
+        # (its Reply to a closed connection is dropped and uncounted there).
+        for key in [k for k in self._requests if k[0] == prefix]:
+            del self._requests[key]
+
+    def _undecodable(self, conn: TerminalConnection, wire: Wire, exc: WireError) -> None:
+        self.metrics.decode_errors.labels("terminal").inc()
+        mti = exc.mti
+        if mti is None or mti[2] not in "024":
+            log.warning("%s: undecodable message without a readable MTI (%s); closing", conn.peer, exc)
+            conn.close_soon()
+            return
+        log.info("%s: format error in MTI %s (%s); answering 30", conn.peer, mti, scrub_text(str(exc)))
+        conn.request_started()
+        self.metrics.inflight.inc()
+        fields = {"t": mti}
+        self._requests[(conn.conn_id, mti[1:3], "")] = _Request(mti, "", time.perf_counter())
+        self._answer(conn, _bare_answer(fields, "30"), mac=True)
+
+    def _remember(self, conn: TerminalConnection, fields: dict, t0: float) -> None:
+        mti = fields["t"]
+        self.metrics.inflight.inc()
+        self._requests[(conn.conn_id, mti[1:3], fields.get("11", ""))] = _Request(
+            mti, fields.get("3", ""), t0
+        )
+
+    def _answer(self, conn: TerminalConnection, fields: dict, *, mac: bool = True) -> None:
+        """Encode, MAC with the terminal's working key, frame and queue one answer."""
+        lcfg = conn.config
+        wire = self.wire_for(lcfg.name, lcfg.profile, lcfg.framing, lcfg.tpdu)
+        mti = fields.get("t", "")
+        mac_fn = self.keys.mac_fn(fields.get("41") or conn.terminal_id) if mac else None
+        if mti[1:3] == "08":
+            mac_fn = None  # network answers (sign-on carries the new keys; echo) are not MACed
+        try:
+            payload = wire.encode(dict(fields), mac_fn)
+        except Exception as exc:  # an answer the profile cannot carry: 96 instead
+            log.error("%s: cannot encode answer MTI %s: %s", conn.peer, mti, scrub_text(str(exc)))
+            base = {k: fields[k] for k in ("t", "11", "41", "42") if k in fields}
+            base["39"] = "96"
+            payload = wire.encode(base, mac_fn)
+        key = (conn.conn_id, mti[1:3], fields.get("11", ""))
+        req = self._requests.pop(key, None)
+        if req is None and fields.get("39") == "30":
+            req = self._requests.pop((conn.conn_id, mti[1:3], ""), None)
+        conn.send(wire.frame(payload, conn.tpdu))
+        self.metrics.inflight.dec()
+        if req is not None:
+            self.metrics.answered(req.mti, req.pc, fields.get("39", ""), time.perf_counter() - req.t0)
+
+    # --- acquirer side --------------------------------------------------------------------------------
+    def on_link_answers(self, link: AcquirerLink, answers: Sequence[tuple[Pending[Any], dict]]) -> None:
+        now = self.now_ms()
+        for pending, fields in answers:
+            ctx = pending.context
+            if isinstance(ctx, tuple) and ctx[0] == SAF:
+                self._saf_answered(link, ctx, fields, now)
+            else:
+                self._events.append(ev.AcquirerAnswered(ctx, fields, now))
+        if not self._busy:
+            self._drain()
+
+    def on_link_lost(self, link: AcquirerLink, pending: Sequence[Pending[Any]]) -> None:
+        """Requests written on a dropped link: their outcome is unknown, so they time out now."""
+        now = self.now_ms()
+        for p in pending:
+            ctx = p.context
+            if isinstance(ctx, tuple) and ctx[0] == SAF:
+                continue  # store-and-forward retries on its own schedule
+            self.metrics.timeouts.labels(link.config.name).inc()
+            self._events.append(ev.DeadlinePassed(ctx, now))
+        if not self._busy:
+            self._drain()
+
+    def on_link_state(self, link: AcquirerLink) -> None:
+        name = link.config.name
+        group = self.groups.get(name)
+        if group is None:
+            return
+        counts: dict[str, int] = {}
+        for ln in group.links:
+            counts[ln.state] = counts.get(ln.state, 0) + 1
+        self.metrics.set_link_states(name, counts)
+        up = group.up
+        if self._group_up.get(name) != up:
+            self._group_up[name] = up
+            log.info("acquirer %s is %s", name, "UP" if up else "DOWN")
+            if up:
+                self._saf_wake.set()
+            self.feed(ev.AcquirerHealth(name, up, self.now_ms()))
+
+    def expire(self) -> None:
+        """Timer: requests past their deadline on any link time out."""
+        now = self.now_ms()
+        for group in self.groups.values():
+            for link in group.links:
+                nxt = link.matcher.next_deadline_ms()
+                if nxt is None or nxt > now:
+                    continue
+                for p in link.expire(now):
+                    ctx = p.context
+                    if isinstance(ctx, tuple) and ctx[0] == SAF:
+                        continue
+                    self.metrics.timeouts.labels(group.config.name).inc()
+                    self._events.append(ev.DeadlinePassed(ctx, now))
+        if self._events and not self._busy:
+            self._drain()
+
+    # --- decisions ----------------------------------------------------------------------------------
+    def _execute(self, decisions: Sequence[Any]) -> None:
+        for dec in decisions:
+            self.decisions_seen += 1
+            if isinstance(dec, d.Reply):
+                conn = self.conns.get(dec.conn_id)
+                if conn is None or conn.closed:
+                    self.metrics.inflight.dec()
+                    self._requests.pop(
+                        (dec.conn_id, dec.fields.get("t", "")[1:3], dec.fields.get("11", "")), None
+                    )
+                    continue
+                self._answer(conn, dec.fields)
+            elif isinstance(dec, d.Post):
+                self._posts.append(dec)
+            elif isinstance(dec, d.SendToAcquirer):
+                self._sends.append(dec)
+            elif isinstance(dec, d.QueueReversal):
+                self._saf_items.append((dec.acquirer, "0400", dec.fields, dec.rrn))
+                self.metrics.reversals_queued.labels(dec.acquirer).inc()
+            elif isinstance(dec, d.QueueAdvice):
+                mti = dec.fields.get("t", "0220")
+                self._saf_items.append(
+                    (dec.acquirer, mti if mti in ("0120", "0220") else "0220", dec.fields, dec.rrn)
+                )
+                self.metrics.advices_queued.labels(dec.acquirer).inc()
+            elif isinstance(dec, d.ReleaseReversal):
+                self._releases.append((dec.acquirer, dec.rrn))
+            elif isinstance(dec, d.FindOriginal):
+                drafts = self.reader.find_original(dec.rrn, dec.idempotency_key)
+                self._events.append(ev.OriginalFound(dec.txn_id, tuple(drafts), self.now_ms()))
+            elif isinstance(dec, d.ReserveRrns):
+                start = self.rrns.reserve(dec.count)
+                self._events.append(ev.RrnsReserved(start, dec.count))
+            elif isinstance(dec, d.SignOn):
+                self._sign_on(dec)
+            elif isinstance(dec, d.SettlementReport):
+                log.info(
+                    "settlement terminal %s merchant %s currency %s: %s",
+                    dec.terminal_id,
+                    dec.merchant_id,
+                    dec.currency,
+                    "balanced"
+                    if dec.balanced
+                    else "OUT OF BALANCE "
+                    + ", ".join(
+                        f"{ln.name} terminal {ln.terminal_count}/{ln.terminal_amount_minor} "
+                        f"ledger {ln.ledger_count}/{ln.ledger_amount_minor}"
+                        for ln in dec.lines
+                        if not ln.balanced
+                    ),
+                )
+            elif isinstance(dec, d.Log):
+                self._log(dec)
+
+    def _log(self, dec: d.Log) -> None:
+        event = dec.event
+        if event.startswith("duplicate"):
+            self.metrics.duplicates.labels("replayed" if "replay" in event else "rejected").inc()
+        level = getattr(logging, dec.level.upper(), logging.INFO)
+        if log.isEnabledFor(level):
+            log.log(level, "%s: %s", event, dec.text)
+
+    def _sign_on(self, dec: d.SignOn) -> None:
+        conn = self.conns.get(dec.conn_id)
+        reply = dict(dec.reply)
+        field62 = self.keys.sign_on(dec.terminal_id)
+        if field62 is None:
+            reply["39"] = "96"
+            log.warning("sign-on of terminal %s: no master key configured; answered 96", dec.terminal_id)
+        else:
+            reply["62"] = field62
+            self.metrics.sign_ons.inc()
+        if conn is None or conn.closed:
+            self.metrics.inflight.dec()
+            return
+        self._answer(conn, reply)
+
+    def _flush(self) -> bool:
+        """Carry out the batch's I/O. True when it produced events that need another round."""
+        if not (self._sends or self._saf_items or self._posts or self._releases):
+            return bool(self._events)
+        now = self.now_ms()
+        sends, self._sends = self._sends, []
+        if sends:
+            arms = [(s.acquirer, s.fields.get("37", ""), s.reversal) for s in sends if s.reversal]
+            if arms:
+                try:
+                    self.armed.arm_many(arms, now)
+                except Exception as exc:  # not armed: must not send
+                    log.error("cannot arm pre-stored reversals: %s", exc)
+                    for s in sends:
+                        self._events.append(ev.AcquirerUnavailable(s.txn_id, s.fields, now, "arming failed"))
+                    sends = []
+            for s in sends:
+                group = self.groups.get(s.acquirer)
+                ok = group is not None and group.send(s.fields, s.txn_id, now, max(1, s.deadline_ms - now))
+                if not ok:
+                    self.metrics.acquirer_unavailable.labels(s.acquirer).inc()
+                    self._events.append(
+                        ev.AcquirerUnavailable(s.txn_id, s.fields, now, "no link up or all links full")
+                    )
+        items, self._saf_items = self._saf_items, []
+        if items:
+            try:
+                self.saf.append_many(
+                    [
+                        (acq, mti, fields, f"{'reversal' if mti == '0400' else 'advice'}:{acq}:{rrn}")
+                        for acq, mti, fields, rrn in items
+                    ],
+                    now,
+                )
+                self.armed.release_many([(acq, rrn) for acq, mti, _, rrn in items if mti == "0400"])
+                self._saf_wake.set()
+            except (StoreForwardError, ValueError) as exc:
+                log.error("store-and-forward append failed for %d items: %s", len(items), exc)
+        releases, self._releases = self._releases, []
+        if releases:
+            self.armed.release_many(releases)
+        posts, self._posts = self._posts, []
+        if posts:
+            self._submit(posts, now)
+        return bool(self._events)
+
+    # --- ledger -------------------------------------------------------------------------------------
+    def _submit(self, posts: list[d.Post], now: int) -> None:
+        t0 = time.perf_counter()
+        entries = 0
+        for post in posts:
+            entries += len(post.drafts)
+            txn_id = post.txn_id
+            n = len(post.drafts)
+            try:
+                self.writer.submit(post.drafts, self._make_on_done(txn_id, n, t0))
+            except Exception as exc:  # LedgerBusy, invalid draft: this txn fails
+                self.metrics.ledger_failures.inc()
+                log.error("ledger refused txn %d: %s", txn_id, exc)
+                self._events.append(ev.LedgerFailed(txn_id, str(exc), now))
+        self.metrics.ledger_batch.observe(entries)
+
+    def _make_on_done(self, txn_id: int, n: int, t0: float) -> Callable[[Any, Any], None]:
+        def on_done(entries: list[Entry] | None, error: BaseException | None) -> None:
+            with self._done_lock:
+                self._done.append((txn_id, n, t0, entries, error))
+                if self._done_scheduled:
+                    return
+                self._done_scheduled = True
+            assert self._token is not None
+            try:
+                self._token.run_sync_soon(self._ledger_done)
+            except trio.RunFinishedError:
+                pass
+
+        return on_done
+
+    def _ledger_done(self) -> None:
+        with self._done_lock:
+            done, self._done = self._done, []
+            self._done_scheduled = False
+        now = self.now_ms()
+        t1 = time.perf_counter()
+        seen_t0: set[float] = set()
+        top = -1
+        for txn_id, _n, t0, entries, error in done:
+            if t0 not in seen_t0:
+                seen_t0.add(t0)
+                self.metrics.ledger_commit_latency.observe(t1 - t0)
+            if error is not None:
+                self.metrics.ledger_failures.inc()
+                conflict = type(error).__name__ == "IdempotencyConflict"
+                self._events.append(ev.LedgerFailed(txn_id, scrub_text(str(error)), now, conflict))
+            else:
+                ents = tuple(entries or ())
+                for e in ents:
+                    top = max(top, e.seq)
+                self._events.append(ev.LedgerCommitted(txn_id, ents, now))
+        if top >= 0:
+            self.metrics.ledger_sequence.set(max(top, self.writer.size - 1))
+        if not self._busy:
+            self._drain()
+
+    # --- store-and-forward --------------------------------------------------------------------------
+    async def saf_sender(self, tick_ms: int, max_items: int) -> None:
+        """Deliver due reversals/advices on up links (0400 first, 0401 repeats) until answered."""
+        while True:
+            now = self.now_ms()
+            self.metrics.saf_depth.set(self.saf.depth())
+            self.metrics.saf_oldest_age.set(self.saf.oldest_age_ms(now) / 1000.0)
+            sent: list[int] = []
+            frames: list[tuple[AcquirerGroup, dict, tuple]] = []
+            for item in self.saf.due(now, max_items):
+                group = self.groups.get(item.acquirer)
+                if group is None or not group.up:
+                    continue
+                fields = dict(item.fields)
+                fields["t"] = item.send_mti
+                frames.append((group, fields, (SAF, item.id, item.acquirer, item.mti, fields.get("37", ""))))
+                sent.append(item.id)
+            if sent:
+                self.saf.mark_sent_many(sent, now)  # before the bytes leave: a crash makes it a repeat
+                for group, fields, ctx in frames:
+                    if group.send(fields, ctx, now, group.config.request_timeout_ms):
+                        self.metrics.saf_sent.labels(group.config.name).inc()
+            with trio.move_on_after(tick_ms / 1000.0):
+                await self._saf_wake.wait()
+            self._saf_wake = trio.Event()
+
+    def _saf_answered(self, link: AcquirerLink, ctx: tuple, fields: dict, now: int) -> None:
+        _, item_id, acquirer, mti, rrn = ctx
+        rc = fields.get("39", "")
+        if self.saf.complete(item_id, now, rc):
+            kind = "reversal" if mti == "0400" else "advice"
+            if kind == "reversal":
+                self.metrics.reversals_completed.labels(acquirer).inc()
+            else:
+                self.metrics.advices_completed.labels(acquirer).inc()
+            self._events.append(ev.StoreForwardCompleted(acquirer, rrn, kind, rc, now))
+
+
+def _bare_answer(fields: dict, code: str) -> dict:
+    """An answer built by the server itself (A0, 30): echo what identifies the request."""
+    mti = fields.get("t", "")
+    out = {"t": f"{mti[0]}{mti[1]}{int(mti[2]) + 1}0" if len(mti) == 4 and mti.isdigit() else mti}
+    for f in ("3", "4", "11", "12", "13", "41", "42", "49"):
+        if f in fields:
+            out[f] = fields[f]
+    out["39"] = code
+    return out
