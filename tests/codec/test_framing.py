@@ -225,3 +225,17 @@ def test_exact_limit_is_accepted() -> None:
     reader = FrameReader("binary2", True, MAX)
     (got,) = reader.feed(frame(b"y" * (MAX - 5), "binary2", b"\x60\x00\x00\x00\x00"))
     assert len(got.payload) == MAX - 5
+
+
+@given(st.sampled_from(KINDS), st.booleans(), st.integers(MAX + 1, 9999), st.integers(1, 4))
+def test_any_over_long_header_raises_as_soon_as_it_is_complete(
+    kind: str, with_tpdu: bool, length: int, first_chunk: int
+) -> None:
+    header = length.to_bytes(2, "big") if kind == "binary2" else b"%04d" % length
+    reader = FrameReader(kind, with_tpdu, MAX)
+    head, rest = header[:first_chunk], header[first_chunk:]
+    if rest:
+        assert reader.feed(head) == []
+    with pytest.raises(FrameTooLongError, match=f"frame length {length} exceeds max_frame_bytes {MAX}"):
+        reader.feed(rest or head)
+    assert reader.failed and reader.buffered_bytes == 0
