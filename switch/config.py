@@ -175,6 +175,27 @@ class AdminConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     token_env: str = "SWITCH_ADMIN_TOKEN"
 
 
+class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The trio server's own state files and timers (switch.server)."""
+
+    #: Pre-stored reversals, armed durably before each acquirer request leaves.
+    armed_path: str = "var/armed.db"
+    #: Durable high-water mark of reserved RRNs (field 37).
+    rrn_path: str = "var/rrn.hwm"
+    #: How often request deadlines are checked (a timeout is answered at most this late).
+    timer_tick_ms: int = 10
+    #: Housekeeping tick of the processor (hold expiries) and of the SAF metrics.
+    housekeeping_interval_ms: int = 1_000
+    #: Longest pause of the store-and-forward sender between looks at its queue.
+    saf_tick_ms: int = 200
+    #: Store-and-forward items sent per look.
+    saf_max_items_per_tick: int = 200
+    #: Start-up: ledger entries younger than this are replayed into the processor (duplicates, voids).
+    recovery_window_ms: int = 86_400_000
+    #: Seconds to wait at shutdown for the ledger writer to commit what is queued.
+    shutdown_timeout_s: float = 30.0
+
+
 class MerchantServicesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Defaults and limits of merchant services (switch.merchant, issue 6). Per-merchant values live in
     each merchant's contract in the registry; these are the defaults a new contract starts from."""
@@ -214,6 +235,7 @@ class SwitchConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     metrics: MetricsConfig = MetricsConfig()
     admin: AdminConfig = AdminConfig()
     merchant_services: MerchantServicesConfig = MerchantServicesConfig()
+    server: ServerConfig = ServerConfig()
 
 
 def load_config(path: str | Path) -> SwitchConfig:
