@@ -65,7 +65,7 @@ class MacError(ValueError):
 
 
 def _want_pure() -> bool:
-    return os.environ.get(PURE_ENV, "") not in ("", "0")
+    return os.environ.get(PURE_ENV, "").strip() not in ("", "0")
 
 
 def _load_fast() -> Any:
