@@ -44,8 +44,9 @@ class Message:
 
     @property
     def mti_class(self) -> str:
-        """Message class, e.g. '02' for financial (01 authorisation, 04 reversal, 08 network...)."""
-        return self.mti[1:3]
+        """Message class: version + class digits, '02' for 0200/0210/0220 (01 authorisation, 04 reversal,
+        05 reconciliation, 08 network). The same spelling routing's matcher keys requests with."""
+        return self.mti[0:2]
 
     @property
     def function(self) -> str:
