@@ -200,10 +200,10 @@ class SwitchCore:
                 code70 = fields.get("70", "")
                 network = mti[1:3] == "08"
                 if not (
-                    network and (code70 in SIGN_ON_CODES or (code70 == ECHO_CODE and "64" not in fields))
+                    network and (code70 in SIGN_ON_CODES or (code70 == ECHO_CODE and not _has_mac(fields)))
                 ):
                     mac_fn = self.keys.mac_fn(tid)
-                    if mac_fn is None or "64" not in fields or not wire.verify(payload, mac_fn):
+                    if mac_fn is None or not _has_mac(fields) or not _verified(wire, payload, mac_fn):
                         self.metrics.mac_failures.labels("terminal").inc()
                         conn.request_started()
                         self._remember(conn, fields, t0)
@@ -249,14 +249,15 @@ class SwitchCore:
             mti, fields.get("3", ""), t0
         )
 
-    def _answer(self, conn: TerminalConnection, fields: dict, *, mac: bool = True) -> None:
-        """Encode, MAC with the terminal's working key, frame and queue one answer."""
+    def _answer(
+        self, conn: TerminalConnection, fields: dict, *, mac: bool = True, mac_fn: Any = None
+    ) -> None:
+        """Encode, MAC with the terminal's working key (when it has one), frame and queue one answer."""
         lcfg = conn.config
         wire = self.wire_for(lcfg.name, lcfg.profile, lcfg.framing, lcfg.tpdu)
         mti = fields.get("t", "")
-        mac_fn = self.keys.mac_fn(fields.get("41") or conn.terminal_id) if mac else None
-        if mti[1:3] == "08":
-            mac_fn = None  # network answers (sign-on carries the new keys; echo) are not MACed
+        if mac and mac_fn is None:
+            mac_fn = self.keys.mac_fn(fields.get("41") or conn.terminal_id)
         try:
             payload = wire.encode(dict(fields), mac_fn)
         except Exception as exc:  # an answer the profile cannot carry: 96 instead
@@ -397,6 +398,8 @@ class SwitchCore:
     def _sign_on(self, dec: d.SignOn) -> None:
         conn = self.conns.get(dec.conn_id)
         reply = dict(dec.reply)
+        # The answer is MACed with the key the terminal holds NOW (none at first sign-on).
+        old_mac = self.keys.mac_fn(dec.terminal_id)
         field62 = self.keys.sign_on(dec.terminal_id)
         if field62 is None:
             reply["39"] = "96"
@@ -407,7 +410,7 @@ class SwitchCore:
         if conn is None or conn.closed:
             self.metrics.inflight.dec()
             return
-        self._answer(conn, reply)
+        self._answer(conn, reply, mac=old_mac is not None, mac_fn=old_mac)
 
     def _flush(self) -> bool:
         """Carry out the batch's I/O. True when it produced events that need another round."""
@@ -548,6 +551,17 @@ class SwitchCore:
             else:
                 self.metrics.advices_completed.labels(acquirer).inc()
             self._events.append(ev.StoreForwardCompleted(acquirer, rrn, kind, rc, now))
+
+
+def _has_mac(fields: dict) -> bool:
+    return "64" in fields or "128" in fields
+
+
+def _verified(wire: Wire, payload: bytes, mac_fn: MacFn) -> bool:
+    try:
+        return wire.verify(payload, mac_fn)
+    except ValueError:  # MacError: the MAC field is not where the profile puts it
+        return False
 
 
 def _bare_answer(fields: dict, code: str) -> dict:

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import trio
 
-from switch.codec.framing import FrameReader, FramingError
+from switch.codec.framing import FrameReader, FrameTooLongError, FramingError
 from switch.config import ListenerConfig
 from switch.server.limits import LimitLog
 from switch.server.metrics import Metrics
@@ -80,7 +80,9 @@ class TerminalConnection:
             self.peer = f"{host}:{port}"
         except OSError:
             self.peer = "?"
-        self.reader = FrameReader(self.config.framing, self.config.tpdu, self.config.max_frame_bytes)
+        self.reader = FrameReader(
+            self.config.framing, self.config.tpdu, self.config.max_frame_bytes, tpdu_id=None
+        )
         self.inflight = 0
         self.terminal_id: str | None = None
         self.tpdu: bytes | None = None
@@ -164,7 +166,7 @@ class TerminalConnection:
                 frames = self.reader.feed(data)
             except FramingError as exc:
                 lst.metrics.framing_errors.labels("terminal").inc()
-                if "max_frame_bytes" in str(exc) or "too long" in str(exc) or "exceeds" in str(exc):
+                if isinstance(exc, FrameTooLongError):
                     lst.frame_limit.hit(f"{self.peer}: {exc}; closing")
                 else:
                     log.warning("%s %s: bad frame: %s; closing", cfg.name, self.peer, exc)

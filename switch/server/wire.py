@@ -34,7 +34,7 @@ def retail_mac_fn(key16: bytes) -> MacFn:
 class Wire:
     """Encode/decode/sign/verify/frame for one profile and framing."""
 
-    __slots__ = ("framing", "mac_field", "profile", "spec", "tpdu")
+    __slots__ = ("framing", "profile", "spec", "tpdu")
 
     def __init__(self, profile: str, framing_kind: str, tpdu: bool = False) -> None:
         try:
@@ -44,10 +44,10 @@ class Wire:
         self.profile = profile
         self.framing = framing_kind
         self.tpdu = tpdu
-        self.mac_field = "64"
 
     def reader(self, max_frame_bytes: int) -> framing.FrameReader:
-        return framing.FrameReader(self.framing, self.tpdu, max_frame_bytes)
+        # Any TPDU id is accepted: terminals in the field do not all send 0x60.
+        return framing.FrameReader(self.framing, self.tpdu, max_frame_bytes, tpdu_id=None)
 
     def decode(self, payload: bytes) -> dict[str, Any]:
         """Fields of a payload; raises WireError (with the MTI when readable) on a format error."""
@@ -71,11 +71,14 @@ class Wire:
 
     def encode(self, fields: dict[str, Any], mac_fn: MacFn | None = None) -> bytes:
         """Encode; with `mac_fn`, field 64 is added and filled with the MAC over the MACed bytes."""
+        fields.pop("64", None)
+        fields.pop("128", None)
         if mac_fn is not None:
-            fields[self.mac_field] = self._mac_placeholder()
+            # The MAC is the last field: 64, or 128 when the message has fields above 64.
+            mac_field = "128" if any(len(k) > 1 and k.isdigit() and int(k) > 64 for k in fields) else "64"
+            fields[mac_field] = self._mac_placeholder(mac_field)
             raw, _ = codec.encode(fields, self.spec)
             return bytes(mac.sign_message(raw, self.spec, mac_fn))
-        fields.pop(self.mac_field, None)
         raw, _ = codec.encode(fields, self.spec)
         return bytes(raw)
 
@@ -87,6 +90,6 @@ class Wire:
             return bytes(framing.frame(payload, self.framing, framing.swap_tpdu(tpdu)))
         return bytes(framing.frame(payload, self.framing))
 
-    def _mac_placeholder(self) -> str:
-        spec64 = self.spec[self.mac_field]
-        return "00" * 8 if spec64.get("data_enc") == "b" else "0" * 16
+    def _mac_placeholder(self, field: str) -> str:
+        spec = self.spec[field]
+        return "00" * 8 if spec.get("data_enc") == "b" else "0" * 16
