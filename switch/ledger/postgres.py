@@ -26,10 +26,11 @@ import psycopg
 from psycopg import sql
 
 from switch.ledger.backend import (
+    BALANCE_COLUMNS,
+    COPY_TYPES,
     ENTRY_COLUMNS,
     NODE_COLUMNS,
     POSTGRES,
-    POSTING_COLUMNS,
     BatchRows,
     LedgerStorageError,
     SqlBackend,
@@ -43,30 +44,11 @@ ADVISORY_LOCK_KEY = 0x1ED6E5
 #: synchronous_commit values that mean "durable on this server before COMMIT returns" (or stronger).
 DURABLE_COMMIT_LEVELS = frozenset({"on", "local", "remote_write", "remote_apply"})
 
-#: Binary COPY types per table, in the *_COLUMNS order of switch.ledger.backend.
-_COPY_TYPES: dict[str, tuple[tuple[str, ...], list[str]]] = {
-    "entries": (
-        ENTRY_COLUMNS,
-        [
-            "int8",
-            "text",
-            "text",
-            "text",
-            "text",
-            "int8",
-            "text",
-            "text",
-            "text",
-            "text",
-            "text",
-            "int8",
-            "text",
-            "bytea",
-            "bytea",
-        ],
-    ),
-    "postings": (POSTING_COLUMNS, ["int8", "int4", "text", "text", "int8", "text"]),
-    "merkle_nodes": (NODE_COLUMNS, ["int4", "int8", "bytea"]),
+#: Columns of the tables written by binary COPY (types: backend.COPY_TYPES, same order).
+_COPY_COLUMNS: dict[str, tuple[str, ...]] = {
+    "entries": ENTRY_COLUMNS,
+    "merkle_nodes": NODE_COLUMNS,
+    "balance_history": BALANCE_COLUMNS,
 }
 
 
@@ -93,7 +75,7 @@ class PostgresBackend(SqlBackend):
             table: sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
                 sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, columns))
             )
-            for table, (columns, _types) in _COPY_TYPES.items()
+            for table, columns in _COPY_COLUMNS.items()
         }
         if create:
             self.create_schema()
@@ -158,12 +140,12 @@ class PostgresBackend(SqlBackend):
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK_KEY,))
 
     def _insert_many(self, cur: Any, table: str, sql_text: str, rows: list[tuple[Any, ...]]) -> None:
-        if table not in _COPY_TYPES:
+        copy_sql = self._copy_sql.get(table)
+        if copy_sql is None:
             cur.executemany(sql_text, rows)
             return
-        _columns, types = _COPY_TYPES[table]
-        with cur.copy(self._copy_sql[table]) as copy:
-            copy.set_types(types)
+        with cur.copy(copy_sql) as copy:
+            copy.set_types(list(COPY_TYPES[table]))
             for row in rows:
                 copy.write_row(row)
 
