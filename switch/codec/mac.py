@@ -289,6 +289,9 @@ def verify_mac(expected: bytes, computed: bytes) -> bool:
 
 # ---- which bytes of an encoded message are MACed ----
 
+#: Specs whose MAC layout is remembered (specs are module constants; more means a spec per message).
+LAYOUT_CACHE_ENTRIES = 64
+
 
 class MacLayout(msgspec.Struct, frozen=True):
     """Where the MACed bytes and the MAC field sit in messages of one spec (see module docstring)."""
@@ -301,10 +304,12 @@ class MacLayout(msgspec.Struct, frozen=True):
     bitmap_bytes: int
     #: True when bitmaps are hex text rather than raw bytes.
     bitmap_hex: bool
-    #: Wire size of the MAC field value, per field ("64", "128"); absent when the spec lacks it.
-    mac_wire_bytes: dict[str, int]
-    #: True per field when the MAC is carried as hex text rather than raw bytes.
-    mac_hex: dict[str, bool]
+    #: Wire size of the MAC value in field 64 / field 128 (0 when the spec lacks the field).
+    mac64_bytes: int
+    mac128_bytes: int
+    #: True when field 64 / field 128 carries the MAC as hex text rather than raw bytes.
+    mac64_hex: bool
+    mac128_hex: bool
 
 
 def _fixed_wire_bytes(spec: Mapping[str, Any], field: str) -> int:
@@ -320,91 +325,118 @@ def _fixed_wire_bytes(spec: Mapping[str, Any], field: str) -> int:
     return max_len
 
 
-def mac_layout(spec: Mapping[str, Any]) -> MacLayout:
-    """Read the MAC layout of a pyiso8583 spec once (sign_message/verify_message also accept it)."""
+def _mac_field(spec: Mapping[str, Any], field: str) -> tuple[int, bool]:
+    if field not in spec:
+        return 0, False
+    size = _fixed_wire_bytes(spec, field)
+    is_hex = spec[field].get("data_enc") != "b"
+    mac_bytes = size // 2 if is_hex else size
+    if mac_bytes < 1 or mac_bytes > MAX_DES_MAC_BYTES or (is_hex and size % 2):
+        raise MacError(f"MAC field {field} must carry 1-8 bytes (or 2-16 hex characters), spec says {size}")
+    return size, is_hex
+
+
+def _build_layout(spec: Mapping[str, Any]) -> MacLayout:
     header_bytes = _fixed_wire_bytes(spec, "h") if "h" in spec else 0
     mti_bytes = _fixed_wire_bytes(spec, "t")
     bitmap_bytes = _fixed_wire_bytes(spec, "p")
     bitmap_hex = spec["p"].get("data_enc") != "b"
     if bitmap_bytes != (16 if bitmap_hex else 8):
         raise MacError(f"primary bitmap must be 8 bytes or 16 hex characters, spec says {bitmap_bytes}")
-    wire: dict[str, int] = {}
-    hexed: dict[str, bool] = {}
-    for field in ("64", "128"):
-        if field not in spec:
-            continue
-        size = _fixed_wire_bytes(spec, field)
-        is_hex = spec[field].get("data_enc") != "b"
-        mac_bytes = size // 2 if is_hex else size
-        if mac_bytes < 1 or mac_bytes > MAX_DES_MAC_BYTES or (is_hex and size % 2):
-            raise MacError(f"MAC field {field} must carry 1-8 bytes (or 2-16 hex characters), "
-                           f"spec says {size}")
-        wire[field] = size
-        hexed[field] = is_hex
-    if not wire:
+    mac64_bytes, mac64_hex = _mac_field(spec, "64")
+    mac128_bytes, mac128_hex = _mac_field(spec, "128")
+    if not mac64_bytes and not mac128_bytes:
         raise MacError("spec has neither field 64 nor field 128")
-    return MacLayout(header_bytes, mti_bytes, bitmap_bytes, bitmap_hex, wire, hexed)
+    return MacLayout(
+        header_bytes, mti_bytes, bitmap_bytes, bitmap_hex, mac64_bytes, mac128_bytes, mac64_hex, mac128_hex
+    )
+
+
+#: id(spec) -> (spec, layout); the spec is kept so its id cannot be reused while cached.
+_layouts: dict[int, tuple[Mapping[str, Any], MacLayout]] = {}
+
+
+def mac_layout(spec: Mapping[str, Any]) -> MacLayout:
+    """The MAC layout of a pyiso8583 spec, read once per spec object (specs are not mutated after use,
+    as switch.codec also assumes). sign_message and verify_message accept a spec or a layout."""
+    cached = _layouts.get(id(spec))
+    if cached is not None and cached[0] is spec:
+        return cached[1]
+    layout = _build_layout(spec)
+    if len(_layouts) >= LAYOUT_CACHE_ENTRIES:
+        _layouts.pop(next(iter(_layouts)))
+    _layouts[id(spec)] = (spec, layout)
+    return layout
 
 
 def _bitmap(raw: bytes | bytearray, offset: int, layout: MacLayout) -> int:
-    chunk = bytes(raw[offset : offset + layout.bitmap_bytes])
+    chunk = raw[offset : offset + layout.bitmap_bytes]
     if len(chunk) < layout.bitmap_bytes:
         raise MacError(f"message too short for its bitmap at offset {offset}")
     if not layout.bitmap_hex:
         return int.from_bytes(chunk, "big")
     try:
-        return int(chunk.decode("ascii"), 16)
+        return int(bytes(chunk).decode("ascii"), 16)
     except (UnicodeDecodeError, ValueError):
         raise MacError(f"bitmap at offset {offset} is not hex") from None
 
 
-def _locate(raw: bytes | bytearray, layout: MacLayout) -> tuple[int, int, str]:
-    """(start, end, field): MACed bytes are raw[start:end]; the MAC field value is raw[end:]."""
+def _last_field(bits: int, width: int) -> int:
+    """Highest field number present in a bitmap of `width` fields (field 1 = most significant bit)."""
+    return width - (bits & -bits).bit_length() + 1 if bits else 0
+
+
+def _locate(raw: bytes | bytearray, layout: MacLayout) -> tuple[int, int, int, bool]:
+    """(start, end, size, is_hex): the MACed bytes are raw[start:end]; the MAC value is raw[end:]."""
     start = layout.header_bytes
-    primary = _bitmap(raw, start + layout.mti_bytes, layout)
+    offset = start + layout.mti_bytes
+    primary = _bitmap(raw, offset, layout)
     if primary >> 63:
-        secondary = _bitmap(raw, start + layout.mti_bytes + layout.bitmap_bytes, layout)
-        present = (primary << 64) | secondary  # bit 1 of the message = most significant of 128
-        last_field = 128 - (present & -present).bit_length() + 1 if present else 0
+        secondary = _bitmap(raw, offset + layout.bitmap_bytes, layout)
+        offset += 2 * layout.bitmap_bytes
+        if not secondary & 1:  # field 128 absent: find the real last field for the error
+            last = _last_field((primary << 64) | secondary, 128)
+            raise MacError(f"the last field of the message is {last}; the MAC must be field 64 or 128")
+        size, is_hex, field = layout.mac128_bytes, layout.mac128_hex, 128
     else:
-        last_field = 64 - (primary & -primary).bit_length() + 1 if primary else 0
-    field = str(last_field)
-    if field not in ("64", "128"):
-        raise MacError(f"the last field of the message is {last_field}; the MAC must be field 64 or 128")
-    size = layout.mac_wire_bytes.get(field)
-    if size is None:
+        offset += layout.bitmap_bytes
+        if not primary & 1:
+            last = _last_field(primary, 64)
+            raise MacError(f"the last field of the message is {last}; the MAC must be field 64 or 128")
+        size, is_hex, field = layout.mac64_bytes, layout.mac64_hex, 64
+    if not size:
         raise MacError(f"spec has no MAC field {field}")
     end = len(raw) - size
-    if end < start + layout.mti_bytes + layout.bitmap_bytes:
+    if end < offset:
         raise MacError(f"message of {len(raw)} bytes too short for MAC field {field}")
-    return start, end, field
+    return start, end, size, is_hex
 
 
 def _as_layout(spec: Mapping[str, Any] | MacLayout) -> MacLayout:
-    return spec if isinstance(spec, MacLayout) else mac_layout(spec)
+    return spec if type(spec) is MacLayout else mac_layout(spec)  # type: ignore[arg-type]
 
 
 def mac_input(raw: bytes | bytearray, spec: Mapping[str, Any] | MacLayout) -> bytes:
     """The bytes of an encoded message that its MAC covers."""
-    start, end, _ = _locate(raw, _as_layout(spec))
+    start, end, _, _ = _locate(raw, _as_layout(spec))
     return bytes(raw[start:end])
 
 
 def _wire_mac(mac: bytes, size: int, is_hex: bool) -> bytes:
-    if len(mac) < (size // 2 if is_hex else size):
-        raise ValueError(f"mac_fn returned {len(mac)} bytes; the MAC field needs {size}"
-                         f"{' hex characters' if is_hex else ' bytes'}")
     if is_hex:
+        if len(mac) < size // 2:
+            raise ValueError(f"mac_fn returned {len(mac)} bytes; the MAC field needs {size} hex characters")
         return mac[: size // 2].hex().upper().encode("ascii")
+    if len(mac) < size:
+        raise ValueError(f"mac_fn returned {len(mac)} bytes; the MAC field needs {size} bytes")
     return mac[:size]
 
 
 def sign_message(raw: bytes | bytearray, spec: Mapping[str, Any] | MacLayout, mac_fn: MacFn) -> bytes:
     """`raw` (encoded with a placeholder in its MAC field, the last field) with the real MAC written in."""
-    layout = _as_layout(spec)
-    start, end, field = _locate(raw, layout)
+    start, end, size, is_hex = _locate(raw, _as_layout(spec))
     value = mac_fn(bytes(raw[start:end]))
-    return bytes(raw[:end]) + _wire_mac(value, layout.mac_wire_bytes[field], layout.mac_hex[field])
+    return bytes(raw[:end]) + _wire_mac(value, size, is_hex)
 
 
 def verify_message(raw: bytes | bytearray, spec: Mapping[str, Any] | MacLayout, mac_fn: MacFn) -> bool:
@@ -413,9 +445,7 @@ def verify_message(raw: bytes | bytearray, spec: Mapping[str, Any] | MacLayout, 
     A message whose MAC field cannot be located raises MacError (a format error); a MAC field that is
     present but wrong, non-hex text included, is simply False. Hex MACs compare case-insensitively.
     """
-    layout = _as_layout(spec)
-    start, end, field = _locate(raw, layout)
-    is_hex = layout.mac_hex[field]
-    expected = _wire_mac(mac_fn(bytes(raw[start:end])), layout.mac_wire_bytes[field], is_hex)
+    start, end, size, is_hex = _locate(raw, _as_layout(spec))
+    expected = _wire_mac(mac_fn(bytes(raw[start:end])), size, is_hex)
     received = bytes(raw[end:])
     return hmac.compare_digest(expected, received.upper() if is_hex else received)

@@ -198,3 +198,16 @@ def test_any_signed_message_verifies_and_any_flipped_bit_fails(
     except mac.MacError:
         return  # the flip hit the bitmap and moved the last field: a format error, also rejected
     assert not ok
+
+
+def test_packed_profile_with_bcd_mti() -> None:
+    """Packed terminals send a 2-byte BCD MTI; the MAC still starts at the MTI's first byte."""
+    spec = copy.deepcopy(default)
+    spec["t"].update({"data_enc": "b", "max_len": 2})
+    fields = {"t": "0200", "3": "000000", "11": "000123", "64": "00" * 8}
+    raw, _ = iso8583.encode(fields, spec)
+    assert raw[:2] == b"\x02\x00"
+    signed = mac.sign_message(bytes(raw), spec, MAC_FN)
+    assert signed[-8:] == ref.retail_mac(KEY, bytes(raw[:-8]))
+    assert mac.mac_layout(spec).mti_bytes == 2
+    assert mac.verify_message(signed, spec, MAC_FN)
