@@ -82,6 +82,7 @@ class Switch:
         self.rrns = RrnStore(config.server.rrn_path)
         self.router = BinTable.from_config(config.routing)
         self.processor = make_processor(config, self.router, pan_key)
+        self.metrics.export_processor_counters(self.processor.counters)
         self.core = SwitchCore(
             config,
             self.processor,

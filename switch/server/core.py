@@ -198,7 +198,7 @@ class SwitchCore:
                 if tid:
                     conn.terminal_id = tid
                 code70 = fields.get("70", "")
-                network = mti[1:3] == "08"
+                network = mti[1] == "8"
                 if not (
                     network and (code70 in SIGN_ON_CODES or (code70 == ECHO_CODE and not _has_mac(fields)))
                 ):
@@ -239,15 +239,13 @@ class SwitchCore:
         conn.request_started()
         self.metrics.inflight.inc()
         fields = {"t": mti}
-        self._requests[(conn.conn_id, mti[1:3], "")] = _Request(mti, "", time.perf_counter())
+        self._requests[(conn.conn_id, mti[:2], "")] = _Request(mti, "", time.perf_counter())
         self._answer(conn, _bare_answer(fields, "30"), mac=True)
 
     def _remember(self, conn: TerminalConnection, fields: dict, t0: float) -> None:
         mti = fields["t"]
         self.metrics.inflight.inc()
-        self._requests[(conn.conn_id, mti[1:3], fields.get("11", ""))] = _Request(
-            mti, fields.get("3", ""), t0
-        )
+        self._requests[(conn.conn_id, mti[:2], fields.get("11", ""))] = _Request(mti, fields.get("3", ""), t0)
 
     def _answer(
         self, conn: TerminalConnection, fields: dict, *, mac: bool = True, mac_fn: Any = None
@@ -265,10 +263,10 @@ class SwitchCore:
             base = {k: fields[k] for k in ("t", "11", "41", "42") if k in fields}
             base["39"] = "96"
             payload = wire.encode(base, mac_fn)
-        key = (conn.conn_id, mti[1:3], fields.get("11", ""))
+        key = (conn.conn_id, mti[:2], fields.get("11", ""))
         req = self._requests.pop(key, None)
         if req is None and fields.get("39") == "30":
-            req = self._requests.pop((conn.conn_id, mti[1:3], ""), None)
+            req = self._requests.pop((conn.conn_id, mti[:2], ""), None)
         conn.send(wire.frame(payload, conn.tpdu))
         self.metrics.inflight.dec()
         if req is not None:
@@ -341,7 +339,7 @@ class SwitchCore:
                 if conn is None or conn.closed:
                     self.metrics.inflight.dec()
                     self._requests.pop(
-                        (dec.conn_id, dec.fields.get("t", "")[1:3], dec.fields.get("11", "")), None
+                        (dec.conn_id, dec.fields.get("t", "")[:2], dec.fields.get("11", "")), None
                     )
                     continue
                 self._answer(conn, dec.fields)
@@ -389,8 +387,6 @@ class SwitchCore:
 
     def _log(self, dec: d.Log) -> None:
         event = dec.event
-        if event.startswith("duplicate"):
-            self.metrics.duplicates.labels("replayed" if "replay" in event else "rejected").inc()
         level = getattr(logging, dec.level.upper(), logging.INFO)
         if log.isEnabledFor(level):
             log.log(level, "%s: %s", event, dec.text)

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 log = logging.getLogger(__name__)
@@ -143,12 +144,6 @@ class Metrics:
             "Age of the oldest item waiting in store-and-forward",
             registry=r,
         )
-        self.duplicates = Counter(
-            "switch_duplicates_total",
-            "Duplicate terminal requests: replayed (repeat of a known key) or rejected (94)",
-            ["outcome"],
-            registry=r,
-        )
         self.mac_failures = Counter(
             "switch_mac_failures_total", "Messages whose MAC did not verify", ["side"], registry=r
         )
@@ -204,8 +199,36 @@ class Metrics:
             self.link_state.labels(acquirer, state).set(counts.get(state, 0))
         self.acquirer_up.labels(acquirer).set(1 if counts.get("up", 0) else 0)
 
+    def export_processor_counters(self, counters: Mapping[str, int]) -> None:
+        """Serve the processing core's own counters (duplicates...) as Prometheus counters."""
+        self.registry.register(_ProcessorCollector(counters))
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ProcessorCollector:
+    """`switch_duplicates_total{outcome}` and `switch_processing_internal_errors_total`, read from the
+    processor's Counter at scrape time (no per-transaction cost)."""
+
+    def __init__(self, counters: Mapping[str, int]) -> None:
+        self._counters = counters
+
+    def collect(self) -> Any:
+        c = self._counters
+        dup = CounterMetricFamily(
+            "switch_duplicates",
+            "Duplicate terminal requests: replayed (repeat of a known key) or rejected (94)",
+            labels=["outcome"],
+        )
+        dup.add_metric(["replayed"], c.get("repeats_replayed", 0))
+        dup.add_metric(["rejected"], c.get("duplicates", 0) + c.get("duplicates_found_by_ledger", 0))
+        yield dup
+        yield CounterMetricFamily(
+            "switch_processing_internal_errors",
+            "Events the processing core contained after an internal error (each cost one 96)",
+            value=c.get("internal_errors", 0),
+        )
 
 
 #: Limits of the metrics HTTP endpoint: a scrape request is tiny; anything bigger is refused.
