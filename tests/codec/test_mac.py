@@ -235,3 +235,18 @@ def test_tampered_data_or_mac_fails_verify(key: bytes, data: bytes, draw: st.Dat
     bad_tag = bytearray(tag)
     bad_tag[j] ^= 1 << bit
     assert not mac.verify_mac(bytes(bad_tag), mac.retail_mac(key, data))
+
+
+def test_pure_switch_forces_the_fallback_in_a_fresh_process() -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from switch.codec import mac\n"
+        "key = bytes.fromhex('0123456789ABCDEFFEDCBA9876543210')\n"
+        "print(mac.FAST_PATH, mac.retail_mac(key, b'Now is the time for all ').hex().upper())\n"
+    )
+    env = {**os.environ, mac.PURE_ENV: "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "A1C72E74EA3FA9B6"]
