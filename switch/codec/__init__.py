@@ -1,11 +1,193 @@
-"""ISO 8583 codec: specs, encode/decode, framing, MAC and masking. Pure: no I/O.
+"""ISO 8583 codec: specs, encode/decode (fast and reference), framing, MAC and masking. Pure: no I/O.
 
-`decode(data, spec)` and `encode(fields, spec)` have pyiso8583's signatures and results.
-PLACEHOLDER: until the Cython fast path lands these delegate to pyiso8583 directly.
+`decode(data, spec)` and `encode(fields, spec)` have pyiso8583's signatures and results: the same
+bytes, the same two dicts (encode also fills in "p"/"1" of the dict it is given), and for bad input the
+same exception: `DecodeError`/`EncodeError` here are subclasses of pyiso8583's with the same `msg`,
+`field`, `pos` and partial dicts; other exceptions pyiso8583 lets escape (TypeError for a non-bytes
+input, KeyError for a field the spec lacks) escape unchanged.
+
+Two paths:
+- fast (`FAST_PATH` true): the Cython extension `switch._speedups.codec` runs a plan compiled once per
+  spec object (switch.codec.plan). It returns only for input it is certain about; anything malformed or
+  outside what the plan covers is handed to the reference path, so errors are produced by pyiso8583.
+- reference: pyiso8583 itself. Used when the extension is missing, when SWITCH_CODEC_PURE=1 is set in
+  the environment at import, or after `use_fast_path(False)`.
+
+Error messages are passed through `masking.scrub_text`: pyiso8583 quotes offending dict *keys* in two
+encode errors, and a numeric key can be a PAN pasted in the wrong place. The exception attributes
+`s`, `doc_dec` and `doc_enc` still hold the raw message (a caller answering a format error needs its
+MTI, STAN and terminal id); mask them with `masking.mask_fields` before they go near a log line.
 """
 
-from iso8583 import DecodeError, EncodeError
-from iso8583 import decode as decode
-from iso8583 import encode as encode
+from __future__ import annotations
 
-__all__ = ["DecodeError", "EncodeError", "decode", "encode"]
+import logging
+import os
+from collections.abc import Mapping, MutableMapping
+from typing import Any, Final
+
+import iso8583
+
+from switch.codec.masking import scrub_text
+from switch.codec.plan import SpecPlan, compile_spec
+from switch.codec.specs import SPECS, get_spec
+
+__all__ = [
+    "FAST_PATH",
+    "SPECS",
+    "DecodeError",
+    "EncodeError",
+    "configure",
+    "decode",
+    "encode",
+    "forget_spec",
+    "get_spec",
+    "uncovered",
+    "use_fast_path",
+]
+
+log = logging.getLogger(__name__)
+
+#: Plans kept at once (one per spec object in use; a switch has a handful). Oldest is dropped first.
+DEFAULT_MAX_CACHED_PLANS: Final = 64
+#: Distinct "fast path does not cover" warnings remembered, so each is logged once.
+MAX_WARNED_SPECS: Final = 1024
+
+DecodedDict = dict[str, str]
+EncodedDict = dict[str, dict[str, bytes]]
+
+
+class DecodeError(iso8583.DecodeError):
+    """pyiso8583's DecodeError; the message is scrubbed of card numbers (attributes are not)."""
+
+
+class EncodeError(iso8583.EncodeError):
+    """pyiso8583's EncodeError; the message is scrubbed of card numbers (attributes are not)."""
+
+
+def _scrubbed(exc: Exception) -> Exception | None:
+    """A copy of an exception whose text quoted card data, or None if its text is clean."""
+    text = str(exc)
+    clean = scrub_text(text)
+    if clean == text:
+        return None
+    try:
+        return type(exc)(clean)
+    except Exception:
+        return ValueError(clean)
+
+
+def _reference_decode(s: Any, spec: Mapping[str, Any]) -> tuple[DecodedDict, EncodedDict]:
+    """pyiso8583.decode with its errors re-raised as ours (outside the except block: no __context__)."""
+    error: Exception | None = None
+    try:
+        return iso8583.decode(s, spec)
+    except iso8583.DecodeError as e:
+        error = DecodeError(scrub_text(e.msg), e.s, e.doc_dec, e.doc_enc, e.pos, e.field)
+    except Exception as e:
+        error = _scrubbed(e)
+        if error is None:
+            raise
+    raise error
+
+
+def _reference_encode(doc_dec: Any, spec: Mapping[str, Any]) -> tuple[bytearray, EncodedDict]:
+    """pyiso8583.encode with its errors re-raised as ours."""
+    error: Exception | None = None
+    try:
+        return iso8583.encode(doc_dec, spec)
+    except iso8583.EncodeError as e:
+        error = EncodeError(scrub_text(e.msg), e.doc_dec, e.doc_enc, e.field)
+    except Exception as e:
+        error = _scrubbed(e)
+        if error is None:
+            raise
+    raise error
+
+
+_warned: set[tuple[str, tuple[str, ...]]] = set()
+
+
+def _spec_name(spec: Any) -> str:
+    for name, known in SPECS.items():
+        if known is spec:
+            return name
+    return f"<spec at {id(spec):#x}>"
+
+
+def _compile_plan(spec: Mapping[str, Any]) -> Any:
+    """Called by the extension on a spec it has not seen: compile, warn once about uncovered parts."""
+    plan: SpecPlan = compile_spec(spec)
+    if plan.uncovered:
+        key = (_spec_name(spec), plan.uncovered)
+        if key not in _warned and len(_warned) < MAX_WARNED_SPECS:
+            _warned.add(key)
+            log.warning(
+                "codec fast path does not cover %s of spec %s; messages using them go through pyiso8583",
+                "; ".join(plan.uncovered),
+                key[0],
+            )
+    return _fast.Plan(plan)
+
+
+_fast: Any
+try:
+    from switch._speedups import codec as _fast
+except ImportError as exc:  # a failed build must slow the switch down, not stop it
+    _fast = None
+    log.warning("codec extension unavailable (%s); using pyiso8583 for every message", exc)
+
+#: SWITCH_CODEC_PURE=1 (read once, at import) forces pyiso8583 everywhere.
+PURE_REQUESTED: Final = os.environ.get("SWITCH_CODEC_PURE", "").strip() not in ("", "0")
+
+#: True while the Cython path is active. Read it as `switch.codec.FAST_PATH` (it changes with
+#: use_fast_path), not via `from switch.codec import FAST_PATH`.
+FAST_PATH: bool = False
+
+if _fast is not None:
+    _fast.configure(_reference_decode, _reference_encode, _compile_plan, DEFAULT_MAX_CACHED_PLANS)
+    _fast.set_enabled(not PURE_REQUESTED)
+    FAST_PATH = not PURE_REQUESTED
+    decode = _fast.decode
+    encode = _fast.encode
+else:
+    decode = _reference_decode
+    encode = _reference_encode
+
+
+def use_fast_path(enabled: bool) -> bool:
+    """Switch between the Cython and the reference path at run time; returns the previous state.
+
+    Asking for the fast path without the extension raises, so a test can never think it covered it.
+    """
+    global FAST_PATH
+    previous = FAST_PATH
+    if enabled and _fast is None:
+        raise RuntimeError("the codec extension switch._speedups.codec is not built")
+    if _fast is not None:
+        _fast.set_enabled(enabled)
+    FAST_PATH = enabled
+    return previous
+
+
+def configure(*, max_cached_plans: int = DEFAULT_MAX_CACHED_PLANS) -> None:
+    """Set the codec's limits (from the switch config at start-up)."""
+    if _fast is not None:
+        _fast.configure(_reference_decode, _reference_encode, _compile_plan, max_cached_plans)
+        _fast.set_enabled(FAST_PATH)
+
+
+def forget_spec(spec: Mapping[str, Any] | None = None) -> None:
+    """Drop the compiled plan of a spec you edited in place (or of all specs)."""
+    if _fast is not None:
+        _fast.forget(spec)
+
+
+def uncovered(spec: Mapping[str, Any]) -> tuple[str, ...]:
+    """The spec entries the fast path leaves to pyiso8583, as "field: reason" (empty: all covered)."""
+    return compile_spec(spec).uncovered
+
+
+def encode_copy(fields: MutableMapping[str, str], spec: Mapping[str, Any]) -> tuple[bytearray, EncodedDict]:
+    """encode() without touching the caller's dict (pyiso8583's encode writes "p"/"1" into it)."""
+    return encode(dict(fields), spec)
