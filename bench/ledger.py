@@ -1,0 +1,219 @@
+"""Durable ledger throughput: entries/s through the real group-commit writer, per backend and batch window.
+
+What is measured: purchase entries (two postings, masked PAN, PAN hash, RRN) submitted one outcome at a
+time, as the switch does, with up to `--inflight` outcomes waiting for durability (terminals waiting for
+their answer); throughput = entries / (first submit .. last durable callback); commit latency = submit ..
+durable callback, per entry; `storage_entries_per_s` = entries / time spent inside the backend's
+`write_batch` (the commit and its fsync included), i.e. what the backend alone would sustain. The
+Merkle work (leaf hashes, stored nodes, per-batch tree heads, signed checkpoints) is on. After each
+run `verify_ledger` recomputes everything; `verified` is its verdict.
+
+Backends: a throwaway PostgreSQL cluster started here (tests/pgcluster.py; fsync on, default commit) and
+a temp SQLite file (WAL, synchronous=FULL). Output: a table, the interpreter, then one JSON line per run;
+the LAST line is the default SQLite configuration.
+
+    .venv/bin/python bench/ledger.py            # all runs
+    .venv/bin/python bench/ledger.py --quick    # fewer entries
+    .venv/bin/python bench/ledger.py --no-postgres
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+
+from switch.config import LedgerConfig  # noqa: E402
+from switch.ledger.backend import BatchRows, LedgerBackend  # noqa: E402
+from switch.ledger.model import Entry, EntryDraft, EntryKind, Posting, Side, accounts  # noqa: E402
+from switch.ledger.postgres import PostgresBackend  # noqa: E402
+from switch.ledger.sqlite import SqliteBackend  # noqa: E402
+from switch.ledger.verify import verify_ledger  # noqa: E402
+from switch.ledger.writer import LedgerWriter  # noqa: E402
+
+#: Batch windows tried besides the default one (ms).
+WINDOWS_MS = (0.5, 5.0)
+MERCHANTS = 200
+ACQUIRERS = 4
+
+
+def interpreter() -> str:
+    opt = "--enable-optimizations" in (sysconfig.get_config_var("CONFIG_ARGS") or "")
+    return (
+        f"{sys.executable} (CPython {platform.python_version()}, "
+        f"{'PGO/LTO build' if opt else 'no --enable-optimizations'})"
+    )
+
+
+def make_drafts(n: int, prefix: str) -> list[EntryDraft]:
+    """n distinct purchases spread over merchants and acquirers (built before the clock starts)."""
+    drafts = []
+    base_ms = 1_760_000_000_000
+    for i in range(n):
+        m = f"M{i % MERCHANTS:05d}"
+        amount = 100 + (i * 7919) % 100_000
+        drafts.append(
+            EntryDraft(
+                idempotency_key=f"{prefix}-{i}",
+                kind=EntryKind.PURCHASE,
+                rrn=f"{i:012d}",
+                at_ms=base_ms + i,
+                merchant_id=m,
+                terminal_id=f"T{i % 5000:07d}",
+                pan_masked="411111******1111",
+                pan_hash=f"{i:064x}",
+                amount_minor=amount,
+                currency="978",
+                postings=(
+                    Posting(accounts.acquirer_clearing(f"A{i % ACQUIRERS}"), Side.DEBIT, amount, "978"),
+                    Posting(accounts.merchant_payable(m), Side.CREDIT, amount, "978"),
+                ),
+            )
+        )
+    return drafts
+
+
+def run(
+    open_backend: Callable[[], LedgerBackend], *, n: int, window_ms: float, max_batch: int, inflight: int
+) -> dict[str, object]:
+    """Post n entries through a fresh writer; return throughput, latency percentiles and verify's verdict."""
+    key = Ed25519PrivateKey.generate()
+    cfg = LedgerConfig(batch_window_ms=window_ms, max_batch_entries=max_batch)
+    drafts = make_drafts(n, f"b{time.time_ns()}")
+    latencies_ns = [0] * n
+    slots = threading.BoundedSemaphore(inflight)
+    all_done = threading.Event()
+    failures: list[BaseException] = []
+    remaining = [n]
+    lock = threading.Lock()
+    perf = time.perf_counter_ns
+
+    backend = open_backend()
+    batch_write_ns: list[int] = []
+    write_batch = backend.write_batch
+
+    def timed_write_batch(rows: BatchRows) -> None:
+        t0 = perf()
+        write_batch(rows)
+        batch_write_ns.append(perf() - t0)
+
+    backend.write_batch = timed_write_batch  # type: ignore[method-assign]  # storage share of the time
+    writer = LedgerWriter(backend, signing_key=key, config=cfg)
+
+    def submit(i: int) -> None:
+        t0 = perf()
+
+        def on_done(entries: list[Entry] | None, error: BaseException | None) -> None:
+            latencies_ns[i] = perf() - t0
+            slots.release()
+            if error is not None:
+                failures.append(error)
+            with lock:
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    all_done.set()
+
+        writer.submit([drafts[i]], on_done)
+
+    start = perf()
+    for i in range(n):
+        slots.acquire()
+        submit(i)
+    if not all_done.wait(300):
+        raise RuntimeError("ledger bench: the writer did not finish within 300 s")
+    elapsed_s = (perf() - start) / 1e9
+    size = writer.size
+    writer.close()
+    if failures:
+        raise RuntimeError(f"ledger bench: {len(failures)} submissions failed, first: {failures[0]!r}")
+
+    reader = open_backend()
+    t0 = perf()
+    report = verify_ledger(reader, key.public_key())
+    verify_s = (perf() - t0) / 1e9
+    reader.close()
+    lat = sorted(latencies_ns)
+    writes = sorted(batch_write_ns) or [0]
+    return {
+        "entries": n,
+        "tree_size": size,
+        "batch_window_ms": window_ms,
+        "max_batch_entries": max_batch,
+        "inflight": inflight,
+        "entries_per_s": round(n / elapsed_s),
+        "p50_commit_ms": round(lat[n // 2] / 1e6, 2),
+        "p99_commit_ms": round(lat[min(n - 1, (n * 99) // 100)] / 1e6, 2),
+        "max_commit_ms": round(lat[-1] / 1e6, 2),
+        "batches": len(batch_write_ns),
+        "storage_share": round(sum(batch_write_ns) / 1e9 / elapsed_s, 2),
+        # What the backend alone sustains: entries / time inside write_batch (commit included).
+        "storage_entries_per_s": round(n / max(sum(batch_write_ns) / 1e9, 1e-9)),
+        "p99_batch_write_ms": round(writes[min(len(writes) - 1, (len(writes) * 99) // 100)] / 1e6, 2),
+        "verified": bool(report.ok and report.tree_size == size),
+        "verify_s": round(verify_s, 2),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--entries", type=int, default=100_000, help="entries per SQLite run")
+    ap.add_argument("--pg-entries", type=int, default=60_000, help="entries per PostgreSQL run")
+    ap.add_argument("--max-batch", type=int, default=LedgerConfig().max_batch_entries)
+    ap.add_argument("--inflight", type=int, default=4_000, help="outcomes waiting for durability at once")
+    ap.add_argument("--quick", action="store_true", help="a tenth of the entries (smoke run)")
+    ap.add_argument("--no-postgres", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.entries //= 10
+        args.pg_entries //= 10
+    default_window = LedgerConfig().batch_window_ms
+    windows = sorted({*WINDOWS_MS, default_window})
+    results: list[dict[str, object]] = []
+
+    if not args.no_postgres:
+        from tests.pgcluster import PgCluster
+
+        with PgCluster() as cluster:
+            for w in windows:
+                dsn = cluster.create_database()
+                r = run(lambda dsn=dsn: PostgresBackend(dsn), n=args.pg_entries, window_ms=w,
+                        max_batch=args.max_batch, inflight=args.inflight)  # fmt: skip
+                results.append({"backend": "postgres", **r})
+                print(f"  postgres window {w} ms: {r['entries_per_s']} entries/s", file=sys.stderr)
+
+    with tempfile.TemporaryDirectory(prefix="ledger-bench-") as tmp:
+        # The default configuration runs last so its line is the last one printed.
+        for w in [x for x in windows if x != default_window] + [default_window]:
+            path = os.path.join(tmp, f"ledger-{w}.db")
+            r = run(lambda path=path: SqliteBackend(path), n=args.entries, window_ms=w,
+                    max_batch=args.max_batch, inflight=args.inflight)  # fmt: skip
+            results.append({"backend": "sqlite", **r})
+            print(f"  sqlite window {w} ms: {r['entries_per_s']} entries/s", file=sys.stderr)
+
+    cols = ("backend", "batch_window_ms", "entries", "entries_per_s", "p50_commit_ms", "p99_commit_ms",
+            "batches", "storage_entries_per_s", "p99_batch_write_ms", "verified")  # fmt: skip
+    print(" | ".join(f"{c:>14}" for c in cols))
+    for r in results:
+        print(" | ".join(f"{r[c]!s:>14}" for c in cols))
+    print(f"interpreter: {interpreter()}")
+    for r in results:
+        print(json.dumps({**r, "python": platform.python_version()}))
+    return 0 if all(r["verified"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
