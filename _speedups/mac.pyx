@@ -276,6 +276,11 @@ cdef class DesKey:
             self.dec[2 * i] = self.enc[2 * j]
             self.dec[2 * i + 1] = self.enc[2 * j + 1]
 
+    def __dealloc__(self):
+        # Wipe the schedules so freed memory does not keep them (they are never copied elsewhere).
+        memset(self.enc, 0, sizeof(self.enc))
+        memset(self.dec, 0, sizeof(self.dec))
+
     def __repr__(self):
         return "<DesKey>"
 
