@@ -69,16 +69,23 @@ async def running_switch(
     listener: dict[str, Any] | None = None,
     metrics_enabled: bool = False,
     wait_up: bool = True,
+    extra_acquirers: dict[str, int] | None = None,
     **build_kw: Any,
 ) -> AsyncIterator[Harness]:
+    """`extra_acquirers`: configured acquirers with NO simulator (name -> position among acquirers),
+    i.e. hosts that are down: their port is one that was bound and closed, so connects are refused."""
     sims = sims if sims is not None else {"alpha": {}, "beta": {}}
     async with trio.open_nursery() as nursery:
         running: dict[str, AcquirerSim] = {}
         ports: dict[str, int] = {}
         for name, kw in sims.items():
-            sim = AcquirerSim(AcquirerSimConfig(name=name, **kw))
+            sim = AcquirerSim(msgspec.convert({"name": name, **kw}, AcquirerSimConfig))
             ports[name] = await nursery.start(sim.serve)
             running[name] = sim
+        for name, pos in (extra_acquirers or {}).items():
+            items = list(ports.items())
+            items.insert(min(pos, len(items)), (name, _dead_port()))
+            ports = dict(items)
         config, terminals = build(
             tmp_path,
             ports,
@@ -94,7 +101,7 @@ async def running_switch(
         if wait_up:
             with trio.fail_after(5):
                 while sum(s.records.sign_ons for s in running.values()) < sum(
-                    a.connections for a in config.acquirers
+                    a.connections for a in config.acquirers if a.name in running
                 ):
                     await trio.sleep(0.01)
                 await trio.sleep(0.05)
@@ -102,6 +109,14 @@ async def running_switch(
             yield h
         finally:
             nursery.cancel_scope.cancel()
+
+
+def _dead_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def signed_on(h: Harness, index: int = 0, **kw: Any) -> Any:
