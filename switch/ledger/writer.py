@@ -204,7 +204,8 @@ class LedgerWriter:
                 if batch is None:
                     break
                 self._process(batch)
-            self._final_checkpoint()
+            if self._failure is None:
+                self._final_checkpoint()
         except BaseException as exc:  # a bug: fail everyone rather than leave callers waiting forever
             log.exception("ledger writer stopped")
             self._stop(exc)
