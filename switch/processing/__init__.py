@@ -1,1 +1,91 @@
-"""switch.processing: see docs/architecture.md."""
+"""switch.processing: the sans-I/O transaction-processing core (docs/flows.md).
+
+Feed `Processor.handle` events (switch.processing.events), carry out the decisions it returns
+(switch.processing.decisions) in order. Nothing here reads a clock, sleeps or touches a socket.
+"""
+
+from switch.processing.decisions import (
+    Decision,
+    FindOriginal,
+    Log,
+    Post,
+    QueueAdvice,
+    QueueReversal,
+    ReleaseReversal,
+    Reply,
+    ReserveRrns,
+    SendToAcquirer,
+    SettlementLine,
+    SettlementReport,
+    SignOn,
+)
+from switch.processing.events import (
+    AcquirerAnswered,
+    AcquirerHealth,
+    AcquirerUnavailable,
+    ArmedReversal,
+    Cutover,
+    DeadlinePassed,
+    Event,
+    LedgerCommitted,
+    LedgerFailed,
+    OriginalFound,
+    Recovered,
+    RrnsReserved,
+    StoreForwardCompleted,
+    TerminalRequest,
+    Tick,
+)
+from switch.processing.ports import (
+    ConfigDirectory,
+    Directory,
+    HmacPanHasher,
+    NoRules,
+    PrefixRouter,
+    Router,
+    RuleContext,
+    RuleDecline,
+    Rules,
+)
+from switch.processing.processor import Processor
+
+__all__ = [
+    "AcquirerAnswered",
+    "AcquirerHealth",
+    "AcquirerUnavailable",
+    "ArmedReversal",
+    "ConfigDirectory",
+    "Cutover",
+    "DeadlinePassed",
+    "Decision",
+    "Directory",
+    "Event",
+    "FindOriginal",
+    "HmacPanHasher",
+    "LedgerCommitted",
+    "LedgerFailed",
+    "Log",
+    "NoRules",
+    "OriginalFound",
+    "Post",
+    "PrefixRouter",
+    "Processor",
+    "QueueAdvice",
+    "QueueReversal",
+    "Recovered",
+    "ReleaseReversal",
+    "Reply",
+    "ReserveRrns",
+    "Router",
+    "RrnsReserved",
+    "RuleContext",
+    "RuleDecline",
+    "Rules",
+    "SendToAcquirer",
+    "SettlementLine",
+    "SettlementReport",
+    "SignOn",
+    "StoreForwardCompleted",
+    "TerminalRequest",
+    "Tick",
+]

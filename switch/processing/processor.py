@@ -127,6 +127,7 @@ class Processor:
         #: Counters for metrics (the server exports them; names are stable).
         self.counters: Counter[str] = Counter()
         self._ids = itertools.count(1)
+        self._current: Txn | None = None  # the transaction a TerminalRequest created (for _contain)
         self._inst = pc.institution_id
         self._handlers: dict[type, Callable[[Any, Out], None]] = {
             TerminalRequest: self._on_request,
@@ -153,6 +154,7 @@ class Processor:
         if handler is None:
             raise TypeError(f"not a processing event: {type(event).__name__}")
         out: Out = []
+        self._current = None
         try:
             handler(event, out)
         except Exception as exc:  # a bug must cost one transaction a 96, never the switch
@@ -284,6 +286,7 @@ class Processor:
             txn.rrn = rrn
             self.book.remember_rrn(txn)
         self.live[txn.txn_id] = txn
+        self._current = txn
         self.book.remember_key(key, txn)
         self.counters[f"requests_{req.flow}"] += 1
         if req.pan:
@@ -1051,6 +1054,8 @@ class Processor:
         """After a bug: answer 96 and reverse whatever the acquirer may have approved."""
         txn_id = getattr(event, "txn_id", None)
         txn = self.live.get(txn_id) if isinstance(txn_id, int) else None
+        if txn is None and isinstance(event, TerminalRequest) and self._current is not None:
+            txn = self._current
         if txn is None and isinstance(event, TerminalRequest):
             mti = event.fields.get("t")
             if (

@@ -4,7 +4,7 @@ Why blocks: an RRN must never repeat, even after a crash, and several switch pro
 side (SO_REUSEPORT). Each process asks for a block (`ReserveRrns(count)`); the server advances a
 durable high-water mark (fsync) and only then feeds `RrnsReserved(start, count)`. After a restart the
 unused rest of the last block is simply skipped: gaps are harmless, repeats are not. The core asks for
-the next block when fewer than `low_water` remain, so traffic never waits for the reservation.
+the next block when no more than `low_water` remain, so traffic never waits for the reservation.
 
 Format: 12 decimal digits (ISO 8583 field 37 is an..12), zero-padded: 10^12 RRNs.
 """
@@ -60,7 +60,7 @@ class RrnAllocator:
 
     def wants_more(self) -> bool:
         """True once when the reserve runs low; the caller emits ReserveRrns(block_size)."""
-        if self.requested or self.remaining >= self.low_water:
+        if self.requested or self.remaining > self.low_water:
             return False
         self.requested = True
         return True
