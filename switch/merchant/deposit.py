@@ -39,8 +39,10 @@ class DepositEvaluation(msgspec.Struct, frozen=True, kw_only=True):
 
 def deadlines(t: Terminal, contract: Contract) -> tuple[int, int]:
     """(activation deadline, volume deadline): the last millisecond each part may be met."""
-    return (t.registered_at_ms + contract.deposit_activation_days * DAY_MS,
-            t.registered_at_ms + contract.deposit_volume_days * DAY_MS)
+    return (
+        t.registered_at_ms + contract.deposit_activation_days * DAY_MS,
+        t.registered_at_ms + contract.deposit_volume_days * DAY_MS,
+    )
 
 
 def evaluate(t: Terminal, contract: Contract, processed_minor: int, now_ms: int) -> DepositEvaluation:
@@ -51,8 +53,13 @@ def evaluate(t: Terminal, contract: Contract, processed_minor: int, now_ms: int)
     activated_in_time = t.activated_at_ms is not None and t.activated_at_ms <= act_deadline
     volume_met = processed_minor >= need
     if activated_in_time and volume_met:
-        result, reason = "refund", (f"activated at {t.activated_at_ms} ms (deadline {act_deadline} ms) and "
-                                    f"processed {processed_minor} >= {need} by {vol_deadline} ms")
+        result, reason = (
+            "refund",
+            (
+                f"activated at {t.activated_at_ms} ms (deadline {act_deadline} ms) and "
+                f"processed {processed_minor} >= {need} by {vol_deadline} ms"
+            ),
+        )
     elif not activated_in_time and (t.activated_at_ms is not None or now_ms > act_deadline):
         when = "never" if t.activated_at_ms is None else f"at {t.activated_at_ms} ms"
         result, reason = "keep", f"not activated by the deadline {act_deadline} ms (activated {when})"
@@ -66,9 +73,16 @@ def evaluate(t: Terminal, contract: Contract, processed_minor: int, now_ms: int)
             missing.append(f"{need - processed_minor} more processed by {vol_deadline} ms")
         result, reason = "pending", "waiting for " + " and ".join(missing)
     return DepositEvaluation(
-        terminal_id=t.id, deposit_minor=contract.deposit_minor, currency=contract.currency,
-        registered_at_ms=t.registered_at_ms, activated_at_ms=t.activated_at_ms,
-        activation_deadline_ms=act_deadline, volume_deadline_ms=vol_deadline,
-        processed_minor=processed_minor, required_minor=need, evaluated_at_ms=now_ms,
-        result=result, reason=reason,
+        terminal_id=t.id,
+        deposit_minor=contract.deposit_minor,
+        currency=contract.currency,
+        registered_at_ms=t.registered_at_ms,
+        activated_at_ms=t.activated_at_ms,
+        activation_deadline_ms=act_deadline,
+        volume_deadline_ms=vol_deadline,
+        processed_minor=processed_minor,
+        required_minor=need,
+        evaluated_at_ms=now_ms,
+        result=result,
+        reason=reason,
     )

@@ -41,9 +41,21 @@ def fee_rrn(sale_rrn: str) -> str:
     return f"{sale_rrn}/fee"
 
 
-def _draft(kind: EntryKind, key: str, rrn: str, at_ms: int, merchant_id: str, amount_minor: int,
-           currency: str, debit: str, credit: str, *, terminal_id: str = "", original_rrn: str = "",
-           memo: str = "") -> EntryDraft:
+def _draft(
+    kind: EntryKind,
+    key: str,
+    rrn: str,
+    at_ms: int,
+    merchant_id: str,
+    amount_minor: int,
+    currency: str,
+    debit: str,
+    credit: str,
+    *,
+    terminal_id: str = "",
+    original_rrn: str = "",
+    memo: str = "",
+) -> EntryDraft:
     if amount_minor <= 0:
         raise ValueError(f"{kind} entry needs a positive amount, got {amount_minor}")
     return EntryDraft(
@@ -61,60 +73,159 @@ def _draft(kind: EntryKind, key: str, rrn: str, at_ms: int, merchant_id: str, am
     )
 
 
-def fee(sale_rrn: str, merchant_id: str, terminal_id: str, fee_minor: int, currency: str, at_ms: int,
-        memo: str) -> EntryDraft:
-    return _draft(EntryKind.FEE, f"fee:{sale_rrn}", fee_rrn(sale_rrn), at_ms, merchant_id, fee_minor,
-                  currency, accounts.merchant_payable(merchant_id), accounts.FEE_INCOME,
-                  terminal_id=terminal_id, original_rrn=sale_rrn, memo=memo)
+def fee(
+    sale_rrn: str, merchant_id: str, terminal_id: str, fee_minor: int, currency: str, at_ms: int, memo: str
+) -> EntryDraft:
+    return _draft(
+        EntryKind.FEE,
+        f"fee:{sale_rrn}",
+        fee_rrn(sale_rrn),
+        at_ms,
+        merchant_id,
+        fee_minor,
+        currency,
+        accounts.merchant_payable(merchant_id),
+        accounts.FEE_INCOME,
+        terminal_id=terminal_id,
+        original_rrn=sale_rrn,
+        memo=memo,
+    )
 
 
-def fee_refund(refund_rrn: str, sale_rrn: str, merchant_id: str, terminal_id: str, amount_minor: int,
-               currency: str, at_ms: int, memo: str) -> EntryDraft:
-    return _draft(EntryKind.FEE_REFUND, f"fee_refund:{refund_rrn}", fee_rrn(refund_rrn), at_ms,
-                  merchant_id, amount_minor, currency, accounts.FEE_INCOME,
-                  accounts.merchant_payable(merchant_id), terminal_id=terminal_id,
-                  original_rrn=fee_rrn(sale_rrn), memo=memo)
+def fee_refund(
+    refund_rrn: str,
+    sale_rrn: str,
+    merchant_id: str,
+    terminal_id: str,
+    amount_minor: int,
+    currency: str,
+    at_ms: int,
+    memo: str,
+) -> EntryDraft:
+    return _draft(
+        EntryKind.FEE_REFUND,
+        f"fee_refund:{refund_rrn}",
+        fee_rrn(refund_rrn),
+        at_ms,
+        merchant_id,
+        amount_minor,
+        currency,
+        accounts.FEE_INCOME,
+        accounts.merchant_payable(merchant_id),
+        terminal_id=terminal_id,
+        original_rrn=fee_rrn(sale_rrn),
+        memo=memo,
+    )
 
 
-def deposit(rrn: str, merchant_id: str, terminal_id: str, amount_minor: int, currency: str,
-            at_ms: int) -> EntryDraft:
-    return _draft(EntryKind.DEPOSIT, f"deposit:{rrn}", rrn, at_ms, merchant_id, amount_minor, currency,
-                  accounts.merchant_payable(merchant_id), accounts.merchant_deposit(merchant_id),
-                  terminal_id=terminal_id, memo=memo_json({"terminal_id": terminal_id}))
+def deposit(
+    rrn: str, merchant_id: str, terminal_id: str, amount_minor: int, currency: str, at_ms: int
+) -> EntryDraft:
+    return _draft(
+        EntryKind.DEPOSIT,
+        f"deposit:{rrn}",
+        rrn,
+        at_ms,
+        merchant_id,
+        amount_minor,
+        currency,
+        accounts.merchant_payable(merchant_id),
+        accounts.merchant_deposit(merchant_id),
+        terminal_id=terminal_id,
+        memo=memo_json({"terminal_id": terminal_id}),
+    )
 
 
-def deposit_refund(deposit_rrn: str, merchant_id: str, terminal_id: str, amount_minor: int, currency: str,
-                   at_ms: int, memo: str) -> EntryDraft:
-    return _draft(EntryKind.DEPOSIT_REFUND, f"deposit_refund:{deposit_rrn}", f"{deposit_rrn}/refund",
-                  at_ms, merchant_id, amount_minor, currency, accounts.merchant_deposit(merchant_id),
-                  accounts.merchant_payable(merchant_id), terminal_id=terminal_id,
-                  original_rrn=deposit_rrn, memo=memo)
+def deposit_refund(
+    deposit_rrn: str,
+    merchant_id: str,
+    terminal_id: str,
+    amount_minor: int,
+    currency: str,
+    at_ms: int,
+    memo: str,
+) -> EntryDraft:
+    return _draft(
+        EntryKind.DEPOSIT_REFUND,
+        f"deposit_refund:{deposit_rrn}",
+        f"{deposit_rrn}/refund",
+        at_ms,
+        merchant_id,
+        amount_minor,
+        currency,
+        accounts.merchant_deposit(merchant_id),
+        accounts.merchant_payable(merchant_id),
+        terminal_id=terminal_id,
+        original_rrn=deposit_rrn,
+        memo=memo,
+    )
 
 
-def deposit_kept(deposit_rrn: str, merchant_id: str, terminal_id: str, amount_minor: int, currency: str,
-                 at_ms: int, memo: str) -> EntryDraft:
-    return _draft(EntryKind.ADJUSTMENT, f"deposit_kept:{deposit_rrn}", f"{deposit_rrn}/kept", at_ms,
-                  merchant_id, amount_minor, currency, accounts.merchant_deposit(merchant_id),
-                  accounts.DEPOSITS_HELD, terminal_id=terminal_id, original_rrn=deposit_rrn, memo=memo)
+def deposit_kept(
+    deposit_rrn: str,
+    merchant_id: str,
+    terminal_id: str,
+    amount_minor: int,
+    currency: str,
+    at_ms: int,
+    memo: str,
+) -> EntryDraft:
+    return _draft(
+        EntryKind.ADJUSTMENT,
+        f"deposit_kept:{deposit_rrn}",
+        f"{deposit_rrn}/kept",
+        at_ms,
+        merchant_id,
+        amount_minor,
+        currency,
+        accounts.merchant_deposit(merchant_id),
+        accounts.DEPOSITS_HELD,
+        terminal_id=terminal_id,
+        original_rrn=deposit_rrn,
+        memo=memo,
+    )
 
 
-def subscription(rrn: str, merchant_id: str, terminal_id: str, amount_minor: int, currency: str,
-                 at_ms: int, memo: str) -> EntryDraft:
-    return _draft(EntryKind.SUBSCRIPTION, f"subscription:{rrn}", rrn, at_ms, merchant_id, amount_minor,
-                  currency, accounts.merchant_payable(merchant_id), accounts.SUBSCRIPTION_INCOME,
-                  terminal_id=terminal_id, memo=memo)
+def subscription(
+    rrn: str, merchant_id: str, terminal_id: str, amount_minor: int, currency: str, at_ms: int, memo: str
+) -> EntryDraft:
+    return _draft(
+        EntryKind.SUBSCRIPTION,
+        f"subscription:{rrn}",
+        rrn,
+        at_ms,
+        merchant_id,
+        amount_minor,
+        currency,
+        accounts.merchant_payable(merchant_id),
+        accounts.SUBSCRIPTION_INCOME,
+        terminal_id=terminal_id,
+        memo=memo,
+    )
 
 
-def subscription_refund(rrn: str, merchant_id: str, terminal_id: str, amount_minor: int, currency: str,
-                        at_ms: int, memo: str) -> EntryDraft:
-    return _draft(EntryKind.SUBSCRIPTION_REFUND, f"subscription_refund:{rrn}", f"{rrn}/refund", at_ms,
-                  merchant_id, amount_minor, currency, accounts.SUBSCRIPTION_INCOME,
-                  accounts.merchant_payable(merchant_id), terminal_id=terminal_id, original_rrn=rrn,
-                  memo=memo)
+def subscription_refund(
+    rrn: str, merchant_id: str, terminal_id: str, amount_minor: int, currency: str, at_ms: int, memo: str
+) -> EntryDraft:
+    return _draft(
+        EntryKind.SUBSCRIPTION_REFUND,
+        f"subscription_refund:{rrn}",
+        f"{rrn}/refund",
+        at_ms,
+        merchant_id,
+        amount_minor,
+        currency,
+        accounts.SUBSCRIPTION_INCOME,
+        accounts.merchant_payable(merchant_id),
+        terminal_id=terminal_id,
+        original_rrn=rrn,
+        memo=memo,
+    )
 
 
-def settlement(merchant_id: str, currency: str, net_minor: int, to_seq: int, at_ms: int,
-               memo: str) -> EntryDraft:
+def settlement(
+    merchant_id: str, currency: str, net_minor: int, to_seq: int, at_ms: int, memo: str
+) -> EntryDraft:
     """The cutover entry closing a merchant's batch: entries of the merchant with seq < `to_seq` (and
     after the previous settlement's `to_seq`) are settled. Net 0 posts no money but still closes."""
     rrn = f"settle/{merchant_id}/{currency}/{to_seq}"
@@ -132,6 +243,14 @@ def settlement(merchant_id: str, currency: str, net_minor: int, to_seq: int, at_
         )
     else:
         postings = ()
-    return EntryDraft(idempotency_key=key, kind=EntryKind.SETTLEMENT, rrn=rrn, at_ms=at_ms,
-                      merchant_id=merchant_id, amount_minor=abs(net_minor), currency=currency,
-                      postings=postings, memo=memo)
+    return EntryDraft(
+        idempotency_key=key,
+        kind=EntryKind.SETTLEMENT,
+        rrn=rrn,
+        at_ms=at_ms,
+        merchant_id=merchant_id,
+        amount_minor=abs(net_minor),
+        currency=currency,
+        postings=postings,
+        memo=memo,
+    )

@@ -92,12 +92,19 @@ def fee_terms(contract: Contract, pan_prefix: str, sale_minor: int) -> FeeTerms:
     pct = percentage_minor(sale_minor, rate.bps)
     fee = pct + rate.fixed_minor
     refundable = fee if contract.refund_fixed_fee else pct
-    return FeeTerms(card_type=type_, bps=rate.bps, fixed_minor=rate.fixed_minor, sale_minor=sale_minor,
-                    fee_minor=fee, refundable_minor=refundable)
+    return FeeTerms(
+        card_type=type_,
+        bps=rate.bps,
+        fixed_minor=rate.fixed_minor,
+        sale_minor=sale_minor,
+        fee_minor=fee,
+        refundable_minor=refundable,
+    )
 
 
-def fee_refund_minor(refundable_fee_minor: int, original_minor: int, refunded_before_minor: int,
-                     refund_minor: int) -> int:
+def fee_refund_minor(
+    refundable_fee_minor: int, original_minor: int, refunded_before_minor: int, refund_minor: int
+) -> int:
     """Fee returned with a refund of `refund_minor` after `refunded_before_minor` was already refunded
     (cumulative floor; see the module docstring)."""
     if original_minor <= 0:

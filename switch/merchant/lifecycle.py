@@ -92,19 +92,25 @@ def admit(t: Terminal, flow: str, now_ms: int, grace_days: int) -> MerchantDecli
         return None
     if t.state is S.REGISTERED:
         if t.signed_on_at_ms is None:
-            return MerchantDecline(codes.NOT_PERMITTED_TERMINAL,
-                                   f"terminal {t.id} is registered but has not signed on: only sign-on "
-                                   "is allowed until activation")
+            return MerchantDecline(
+                codes.NOT_PERMITTED_TERMINAL,
+                f"terminal {t.id} is registered but has not signed on: only sign-on "
+                "is allowed until activation",
+            )
         if flow not in TEST_FLOWS:
-            return MerchantDecline(codes.NOT_PERMITTED_TERMINAL,
-                                   f"terminal {t.id} is not activated: only sign-on and one test "
-                                   f"transaction (purchase or balance inquiry) are allowed, not {flow}")
+            return MerchantDecline(
+                codes.NOT_PERMITTED_TERMINAL,
+                f"terminal {t.id} is not activated: only sign-on and one test "
+                f"transaction (purchase or balance inquiry) are allowed, not {flow}",
+            )
     if lapsed(t, grace_days, now_ms):
         end = grace_end_ms(t.paid_until_ms, grace_days)
-        return MerchantDecline(codes.NOT_PERMITTED_TERMINAL,
-                               f"terminal {t.id} subscription lapsed: paid until {t.paid_until_ms} ms, "
-                               f"grace of {grace_days} days ended {end} ms; renew to resume",
-                               flag="subscription_lapsed")
+        return MerchantDecline(
+            codes.NOT_PERMITTED_TERMINAL,
+            f"terminal {t.id} subscription lapsed: paid until {t.paid_until_ms} ms, "
+            f"grace of {grace_days} days ended {end} ms; renew to resume",
+            flag="subscription_lapsed",
+        )
     return None
 
 
@@ -135,8 +141,12 @@ def on_approved(t: Terminal, flow: str, now_ms: int) -> Terminal | None:
 def on_clock(t: Terminal, now_ms: int, grace_days: int) -> Terminal | None:
     """Suspend an activated/active terminal whose subscription lapsed past grace (None if no change)."""
     if t.state in (S.ACTIVATED, S.ACTIVE) and lapsed(t, grace_days, now_ms):
-        return transition(t, S.SUSPENDED, now_ms,
-                          f"subscription lapsed: paid until {t.paid_until_ms} ms + {grace_days} days grace")
+        return transition(
+            t,
+            S.SUSPENDED,
+            now_ms,
+            f"subscription lapsed: paid until {t.paid_until_ms} ms + {grace_days} days grace",
+        )
     return None
 
 

@@ -241,8 +241,12 @@ _KEY_HEX_RE = re.compile(r"^[0-9A-Fa-f]{32,160}$")
 def validate_key(k: TerminalKey) -> TerminalKey:
     _need(bool(TERMINAL_ID_RE.match(k.terminal_id)), "key terminal id malformed")
     _need(0 <= k.key_index <= 99, "key index must be 0..99")
-    _need(bool(_KEY_HEX_RE.match(k.encrypted_hex)) and len(k.encrypted_hex) % 2 == 0,
-          "encrypted key must be 32-160 hex digits (the encrypted storage form, never a clear key)")
-    _need(k.check_value == "" or bool(re.match(r"^[0-9A-Fa-f]{4,8}$", k.check_value)),
-          "check value must be 4-8 hex digits")
+    _need(
+        bool(_KEY_HEX_RE.match(k.encrypted_hex)) and len(k.encrypted_hex) % 2 == 0,
+        "encrypted key must be 32-160 hex digits (the encrypted storage form, never a clear key)",
+    )
+    _need(
+        k.check_value == "" or bool(re.match(r"^[0-9A-Fa-f]{4,8}$", k.check_value)),
+        "check value must be 4-8 hex digits",
+    )
     return k

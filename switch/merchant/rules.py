@@ -71,8 +71,13 @@ class _Reservation(msgspec.Struct, frozen=True):
 
 
 class MerchantRules:
-    def __init__(self, cfg: MerchantServicesConfig, merchants: Iterable[Merchant] = (),
-                 contracts: Iterable[Contract] = (), terminals: Iterable[Terminal] = ()) -> None:
+    def __init__(
+        self,
+        cfg: MerchantServicesConfig,
+        merchants: Iterable[Merchant] = (),
+        contracts: Iterable[Contract] = (),
+        terminals: Iterable[Terminal] = (),
+    ) -> None:
         self.cfg = cfg
         self.merchants: dict[str, Merchant] = {m.id: m for m in merchants}
         self.contracts: dict[str, Contract] = {c.id: c for c in contracts}
@@ -106,16 +111,28 @@ class MerchantRules:
         original = None
         if getattr(ctx, "original_rrn", ""):
             original = OriginalFacts(
-                rrn=ctx.original_rrn, merchant_id=ctx.merchant.id, currency=ctx.currency,
-                amount_minor=ctx.original_amount_minor, at_ms=ctx.original_at_ms,
-                refunded_minor=ctx.refunded_minor, closed_by=getattr(ctx, "original_closed_by", ""),
+                rrn=ctx.original_rrn,
+                merchant_id=ctx.merchant.id,
+                currency=ctx.currency,
+                amount_minor=ctx.original_amount_minor,
+                at_ms=ctx.original_at_ms,
+                refunded_minor=ctx.refunded_minor,
+                closed_by=getattr(ctx, "original_closed_by", ""),
             )
-        return self.check_request(MerchantRequest(
-            flow=str(ctx.flow), terminal_id=ctx.terminal.id, merchant_id=ctx.merchant.id,
-            now_ms=ctx.now_ms, amount_minor=ctx.amount_minor, currency=ctx.currency,
-            mcc=getattr(ctx, "mcc", "") or "", pan_prefix=getattr(ctx, "pan_prefix", "") or "",
-            reserve_key=getattr(ctx, "reserve_key", "") or "", original=original,
-        ))
+        return self.check_request(
+            MerchantRequest(
+                flow=str(ctx.flow),
+                terminal_id=ctx.terminal.id,
+                merchant_id=ctx.merchant.id,
+                now_ms=ctx.now_ms,
+                amount_minor=ctx.amount_minor,
+                currency=ctx.currency,
+                mcc=getattr(ctx, "mcc", "") or "",
+                pan_prefix=getattr(ctx, "pan_prefix", "") or "",
+                reserve_key=getattr(ctx, "reserve_key", "") or "",
+                original=original,
+            )
+        )
 
     def check_request(self, req: MerchantRequest) -> MerchantDecline | None:
         t = self.terminals.get(req.terminal_id)
@@ -136,15 +153,19 @@ class MerchantRules:
             return decline
         if req.flow in MCC_FLOWS:
             if req.mcc and req.mcc != m.mcc:
-                return MerchantDecline(codes.NOT_PERMITTED_TERMINAL,
-                                       f"MCC {req.mcc} in the request is not merchant {m.id}'s registered "
-                                       f"MCC {m.mcc}", flag="mcc_mismatch")
+                return MerchantDecline(
+                    codes.NOT_PERMITTED_TERMINAL,
+                    f"MCC {req.mcc} in the request is not merchant {m.id}'s registered MCC {m.mcc}",
+                    flag="mcc_mismatch",
+                )
             if not req.mcc and self.cfg.require_mcc:
-                return MerchantDecline(codes.NOT_PERMITTED_TERMINAL, "field 18 (MCC) missing",
-                                       flag="mcc_missing")
+                return MerchantDecline(
+                    codes.NOT_PERMITTED_TERMINAL, "field 18 (MCC) missing", flag="mcc_missing"
+                )
             if contract is None:
-                return MerchantDecline(codes.NOT_PERMITTED_TERMINAL, f"merchant {m.id} has no contract: "
-                                       "nothing may be priced")
+                return MerchantDecline(
+                    codes.NOT_PERMITTED_TERMINAL, f"merchant {m.id} has no contract: nothing may be priced"
+                )
         if req.flow == "refund":
             assert contract is not None
             return self._check_refund(req, m, contract)
@@ -153,20 +174,30 @@ class MerchantRules:
     def _check_refund(self, req: MerchantRequest, m: Merchant, contract: Contract) -> MerchantDecline | None:
         currency = req.currency or m.currency
         day = self._day(req.now_ms)
-        reserved_day = sum(r.amount_minor for r in self._reserved.values()
-                           if (r.merchant_id, r.currency, r.day) == (m.id, currency, day))
-        reserved_all = sum(r.amount_minor for r in self._reserved.values()
-                           if (r.merchant_id, r.currency) == (m.id, currency))
+        reserved_day = sum(
+            r.amount_minor
+            for r in self._reserved.values()
+            if (r.merchant_id, r.currency, r.day) == (m.id, currency, day)
+        )
+        reserved_all = sum(
+            r.amount_minor for r in self._reserved.values() if (r.merchant_id, r.currency) == (m.id, currency)
+        )
         decline = check_refund(
-            contract, m.id, req.amount_minor, currency, req.original, req.now_ms,
+            contract,
+            m.id,
+            req.amount_minor,
+            currency,
+            req.original,
+            req.now_ms,
             self.refunded_by_day.get((m.id, currency, day), 0) + reserved_day,
             self.unsettled.get((m.id, currency), 0) - reserved_all,
             self.cfg.business_day_utc_offset_minutes,
         )
         if decline is None and req.reserve_key:
             if len(self._reserved) >= MAX_RESERVATIONS and req.reserve_key not in self._reserved:
-                return MerchantDecline(codes.EXCEEDS_AMOUNT_LIMIT,
-                                       f"{MAX_RESERVATIONS} refunds unresolved: try again later")
+                return MerchantDecline(
+                    codes.EXCEEDS_AMOUNT_LIMIT, f"{MAX_RESERVATIONS} refunds unresolved: try again later"
+                )
             self._reserved[req.reserve_key] = _Reservation(m.id, currency, day, req.amount_minor)
         return decline
 
@@ -174,8 +205,17 @@ class MerchantRules:
         self._reserved.pop(reserve_key, None)
 
     # --- fees ------------------------------------------------------------------------------------
-    def fee_drafts(self, *, sale_rrn: str, merchant_id: str, terminal_id: str, pan_prefix: str,
-                   amount_minor: int, currency: str, at_ms: int) -> tuple[EntryDraft, ...]:
+    def fee_drafts(
+        self,
+        *,
+        sale_rrn: str,
+        merchant_id: str,
+        terminal_id: str,
+        pan_prefix: str,
+        amount_minor: int,
+        currency: str,
+        at_ms: int,
+    ) -> tuple[EntryDraft, ...]:
         """The FEE entry of an approved sale (empty when the fee is 0). Post it with the sale."""
         contract = self.contract_of(merchant_id)
         if contract is None:
@@ -183,29 +223,53 @@ class MerchantRules:
         terms = fees.fee_terms(contract, pan_prefix, amount_minor)
         if terms.fee_minor <= 0:
             return ()
-        return (drafts.fee(sale_rrn, merchant_id, terminal_id, terms.fee_minor, currency, at_ms,
-                           drafts.memo_json(terms)),)
+        return (
+            drafts.fee(
+                sale_rrn, merchant_id, terminal_id, terms.fee_minor, currency, at_ms, drafts.memo_json(terms)
+            ),
+        )
 
     @staticmethod
-    def fee_refund_drafts(*, refund_rrn: str, fee_entry: EntryDraft | None, original_amount_minor: int,
-                          refunded_before_minor: int, refund_minor: int,
-                          at_ms: int) -> tuple[EntryDraft, ...]:
+    def fee_refund_drafts(
+        *,
+        refund_rrn: str,
+        fee_entry: EntryDraft | None,
+        original_amount_minor: int,
+        refunded_before_minor: int,
+        refund_minor: int,
+        at_ms: int,
+    ) -> tuple[EntryDraft, ...]:
         """The FEE_REFUND entry returning the fee pro rata with a refund (or a void: refund the whole
         remaining amount). `fee_entry`: the sale's FEE entry (rrn `<sale rrn>/fee`, found with the
         sale's family); None or a zero return gives no entry."""
         if fee_entry is None or fee_entry.kind is not EntryKind.FEE:
             return ()
         terms = fees.decode_terms(fee_entry.memo)
-        back = fees.fee_refund_minor(terms.refundable_minor, original_amount_minor, refunded_before_minor,
-                                     refund_minor)
+        back = fees.fee_refund_minor(
+            terms.refundable_minor, original_amount_minor, refunded_before_minor, refund_minor
+        )
         if back <= 0:
             return ()
-        memo = drafts.memo_json({"refundable_fee_minor": terms.refundable_minor,
-                                 "original_minor": original_amount_minor,
-                                 "refunded_before_minor": refunded_before_minor,
-                                 "refund_minor": refund_minor})
-        return (drafts.fee_refund(refund_rrn, fee_entry.original_rrn, fee_entry.merchant_id,
-                                  fee_entry.terminal_id, back, fee_entry.currency, at_ms, memo),)
+        memo = drafts.memo_json(
+            {
+                "refundable_fee_minor": terms.refundable_minor,
+                "original_minor": original_amount_minor,
+                "refunded_before_minor": refunded_before_minor,
+                "refund_minor": refund_minor,
+            }
+        )
+        return (
+            drafts.fee_refund(
+                refund_rrn,
+                fee_entry.original_rrn,
+                fee_entry.merchant_id,
+                fee_entry.terminal_id,
+                back,
+                fee_entry.currency,
+                at_ms,
+                memo,
+            ),
+        )
 
     # --- lifecycle events ------------------------------------------------------------------------
     def sign_on(self, terminal_id: str, now_ms: int) -> Terminal | None:
@@ -241,8 +305,9 @@ class MerchantRules:
         return out
 
     # --- running totals --------------------------------------------------------------------------
-    def recover(self, unsettled: dict[tuple[str, str], int],
-                refunded_by_day: dict[tuple[str, str, int], int]) -> None:
+    def recover(
+        self, unsettled: dict[tuple[str, str], int], refunded_by_day: dict[tuple[str, str, int], int]
+    ) -> None:
         self.unsettled = dict(unsettled)
         self.refunded_by_day = dict(refunded_by_day)
         self._reserved.clear()

@@ -37,9 +37,13 @@ def plan_renewal(t: Terminal, contract: Contract, now_ms: int) -> RenewalPlan:
         raise RenewalRefused(f"contract {contract.id} has no subscription fee: nothing to renew")
     within = now_ms <= grace_end_ms(t.paid_until_ms, contract.subscription_grace_days)
     start = max(t.paid_until_ms, 0) if within and t.paid_until_ms > 0 else now_ms
-    return RenewalPlan(terminal_id=t.id, amount_minor=contract.subscription_fee_minor,
-                       currency=contract.currency, period_from_ms=start,
-                       period_to_ms=start + contract.subscription_period_days * DAY_MS)
+    return RenewalPlan(
+        terminal_id=t.id,
+        amount_minor=contract.subscription_fee_minor,
+        currency=contract.currency,
+        period_from_ms=start,
+        period_to_ms=start + contract.subscription_period_days * DAY_MS,
+    )
 
 
 def refund_window_end_ms(renewal: Renewal, contract: Contract) -> int:

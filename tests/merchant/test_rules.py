@@ -20,32 +20,50 @@ VISA = "411111"
 
 
 def contract(**kw: object) -> Contract:
-    base = dict(id="c1", merchant_id="M1", currency="978",
-                rates={"default": Rate(bps=150, fixed_minor=10), "amex": Rate(bps=300)},
-                subscription_fee_minor=1_500, subscription_grace_days=7, refund_window_days=180)
+    base = dict(
+        id="c1",
+        merchant_id="M1",
+        currency="978",
+        rates={"default": Rate(bps=150, fixed_minor=10), "amex": Rate(bps=300)},
+        subscription_fee_minor=1_500,
+        subscription_grace_days=7,
+        refund_window_days=180,
+    )
     base.update(kw)
     return Contract(**base)  # type: ignore[arg-type]
 
 
 def rules(terminal: Terminal | None = None, **kw: object) -> MerchantRules:
-    t = terminal or Terminal(id="T1", merchant_id="M1", state=TerminalState.ACTIVE, registered_at_ms=T0,
-                             signed_on_at_ms=T0, activated_at_ms=T0, live_at_ms=T0,
-                             paid_until_ms=T0 + 30 * DAY_MS)
-    r = MerchantRules(MerchantServicesConfig(),
-                      [Merchant(id="M1", name="Shop", mcc="5411", currency="978", contract_id="c1")],
-                      [contract(**kw)], [t])
+    t = terminal or Terminal(
+        id="T1",
+        merchant_id="M1",
+        state=TerminalState.ACTIVE,
+        registered_at_ms=T0,
+        signed_on_at_ms=T0,
+        activated_at_ms=T0,
+        live_at_ms=T0,
+        paid_until_ms=T0 + 30 * DAY_MS,
+    )
+    r = MerchantRules(
+        MerchantServicesConfig(),
+        [Merchant(id="M1", name="Shop", mcc="5411", currency="978", contract_id="c1")],
+        [contract(**kw)],
+        [t],
+    )
     r.recover({("M1", "978"): 1_000_000}, {})
     return r
 
 
 def req(flow: str = "purchase", now_ms: int = T0 + DAY_MS, **kw: object) -> MerchantRequest:
-    return MerchantRequest(flow=flow, terminal_id="T1", merchant_id="M1", now_ms=now_ms, amount_minor=1000,
-                           currency="978", **kw)  # type: ignore[arg-type]
+    return MerchantRequest(
+        flow=flow, terminal_id="T1", merchant_id="M1", now_ms=now_ms, amount_minor=1000, currency="978", **kw
+    )  # type: ignore[arg-type]
 
 
 def original(at_ms: int = T0, amount: int = 10_000, **kw: object) -> OriginalFacts:
-    base: dict[str, object] = dict(rrn="000000000001", merchant_id="M1", currency="978",
-                                   amount_minor=amount, at_ms=at_ms)
+    base: dict[str, object] = dict(
+        rrn="000000000001", merchant_id="M1", currency="978", amount_minor=amount, at_ms=at_ms
+    )
     base.update(kw)
     return OriginalFacts(**base)  # type: ignore[arg-type]
 
@@ -93,8 +111,9 @@ def test_invalid_transitions_are_refused() -> None:
     t = Terminal(id="T1", merchant_id="M1")
     with pytest.raises(LifecycleError, match="registered -> active"):
         lifecycle.transition(t, TerminalState.ACTIVE, T0)
-    returned = lifecycle.transition(lifecycle.transition(t, TerminalState.DEACTIVATED, T0),
-                                    TerminalState.RETURNED, T0)
+    returned = lifecycle.transition(
+        lifecycle.transition(t, TerminalState.DEACTIVATED, T0), TerminalState.RETURNED, T0
+    )
     for state in TerminalState:
         with pytest.raises(LifecycleError):
             lifecycle.transition(returned, state, T0)
@@ -127,8 +146,16 @@ def test_renewal_within_grace_continues_from_paid_until() -> None:
 
 def test_cancel_renewal_last_moment_of_refund_window_and_after() -> None:
     c = contract(subscription_refund_window_days=14)
-    ren = Renewal(rrn="R1", terminal_id="T1", merchant_id="M1", amount_minor=1500, currency="978",
-                  paid_at_ms=T0, period_from_ms=T0, period_to_ms=T0 + 30 * DAY_MS)
+    ren = Renewal(
+        rrn="R1",
+        terminal_id="T1",
+        merchant_id="M1",
+        amount_minor=1500,
+        currency="978",
+        paid_at_ms=T0,
+        period_from_ms=T0,
+        period_to_ms=T0 + 30 * DAY_MS,
+    )
     subscription.check_cancel(ren, ren, c, T0 + 14 * DAY_MS)
     with pytest.raises(subscription.RenewalRefused, match="past its refund window"):
         subscription.check_cancel(ren, ren, c, T0 + 14 * DAY_MS + 1)
@@ -144,8 +171,12 @@ def test_mcc_mismatch_is_declined_and_flagged_matching_or_absent_passes() -> Non
     assert d is not None and d.code == "58" and d.flag == "mcc_mismatch" and "5411" in d.reason
     assert r.check_request(req(mcc="5411")) is None
     assert r.check_request(req()) is None
-    strict = MerchantRules(MerchantServicesConfig(require_mcc=True), r.merchants.values(),
-                           r.contracts.values(), r.terminals.values())
+    strict = MerchantRules(
+        MerchantServicesConfig(require_mcc=True),
+        r.merchants.values(),
+        r.contracts.values(),
+        r.terminals.values(),
+    )
     assert strict.check_request(req()).flag == "mcc_missing"  # type: ignore[union-attr]
 
 
@@ -183,8 +214,9 @@ def test_daily_refund_cap_counts_committed_and_in_flight_refunds() -> None:
     r.release("k2")
     assert r.check_request(over) is None
     # The next business day starts from zero.
-    assert r.check_request(req("refund", now_ms=T0 + 2 * DAY_MS, original=original(),
-                               reserve_key="k3")) is None
+    assert (
+        r.check_request(req("refund", now_ms=T0 + 2 * DAY_MS, original=original(), reserve_key="k3")) is None
+    )
 
 
 def test_refund_must_be_covered_by_unsettled_balance_else_51() -> None:
@@ -196,10 +228,17 @@ def test_refund_must_be_covered_by_unsettled_balance_else_51() -> None:
     assert d is not None and d.code == "51"
 
 
-@pytest.mark.parametrize(("facts", "code"), [
-    (dict(approved=False), "12"), (dict(closed_by="void"), "12"), (dict(closed_by="reversal"), "12"),
-    (dict(refunded_minor=9001), "13"), (dict(currency="840"), "12"), (dict(merchant_id="M2"), "12"),
-])
+@pytest.mark.parametrize(
+    ("facts", "code"),
+    [
+        (dict(approved=False), "12"),
+        (dict(closed_by="void"), "12"),
+        (dict(closed_by="reversal"), "12"),
+        (dict(refunded_minor=9001), "13"),
+        (dict(currency="840"), "12"),
+        (dict(merchant_id="M2"), "12"),
+    ],
+)
 def test_refund_original_state_and_cumulative(facts: dict[str, object], code: str) -> None:
     d = rules().check_request(req("refund", original=original(**facts)))
     assert d is not None and d.code == code
@@ -212,8 +251,10 @@ def test_unknown_original_is_25() -> None:
 
 # --- fees ------------------------------------------------------------------------------------------
 def test_fee_per_card_type_half_up_and_bin_class_override() -> None:
-    c = contract(bin_classes={"37828200": "corporate"}, rates={"default": Rate(bps=150, fixed_minor=10),
-                 "amex": Rate(bps=300), "corporate": Rate(bps=50)})
+    c = contract(
+        bin_classes={"37828200": "corporate"},
+        rates={"default": Rate(bps=150, fixed_minor=10), "amex": Rate(bps=300), "corporate": Rate(bps=50)},
+    )
     assert fees.fee_terms(c, VISA, 1000).fee_minor == 15 + 10
     assert fees.fee_terms(c, VISA, 1033).fee_minor == 15 + 10  # 15.495 -> 15
     assert fees.fee_terms(c, VISA, 1034).fee_minor == 16 + 10  # 15.51 -> 16
@@ -235,10 +276,10 @@ def test_fee_refund_pro_rata_cumulative_floor() -> None:
         fees.fee_refund_minor(25, 1000, 999, 2)
 
 
-@given(st.integers(1, 10**9), st.integers(0, 10**6),
-       st.lists(st.integers(1, 10**9), min_size=1, max_size=12))
-def test_fee_refunds_never_exceed_fee_and_full_refund_returns_all(amount: int, fee: int,
-                                                                  parts: list[int]) -> None:
+@given(st.integers(1, 10**9), st.integers(0, 10**6), st.lists(st.integers(1, 10**9), min_size=1, max_size=12))
+def test_fee_refunds_never_exceed_fee_and_full_refund_returns_all(
+    amount: int, fee: int, parts: list[int]
+) -> None:
     before, total = 0, 0
     for p in parts:
         p = min(p, amount - before)
@@ -253,35 +294,69 @@ def test_fee_refunds_never_exceed_fee_and_full_refund_returns_all(amount: int, f
 
 def test_fee_drafts_and_fee_refund_drafts_balance_and_link() -> None:
     r = rules()
-    (fee_d,) = r.fee_drafts(sale_rrn="000000000001", merchant_id="M1", terminal_id="T1", pan_prefix=VISA,
-                            amount_minor=1000, currency="978", at_ms=T0)
+    (fee_d,) = r.fee_drafts(
+        sale_rrn="000000000001",
+        merchant_id="M1",
+        terminal_id="T1",
+        pan_prefix=VISA,
+        amount_minor=1000,
+        currency="978",
+        at_ms=T0,
+    )
     check_balanced(fee_d.postings)
     assert fee_d.kind is EntryKind.FEE and fee_d.amount_minor == 25 and fee_d.rrn == "000000000001/fee"
-    (back,) = r.fee_refund_drafts(refund_rrn="000000000002", fee_entry=fee_d, original_amount_minor=1000,
-                                  refunded_before_minor=0, refund_minor=500, at_ms=T0)
+    (back,) = r.fee_refund_drafts(
+        refund_rrn="000000000002",
+        fee_entry=fee_d,
+        original_amount_minor=1000,
+        refunded_before_minor=0,
+        refund_minor=500,
+        at_ms=T0,
+    )
     check_balanced(back.postings)
     assert back.kind is EntryKind.FEE_REFUND and back.amount_minor == 12
     assert back.original_rrn == "000000000001/fee"
     no_fixed = rules(refund_fixed_fee=False)
-    (fee2,) = no_fixed.fee_drafts(sale_rrn="1", merchant_id="M1", terminal_id="T1", pan_prefix=VISA,
-                                  amount_minor=1000, currency="978", at_ms=T0)
-    (back2,) = no_fixed.fee_refund_drafts(refund_rrn="2", fee_entry=fee2, original_amount_minor=1000,
-                                          refunded_before_minor=0, refund_minor=1000, at_ms=T0)
+    (fee2,) = no_fixed.fee_drafts(
+        sale_rrn="1",
+        merchant_id="M1",
+        terminal_id="T1",
+        pan_prefix=VISA,
+        amount_minor=1000,
+        currency="978",
+        at_ms=T0,
+    )
+    (back2,) = no_fixed.fee_refund_drafts(
+        refund_rrn="2",
+        fee_entry=fee2,
+        original_amount_minor=1000,
+        refunded_before_minor=0,
+        refund_minor=1000,
+        at_ms=T0,
+    )
     assert back2.amount_minor == 15  # the fixed 10 stays with the switch
 
 
 def test_observe_moves_unsettled_balance_and_daily_refunds() -> None:
     r = rules()
     r.recover({}, {})
-    (fee_d,) = r.fee_drafts(sale_rrn="1", merchant_id="M1", terminal_id="T1", pan_prefix=VISA,
-                            amount_minor=1000, currency="978", at_ms=T0)
+    (fee_d,) = r.fee_drafts(
+        sale_rrn="1",
+        merchant_id="M1",
+        terminal_id="T1",
+        pan_prefix=VISA,
+        amount_minor=1000,
+        currency="978",
+        at_ms=T0,
+    )
     r.observe([fee_d])
     assert r.unsettled[("M1", "978")] == -25
 
 
 # --- deposit ---------------------------------------------------------------------------------------
-DEP = dict(deposit_minor=5000, deposit_activation_days=10, deposit_volume_minor=100_000,
-           deposit_volume_days=30)
+DEP = dict(
+    deposit_minor=5000, deposit_activation_days=10, deposit_volume_minor=100_000, deposit_volume_days=30
+)
 
 
 def test_deposit_condition_just_met_and_just_missed() -> None:
