@@ -31,10 +31,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from switch.config import LedgerConfig
 from switch.ledger.backend import NODE_MIN_LEVEL, BatchRows, LedgerBackend
-from switch.ledger.codec import ENTRY_FORMAT, prepare
+from switch.ledger.codec import ENTRY_FORMAT, decode_draft, prepare
 from switch.ledger.keys import sign_checkpoint
 from switch.ledger.merkle import Frontier
-from switch.ledger.model import Entry, EntryDraft, IdempotencyConflict, Side
+from switch.ledger.model import Entry, EntryDraft, EntryKind, IdempotencyConflict, Posting, Side
 from switch.ledger.rules import STARTING_KINDS, Book, LedgerCorrupt, LedgerRejected, family_rows
 from switch.ledger.tree import StoredTree
 
@@ -63,6 +63,15 @@ class LedgerTimeout(TimeoutError):
 
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _normal(d: EntryDraft) -> bool:
+    """True if the draft already holds the exact types decoding would give (the common case)."""
+    return (
+        type(d.kind) is EntryKind
+        and type(d.postings) is tuple
+        and all(type(p.side) is Side and type(p) is Posting for p in d.postings)
+    )
 
 
 class _Submission:
@@ -130,6 +139,8 @@ class LedgerWriter:
         if n > self._max_batch:
             raise ValueError(f"{n} drafts in one submission exceed max_batch_entries={self._max_batch}")
         bodies = [prepare(d) for d in drafts]
+        if not all(_normal(d) for d in drafts):  # e.g. kind given as a plain str: use the validated form
+            drafts = [d if _normal(d) else decode_draft(b) for d, b in zip(drafts, bodies)]
         sub = _Submission(drafts, bodies, on_done)
         with self._cond:
             if self._failure is not None:

@@ -306,3 +306,21 @@ def test_closed_writer_refuses_and_reopening_a_changed_ledger_is_refused(
 
     with pytest.raises(LedgerCorrupt, match="verify"):
         LedgerWriter(copy.open(), signing_key=signing_key)
+
+
+def test_drafts_with_plain_string_enums_are_stored_in_validated_form(
+    ledger_backend: LedgerDb, signing_key
+) -> None:
+    loose = EntryDraft(
+        idempotency_key="s",
+        kind="purchase",  # type: ignore[arg-type]
+        rrn="R",
+        at_ms=1,
+        amount_minor=5,
+        currency=CUR,
+        postings=[Posting("a", "D", 5, CUR), Posting("b", "C", 5, CUR)],  # type: ignore[arg-type]
+    )
+    with _writer(ledger_backend, signing_key) as w:
+        (entry,) = w.append([loose])
+        assert entry.draft.kind is K.PURCHASE and entry.draft.postings[0].side is Side.DEBIT
+        assert w.append([draft("r", K.REFUND, "F", 5, "R")])[0].seq == 1
