@@ -8,8 +8,10 @@ Why these choices:
   types are declared once, so Python ints always travel as int8 and bytes as bytea.
 - The connection runs in autocommit mode and `write_batch` opens its own `BEGIN ... COMMIT`: reads never
   leave an idle transaction open (which would hold back vacuum and hide later commits from a reader).
-- One writer per ledger: every write transaction takes a transaction-level advisory lock, so a second,
-  stray writer (an old process that has not died yet) waits instead of interleaving its batch.
+- One writer per ledger: a backend opened with `writer=True` (the writer thread's) holds a session-level
+  advisory lock for its life, taken before the writer loads its state; every write transaction also
+  takes the same lock at transaction level, so any other session's batch waits (bounded) instead of
+  interleaving. After a crash the new writer waits for the dead writer's session to end first.
 - Every wait is bounded: connect timeout, statement timeout (covers a COMMIT stuck on a dead disk) and
   TCP keepalives; a broken connection is reopened on the next call, never silently reused.
 
@@ -31,6 +33,7 @@ from switch.ledger.backend import (
     ENTRY_COLUMNS,
     NODE_COLUMNS,
     POSTGRES,
+    SCHEMA_VERSION,
     BatchRows,
     LedgerStorageError,
     SqlBackend,
@@ -39,6 +42,9 @@ from switch.ledger.backend import (
 #: Bounds on every wait on the server (named limits, overridable per backend).
 DEFAULT_CONNECT_TIMEOUT_S = 10
 DEFAULT_STATEMENT_TIMEOUT_MS = 30_000
+#: How long a writer waits for the previous writer's session to end (a killed process's server side
+#: may still be finishing its last COMMIT) before giving up.
+DEFAULT_WRITER_LOCK_TIMEOUT_MS = 10_000
 #: Same key for every writer of the ledger in one database: pg_advisory_xact_lock(ADVISORY_LOCK_KEY).
 ADVISORY_LOCK_KEY = 0x1ED6E5
 #: synchronous_commit values that mean "durable on this server before COMMIT returns" (or stronger).
@@ -64,12 +70,16 @@ class PostgresBackend(SqlBackend):
         create: bool = True,
         connect_timeout_s: int = DEFAULT_CONNECT_TIMEOUT_S,
         statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS,
+        writer: bool = False,
+        writer_lock_timeout_ms: int = DEFAULT_WRITER_LOCK_TIMEOUT_MS,
     ) -> None:
-        if connect_timeout_s <= 0 or statement_timeout_ms <= 0:
-            raise ValueError("connect_timeout_s and statement_timeout_ms must be positive")
+        if min(connect_timeout_s, statement_timeout_ms, writer_lock_timeout_ms) <= 0:
+            raise ValueError("connect_timeout_s, statement_timeout_ms and writer_lock_timeout_ms must be > 0")
         self.dsn = dsn
         self.connect_timeout_s = connect_timeout_s
         self.statement_timeout_ms = statement_timeout_ms
+        self.writer = writer
+        self.writer_lock_timeout_ms = writer_lock_timeout_ms
         super().__init__()
         self._copy_sql = {
             table: sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
@@ -108,10 +118,28 @@ class PostgresBackend(SqlBackend):
             level = conn.execute("SHOW synchronous_commit").fetchone()
             if level is None or level[0] not in DURABLE_COMMIT_LEVELS:
                 conn.execute("SET synchronous_commit = on")
+            if self.writer:
+                self._claim_writer(conn)
+        except psycopg.Error as exc:
+            conn.close()
+            raise LedgerStorageError(f"cannot set up ledger session on {self._where()}: {exc}") from None
         except BaseException:
             conn.close()
             raise
         return conn
+
+    def _claim_writer(self, conn: Any) -> None:
+        """Hold the ledger's writer lock for this session's life, waiting (bounded) for a previous
+        writer's session to end: its last COMMIT is then settled, so the state the writer loads next
+        (entry count, Merkle edge) is final. A live second writer makes this fail, not interleave."""
+        conn.execute(f"SET lock_timeout = {int(self.writer_lock_timeout_ms)}")
+        try:
+            conn.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
+        except psycopg.errors.LockNotAvailable:
+            raise LedgerStorageError(
+                f"another ledger writer holds {self._where()} (waited {self.writer_lock_timeout_ms} ms)"
+            ) from None
+        conn.execute("RESET lock_timeout")
 
     def _has_schema(self) -> bool:
         row = self._all("SELECT to_regclass('ledger_meta') IS NOT NULL")[0]
@@ -155,8 +183,18 @@ class PostgresBackend(SqlBackend):
 
     # --- writer side ------------------------------------------------------------------------------
     def create_schema(self) -> None:
+        """Create the schema if it is missing. An existing one is left alone (no lock taken): re-running
+        the DDL would queue behind a live writer's lock and briefly lock every table."""
         self._ensure_connected()
         try:
+            if self._has_schema():
+                version = self.meta("schema_version")
+                if version != str(SCHEMA_VERSION):
+                    raise LedgerStorageError(
+                        f"ledger schema version {version} in {self._where()} is not the supported "
+                        f"{SCHEMA_VERSION}"
+                    )
+                return
             super().create_schema()
         except psycopg.Error as exc:
             raise LedgerStorageError(f"cannot create ledger schema in {self._where()}: {exc}") from None

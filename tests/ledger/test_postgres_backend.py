@@ -151,3 +151,21 @@ def test_unreachable_server_is_a_clear_error(tmp_path: object) -> None:
 def test_open_without_schema_is_refused(pg_dsn: str) -> None:
     with pytest.raises(LedgerStorageError, match="no ledger schema"):
         PostgresBackend(pg_dsn, create=False)
+
+
+def test_one_writer_at_a_time_readers_unaffected(pg_dsn: str) -> None:
+    first = PostgresBackend(pg_dsn, writer=True)
+    with pytest.raises(LedgerStorageError, match="another ledger writer"):
+        PostgresBackend(pg_dsn, writer=True, writer_lock_timeout_ms=200)
+    reader = PostgresBackend(pg_dsn)  # opening (schema present) and reading never wait for the writer
+    first.write_batch(_batch(0, 5))
+    assert reader.entry_count() == 5
+    stray = PostgresBackend(pg_dsn, statement_timeout_ms=300)  # a non-writer session trying to write
+    with pytest.raises(LedgerStorageError, match="statement timeout"):
+        stray.write_batch(_batch(5, 5))
+    first.close()
+    second = PostgresBackend(pg_dsn, writer=True, writer_lock_timeout_ms=2_000)
+    second.write_batch(_batch(5, 5))
+    assert reader.entry_count() == 10
+    for be in (second, reader, stray):
+        be.close()
