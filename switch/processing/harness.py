@@ -203,7 +203,10 @@ class Driver:
         self.logs: list[Log] = []
         self.pending_posts: list[Post] = []
         self.all: list[Any] = []
-        self.run(recover or Recovered(now_ms=self.now_ms))
+        recover = recover or Recovered(now_ms=self.now_ms)
+        for a in recover.armed:
+            self.saf[(a.acquirer, a.rrn)] = "armed"
+        self.run(recover)
 
     # --- plumbing ---------------------------------------------------------------------------------
     def run(self, event: Any) -> list[Any]:
