@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 import sys
 import tempfile
@@ -233,7 +234,7 @@ async def _demo(args: argparse.Namespace, directory: Path, out: Any) -> dict[str
                 while trio.current_time() < until:
                     await trio.sleep(1.0)
                     t = trio.current_time() - started
-                    if not dropped and t >= args.seconds / 2:
+                    if not dropped and t >= args.seconds / 2 and not os.environ.get("DEMO_NO_DROP"):
                         link = switch.core.groups["alpha"].links[0]
                         if link._scope is not None:
                             link._scope.cancel()  # fault: one acquirer link drops mid-run
@@ -339,7 +340,7 @@ def main(args: argparse.Namespace) -> int:
     if args.seconds <= 0 or args.terminals < 1:
         print("switch demo: --seconds must be > 0 and --terminals >= 1", file=sys.stderr)
         return 2
-    logging.getLogger("switch").setLevel(logging.ERROR)  # the demo's own lines are the progress
+    logging.getLogger("switch").setLevel(logging.ERROR if not os.environ.get("DEMO_LOG") else logging.INFO)
     out = sys.stdout
     t0 = time.monotonic()
     if args.dir:

@@ -47,12 +47,11 @@ def main(args: argparse.Namespace) -> int:
         return 0
     from switch.server.app import StartupError
 
+    failed: list[BaseException] = []
     try:
         trio.run(_run, config)
-    except StartupError as exc:
+    except* (StartupError, OSError) as group:  # raised inside the nursery: unwrap for a clear line
+        failed.extend(group.exceptions)
+    for exc in failed:
         print(f"switch run: cannot start: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"switch run: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return 2 if failed else 0
