@@ -258,20 +258,19 @@ async def _demo(args: argparse.Namespace, directory: Path, out: Any) -> dict[str
                 while switch.saf.depth() > 0:
                     await trio.sleep(0.1)
             reversals_pending = switch.saf.depth()
-            completed = sum(
-                v
-                for m in switch.metrics.reversals_completed.collect()
-                for s in m.samples
-                if s.name.endswith("_total")
-                for v in [int(s.value)]
-            )
+            completed = _counter_total(switch.metrics.reversals_completed)
+            late = _counter_total(switch.metrics.unmatched)
         finally:
             nursery.cancel_scope.cancel()
     await trio.to_thread.run_sync(switch.close)
-    return _summary(config, stats, elapsed, reversals_pending, completed, sims)
+    return _summary(config, stats, elapsed, reversals_pending, completed, late)
 
 
-def _summary(config: Any, stats: Stats, elapsed: float, pending: int, completed: int, sims: dict) -> dict:
+def _counter_total(counter: Any) -> int:
+    return sum(int(s.value) for m in counter.collect() for s in m.samples if s.name.endswith("_total"))
+
+
+def _summary(config: Any, stats: Stats, elapsed: float, pending: int, completed: int, late: int) -> dict:
     backend = SqliteBackend(config.ledger.path, create=False)
     try:
         report = verify_ledger(backend, load_signing_key(config.ledger).public_key())
@@ -294,7 +293,7 @@ def _summary(config: Any, stats: Stats, elapsed: float, pending: int, completed:
         "timeouts": stats.count("68"),
         "reversals_completed": completed,
         "reversals_pending": pending,
-        "late_answers_dropped": 0,
+        "late_answers_dropped": late,
         "duplicates_answered": stats.duplicates_answered,
         "double_postings": double,
         "errors": stats.errors,
@@ -325,6 +324,7 @@ def _table(s: dict[str, Any], out: Any) -> None:
         ("timeouts (68)", s["timeouts"]),
         ("reversals completed", s["reversals_completed"]),
         ("reversals pending", s["reversals_pending"]),
+        ("late answers dropped", s["late_answers_dropped"]),
         ("duplicates answered", s["duplicates_answered"]),
         ("double postings", s["double_postings"]),
         ("terminal errors", s["errors"]),
