@@ -128,6 +128,8 @@ class Processor:
         self.counters: Counter[str] = Counter()
         self._ids = itertools.count(1)
         self._current: Txn | None = None  # the transaction a TerminalRequest created (for _contain)
+        #: late acquirer answers waiting for FindOriginal (bounded by max_open_transactions)
+        self._late_lookups: dict[int, dict[str, Any]] = {}
         self._inst = pc.institution_id
         self._handlers: dict[type, Callable[[Any, Out], None]] = {
             TerminalRequest: self._on_request,
@@ -393,6 +395,12 @@ class Processor:
             out.append(FindOriginal(txn.txn_id, rrn=c))
 
     def _on_original(self, ev: OriginalFound, out: Out) -> None:
+        late = self._late_lookups.pop(ev.txn_id, None)
+        if late is not None:
+            if ev.drafts and self.book.find_rrn(late["37"]) is None:
+                self.book.apply_all(ev.drafts, count_totals=False)
+            self._late(late, out, looked_up=True)
+            return
         txn = self.live.get(ev.txn_id)
         if txn is None or txn.stage is not Stage.LOOKUP or not txn.candidates:
             return
@@ -569,7 +577,10 @@ class Processor:
     def _on_answer(self, ev: AcquirerAnswered, out: Out) -> None:
         txn = self.live.get(ev.txn_id)
         if txn is None or txn.stage is not Stage.AWAITING:
-            self._late(ev.fields, out)
+            if len(self._late_lookups) < self.config.max_open_transactions:
+                self._late(ev.fields, out)
+            else:
+                self._late(ev.fields, out, looked_up=True)
             return
         a = ev.fields
         rc = a.get("39")
@@ -656,11 +667,17 @@ class Processor:
         out.append(QueueReversal(txn.acquirer, txn.rrn, fields.reversal(txn, self._inst, now_ms)))
         self._decline(txn, code, "no usable answer from the acquirer; reversal queued", out)
 
-    def _late(self, a: dict[str, Any], out: Out) -> None:
+    def _late(self, a: dict[str, Any], out: Out, looked_up: bool = False) -> None:
         """An answer after the terminal was told it timed out: never delivered; an approval is posted
         together with its reversal so the ledger shows the charge and its undoing."""
         rrn = a.get("37")
         txn = self.book.find_rrn(rrn) if isinstance(rrn, str) else None
+        if txn is None and isinstance(rrn, str) and rrn and looked_up is False:
+            # forgotten (cache bound or restart): the ledger knows whether it timed out
+            lookup_id = next(self._ids)
+            self._late_lookups[lookup_id] = a
+            out.append(FindOriginal(lookup_id, rrn=rrn))
+            return
         if txn is None or not (txn.reversal_queued or txn.status is Status.TIMED_OUT):
             self.counters["unmatched_answers"] += 1
             out.append(Log("warning", "unmatched_answer", "acquirer answer matching no transaction dropped"))
