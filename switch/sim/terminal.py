@@ -15,9 +15,9 @@ Messages (field numbers; docs/messages.md has the full table):
   the original by its retrieval reference number.
 - reversal 0400 (repeat 0401, same STAN): the original's 2, 3, 4, 49, a new STAN, 37 when the original
   got one, and 90 = original MTI + STAN + MMDDhhmmss + 22 zeros.
-- settlement 0500 pc 920000: 74 refunds count, 76 debits count (purchases, completions), 86 refunds
-  amount, 88 debits amount; the totals of approved transactions since the last settlement, voids and
-  reversals subtracted.
+- settlement 0500 pc 920000: the ISO 8583:1987 totals of approved transactions since the last
+  settlement, gross, with reversals on their own lines: 74/86 credits (refunds), 75/87 credit reversals,
+  76/88 debits (purchases, completions), 77/89 debit reversals (voids, reversals of debits).
 
 Sign-on keys: the MAC working key comes from a ``key_handler(answer_fields) -> bytes | None`` (the
 sign-on answer carries it encrypted under the terminal master key; switch.codec.keys unwraps it), or is
@@ -172,20 +172,46 @@ class StanCounter:
         return f"{self._last:06d}"
 
 
-class _Totals:
-    def __init__(self) -> None:
-        self.debit_count = 0
-        self.debit_minor = 0
-        self.refund_count = 0
-        self.refund_minor = 0
+#: Settlement line -> (count field, amount field), ISO 8583:1987 reconciliation totals.
+SETTLEMENT_LINE_FIELDS = {
+    "credits": ("74", "86"),
+    "credit_reversals": ("75", "87"),
+    "debits": ("76", "88"),
+    "debit_reversals": ("77", "89"),
+}
+_DEBIT_KINDS = ("purchase", "completion")
 
-    def apply(self, kind: str, amount: int, sign: int) -> None:
-        if kind in ("purchase", "completion"):
-            self.debit_count += sign
-            self.debit_minor += sign * amount
+
+class _Totals:
+    """Counts and amounts per settlement line; gross lines never shrink, reversals have their own."""
+
+    def __init__(self) -> None:
+        self.lines = {line: [0, 0] for line in SETTLEMENT_LINE_FIELDS}
+
+    def _add(self, line: str, amount: int) -> None:
+        self.lines[line][0] += 1
+        self.lines[line][1] += amount
+
+    def approved(self, kind: str, amount: int) -> None:
+        if kind in _DEBIT_KINDS:
+            self._add("debits", amount)
         elif kind == "refund":
-            self.refund_count += sign
-            self.refund_minor += sign * amount
+            self._add("credits", amount)
+
+    def reversed(self, original_kind: str, amount: int) -> None:
+        """A void or reversal of an approved `original_kind` transaction."""
+        if original_kind in _DEBIT_KINDS:
+            self._add("debit_reversals", amount)
+        elif original_kind == "refund":
+            self._add("credit_reversals", amount)
+
+    def fields(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for line, (count_field, amount_field) in SETTLEMENT_LINE_FIELDS.items():
+            count, amount = self.lines[line]
+            out[count_field] = f"{count:010d}"
+            out[amount_field] = f"{amount:016d}"
+        return out
 
 
 class TerminalSim:
@@ -345,10 +371,10 @@ class TerminalSim:
             fields["52"] = pin_block_hex.upper()
         return fields
 
-    async def _financial(self, kind: str, mti: str, fields: dict[str, Any], sign: int = 1) -> TxnResult:
+    async def _financial(self, kind: str, mti: str, fields: dict[str, Any]) -> TxnResult:
         result = await self.exchange({"t": mti, **fields}, kind)
         if result.approved:
-            self.totals.apply(kind, result.amount_minor, sign)
+            self.totals.approved(kind, result.amount_minor)
         return result
 
     async def purchase(
@@ -374,7 +400,7 @@ class TerminalSim:
         fields = {**self._card(original.pan, original.amount_minor, "020000", None, None), "37": original.rrn}
         result = await self._financial("void", "0200", fields)
         if result.approved:
-            self.totals.apply(original.kind, original.amount_minor, -1)
+            self.totals.reversed(original.kind, original.amount_minor)
         return result
 
     async def refund(self, original: TxnResult, amount_minor: int | None = None) -> TxnResult:
@@ -394,7 +420,7 @@ class TerminalSim:
             {"t": mti, **fields}, "reversal", stan=repeat_of.stan if repeat_of is not None else None
         )
         if result.approved and original.approved:
-            self.totals.apply(original.kind, original.amount_minor, -1)
+            self.totals.reversed(original.kind, original.amount_minor)
         return result
 
     async def balance_inquiry(self, pan: str, *, pin_block_hex: str | None = None) -> TxnResult:
@@ -403,16 +429,7 @@ class TerminalSim:
         )
 
     async def settlement(self) -> TxnResult:
-        t = self.totals
-        fields = {
-            "t": "0500",
-            "3": "920000",
-            "49": self.config.currency,
-            "74": f"{t.refund_count:010d}",
-            "76": f"{t.debit_count:010d}",
-            "86": f"{t.refund_minor:016d}",
-            "88": f"{t.debit_minor:016d}",
-        }
+        fields = {"t": "0500", "3": "920000", "49": self.config.currency, **self.totals.fields()}
         result = await self.exchange(fields, "settlement")
         if result.approved:
             self.totals = _Totals()

@@ -90,11 +90,13 @@ async def test_inquiry_echo_and_signon(tmp_path: Path) -> None:
 @trio_test
 async def test_settlement_balanced_then_out_of_balance(tmp_path: Path) -> None:
     async with running_switch(tmp_path) as h, signed_on(h) as term:
-        for n in range(3):
-            assert (await term.purchase(card(ALPHA_BIN, 8), 1_000 + n)).response_code == "00"
-        balanced = await term.settlement()
+        sales = [await term.purchase(card(ALPHA_BIN, 8), 1_000 + n) for n in range(3)]
+        assert [s.response_code for s in sales] == ["00"] * 3
+        assert (await term.void(sales[0])).response_code == "00"
+        assert (await term.refund(sales[1], 300)).response_code == "00"
+        balanced = await term.settlement()  # gross lines plus reversal lines agree with the ledger
         assert balanced.response_code == "00"
         await term.purchase(card(ALPHA_BIN, 8), 50)
-        term.totals.debit_minor += 1  # the terminal's batch disagrees with the ledger by 1 cent
+        term.totals.lines["debits"][1] += 1  # the terminal's batch disagrees with the ledger by 1 cent
         out = await term.settlement()
         assert out.response_code == "95"

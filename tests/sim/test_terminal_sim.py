@@ -184,17 +184,16 @@ async def test_settlement_sends_totals_of_approved_transactions() -> None:
         b = await term.purchase(PAN, 400)
         await term.void(b)
         assert (await term.settlement()).approved
-        assert term.totals.debit_count == 0  # reset after a balanced settlement
+        assert term.totals.lines["debits"] == [0, 0]  # reset after a balanced settlement
 
     await with_terminal(fake, body)
     s = fake.received[-1]
     assert s["t"] == "0500"
-    assert (s["76"], s["88"], s["74"], s["86"]) == (
-        "0000000002",
-        "0000000000003000",
-        "0000000001",
-        "0000000000000300",
-    )
+    # Gross lines plus reversal lines, as ISO 8583:1987 reconciliation totals count them.
+    assert (s["76"], s["88"]) == ("0000000003", "0000000000003400")  # debits: three purchases
+    assert (s["77"], s["89"]) == ("0000000001", "0000000000000400")  # debit reversals: the void
+    assert (s["74"], s["86"]) == ("0000000001", "0000000000000300")  # credits: the refund
+    assert (s["75"], s["87"]) == ("0000000000", "0000000000000000")
 
 
 @trio_test
