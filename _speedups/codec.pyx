@@ -623,9 +623,9 @@ cdef object _enc_len(Op* op, long long length):
     return None
 
 
-cdef object _enc_field(Op* op, object value, dict de, object key, PyObject** pieces, int* npieces,
-                       Py_ssize_t* total):
-    """Encode one field into de[key] and the output piece list; False to bail."""
+cdef object _enc_field(Op* op, object value, dict de, list keep, object key, PyObject** pieces,
+                       int* npieces, Py_ssize_t* total):
+    """Encode one field into de[key] (or `keep`, which holds the pieces alive) and the piece list."""
     cdef long long enc_len = 0
     if op.kind != KIND_FIELD:
         return False
@@ -644,6 +644,9 @@ cdef object _enc_field(Op* op, object value, dict de, object key, PyObject** pie
             return False
     if de is not None:
         PyDict_SetItem(de, key, _pair(len_bytes, data))
+    else:
+        keep.append(len_bytes)
+        keep.append(data)
     pieces[npieces[0]] = <PyObject*>len_bytes
     pieces[npieces[0] + 1] = <PyObject*>data
     npieces[0] += 2
@@ -716,6 +719,7 @@ cdef object _encode_fast(Plan plan, dict dd, bint lean):
     cdef uint64_t bm[3]
     cdef uint64_t word
     cdef dict de
+    cdef list keep
     cdef object hex0 = None, hex1 = None, hex2 = None
     cdef char* dst
     bm[0] = bm[1] = bm[2] = 0
@@ -731,11 +735,13 @@ cdef object _encode_fast(Plan plan, dict dd, bint lean):
         bm[1] |= (<uint64_t>1) << 63
     if bm[1]:
         bm[0] |= (<uint64_t>1) << 63
+    # Pieces are borrowed from de's pairs, or from `keep` when there is no de to build.
+    keep = [] if lean else None
     de = None if lean else PyDict_Copy(<object>PyTuple_GET_ITEM(plan.template(bm[0], bm[1], bm[2]), 1))
 
     if plan.has_header:
         item = PyDict_GetItem(dd, K_H)
-        if item == NULL or not _enc_field(&plan.h, <object>item, de, K_H, pieces, &npieces, &total):
+        if item == NULL or not _enc_field(&plan.h, <object>item, de, keep, K_H, pieces, &npieces, &total):
             return None
     item = PyDict_GetItem(dd, K_T)
     if item == NULL or plan.t.kind != KIND_FIELD:
@@ -792,7 +798,7 @@ cdef object _encode_fast(Plan plan, dict dd, bint lean):
             item = PyDict_GetItem(dd, key)
             if item == NULL:
                 return None
-            if not _enc_field(&plan.ops[base + lz + 1], <object>item, de, key, pieces, &npieces, &total):
+            if not _enc_field(&plan.ops[base + lz + 1], <object>item, de, keep, key, pieces, &npieces, &total):
                 return None
 
     out = PyByteArray_FromStringAndSize(NULL, total)

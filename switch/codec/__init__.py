@@ -6,6 +6,10 @@ same exception: `DecodeError`/`EncodeError` here are subclasses of pyiso8583's w
 `field`, `pos` and partial dicts; other exceptions pyiso8583 lets escape (TypeError for a non-bytes
 input, KeyError for a field the spec lacks) escape unchanged.
 
+For the switch's own hot path, `decode_fields(data, spec)` is `decode(...)[0]` and
+`encode_bytes(fields, spec)` is `encode(...)[0]` without touching `fields`: they skip pyiso8583's
+per-field "encoded" dict, which costs more to build than everything else together (docs/messages.md).
+
 Two paths:
 - fast (`FAST_PATH` true): the Cython extension `switch._speedups.codec` runs a plan compiled once per
   spec object (switch.codec.plan). It returns only for input it is certain about; anything malformed or
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping
 from typing import Any, Final
 
 import iso8583
@@ -39,7 +43,9 @@ __all__ = [
     "EncodeError",
     "configure",
     "decode",
+    "decode_fields",
     "encode",
+    "encode_bytes",
     "forget_spec",
     "get_spec",
     "uncovered",
@@ -150,9 +156,19 @@ if _fast is not None:
     FAST_PATH = not PURE_REQUESTED
     decode = _fast.decode
     encode = _fast.encode
+    decode_fields = _fast.decode_fields
+    encode_bytes = _fast.encode_bytes
 else:
     decode = _reference_decode
     encode = _reference_encode
+
+    def decode_fields(s: Any, spec: Mapping[str, Any]) -> DecodedDict:
+        """decode(s, spec)[0]: the decoded fields only (no encoded dict to build)."""
+        return _reference_decode(s, spec)[0]
+
+    def encode_bytes(doc_dec: Any, spec: Mapping[str, Any]) -> bytearray:
+        """encode(doc_dec, spec)[0], leaving doc_dec untouched."""
+        return _reference_encode(doc_dec.copy() if isinstance(doc_dec, dict) else doc_dec, spec)[0]
 
 
 def use_fast_path(enabled: bool) -> bool:
@@ -187,7 +203,3 @@ def uncovered(spec: Mapping[str, Any]) -> tuple[str, ...]:
     """The spec entries the fast path leaves to pyiso8583, as "field: reason" (empty: all covered)."""
     return compile_spec(spec).uncovered
 
-
-def encode_copy(fields: MutableMapping[str, str], spec: Mapping[str, Any]) -> tuple[bytearray, EncodedDict]:
-    """encode() without touching the caller's dict (pyiso8583's encode writes "p"/"1" into it)."""
-    return encode(dict(fields), spec)
