@@ -39,6 +39,7 @@ from switch.processing import (
     HmacPanHasher,
     LedgerCommitted,
     LedgerFailed,
+    Log,
     OriginalFound,
     Post,
     PrefixRouter,
@@ -149,6 +150,7 @@ class Sim:
         self.pending_deadline: dict[int, int] = {}  # txn_id -> deadline, for server-side matching
         self.sent = 0
         self.stats: dict[str, int] = defaultdict(int)
+        self.internal_errors: list[str] = []
         self.late_approved: set[str] = set()  # late approvals of transactions the ledger shows timed out
         self.failed_keys: set[str] = set()  # idempotency keys of posts the sim made fail
         self.terminal_answers: list[tuple[str, dict[str, Any]]] = []
@@ -215,6 +217,8 @@ class Sim:
             self.at(self.rng.randint(5, 200), "saf")
         elif isinstance(d, FindOriginal):
             self.at(self.rng.randint(1, 4), "found", (inc, d))
+        elif isinstance(d, Log) and d.level == "error" and d.event == "internal_error":
+            self.internal_errors.append(d.text)
         elif isinstance(d, ReserveRrns):
             start = self.rrn_high
             self.rrn_high += d.count  # durable before the grant
@@ -521,6 +525,7 @@ class Sim:
             assert pair <= late_keys or pair & self.failed_keys, (
                 f"late approval {rrn} not posted with its reversal"
             )
+        assert not self.internal_errors, f"the core hit bugs: {self.internal_errors[:3]}"
         assert not self.saf_armed, f"armed reversals never fired nor released: {list(self.saf_armed)[:3]}"
         assert self.proc.in_flight == 0, "transactions left in flight"
         assert sum(self.ledger.balances().values()) == 0
