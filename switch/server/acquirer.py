@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import trio
 
 from switch.codec.framing import FramingError
+from switch.codec.wire import MacFn, Wire, WireError, make_mac_fn
 from switch.config import AcquirerConfig
 from switch.routing.link_state import (
     Connect,
@@ -33,7 +34,6 @@ from switch.routing.link_state import (
 from switch.routing.matching import LinkFullError, LinkMatcher, Matched, MatchingError, Pending
 from switch.server.limits import LimitLog
 from switch.server.metrics import Metrics
-from switch.server.wire import MacFn, Wire, WireError, retail_mac_fn
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class AcquirerLink:
         self.metrics = metrics
         self.wire = Wire(config.profile, config.framing)
         self.mac_fn: MacFn | None = (
-            retail_mac_fn(bytes.fromhex(config.mac_key_hex)) if config.mac_key_hex else None
+            make_mac_fn(bytes.fromhex(config.mac_key_hex)) if config.mac_key_hex else None
         )
         # STAN ranges per link start apart so a log reader can tell links apart.
         self.matcher: LinkMatcher[Any] = LinkMatcher.from_config(config, stan_start=1 + index * 100_000)

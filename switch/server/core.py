@@ -31,6 +31,7 @@ import trio
 
 from switch.codec import keys as keymod
 from switch.codec.masking import scrub_text
+from switch.codec.wire import MacFn, Wire, WireError, has_mac, make_mac_fn
 from switch.config import SwitchConfig
 from switch.ledger.model import Entry
 from switch.processing import decisions as d
@@ -43,7 +44,6 @@ from switch.server.ledger_reader import LedgerReader
 from switch.server.metrics import Metrics
 from switch.server.rrn_store import RrnStore
 from switch.server.terminal import TerminalConnection
-from switch.server.wire import MacFn, Wire, WireError, retail_mac_fn
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class TerminalKeys:
         pin_key = keymod.generate_working_key()
         mac_key = keymod.generate_working_key()
         field = keymod.build_signon_field(tmk, pin_key, mac_key)
-        self._mac[terminal_id] = retail_mac_fn(mac_key)
+        self._mac[terminal_id] = make_mac_fn(mac_key)
         return field.hex().upper()
 
 
@@ -200,10 +200,10 @@ class SwitchCore:
                 code70 = fields.get("70", "")
                 network = mti[1] == "8"
                 if not (
-                    network and (code70 in SIGN_ON_CODES or (code70 == ECHO_CODE and not _has_mac(fields)))
+                    network and (code70 in SIGN_ON_CODES or (code70 == ECHO_CODE and not has_mac(fields)))
                 ):
                     mac_fn = self.keys.mac_fn(tid)
-                    if mac_fn is None or not _has_mac(fields) or not _verified(wire, payload, mac_fn):
+                    if mac_fn is None or not has_mac(fields) or not wire.verify(payload, mac_fn):
                         self.metrics.mac_failures.labels("terminal").inc()
                         conn.request_started()
                         self._remember(conn, fields, t0)
@@ -257,7 +257,7 @@ class SwitchCore:
         if mac and mac_fn is None:
             mac_fn = self.keys.mac_fn(fields.get("41") or conn.terminal_id)
         try:
-            payload = wire.encode(dict(fields), mac_fn)
+            payload = wire.encode(fields, mac_fn)
         except Exception as exc:  # an answer the profile cannot carry: 96 instead
             log.error("%s: cannot encode answer MTI %s: %s", conn.peer, mti, scrub_text(str(exc)))
             base = {k: fields[k] for k in ("t", "11", "41", "42") if k in fields}
@@ -267,7 +267,7 @@ class SwitchCore:
         req = self._requests.pop(key, None)
         if req is None and fields.get("39") == "30":
             req = self._requests.pop((conn.conn_id, mti[:2], ""), None)
-        conn.send(wire.frame(payload, conn.tpdu))
+        conn.send(wire.frame_reply(payload, conn.tpdu))
         self.metrics.inflight.dec()
         if req is not None:
             self.metrics.answered(req.mti, req.pc, fields.get("39", ""), time.perf_counter() - req.t0)
@@ -547,17 +547,6 @@ class SwitchCore:
             else:
                 self.metrics.advices_completed.labels(acquirer).inc()
             self._events.append(ev.StoreForwardCompleted(acquirer, rrn, kind, rc, now))
-
-
-def _has_mac(fields: dict) -> bool:
-    return "64" in fields or "128" in fields
-
-
-def _verified(wire: Wire, payload: bytes, mac_fn: MacFn) -> bool:
-    try:
-        return wire.verify(payload, mac_fn)
-    except ValueError:  # MacError: the MAC field is not where the profile puts it
-        return False
 
 
 def _bare_answer(fields: dict, code: str) -> dict:

@@ -32,8 +32,8 @@ import msgspec
 import trio
 
 from switch.codec.masking import mask_pan
+from switch.codec.wire import FramingError, MacFn, Wire, WireError, mac_fn_from_hex
 from switch.config import FramingKind
-from switch.sim.wire import FramingError, SimWire, SimWireError
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,8 @@ class AcquirerSim:
 
     def __init__(self, config: AcquirerSimConfig) -> None:
         self.config = config
-        self.wire = SimWire(config.profile, config.framing, config.mac_key_hex)
+        self.wire = Wire(config.profile, config.framing)
+        self.mac_fn: MacFn | None = mac_fn_from_hex(config.mac_key_hex)
         self.records = SimRecords()
         self._rng = random.Random(config.seed)
         self._balances: dict[str, int] = dict(config.balances)
@@ -426,8 +427,8 @@ class _Connection:
                 return
             for fr in frames:
                 try:
-                    fields, mac_ok = sim.wire.decode_with_mac(fr.payload)
-                except SimWireError as exc:
+                    fields, mac_ok = sim.wire.decode_verified(fr.payload, sim.mac_fn)
+                except WireError as exc:
                     sim.records.undecodable += 1
                     log.warning(
                         "acquirer simulator %s: undecodable request dropped: %s", sim.config.name, exc
@@ -466,8 +467,10 @@ class _Connection:
                 data = sim.wire.frame(b"\xffGARBAGE" + bytes(sim._rng.getrandbits(8) for _ in range(16)))
             else:
                 try:
-                    data = sim.wire.frame(sim.wire.encode(answer, wrong_mac=fault is Fault.WRONG_MAC))
-                except SimWireError as exc:
+                    data = sim.wire.frame(
+                        sim.wire.encode(answer, sim.mac_fn, wrong_mac=fault is Fault.WRONG_MAC)
+                    )
+                except WireError as exc:
                     log.error("acquirer simulator %s: cannot encode answer: %s", sim.config.name, exc)
                     return
             self.send_out.send_nowait(data)

@@ -41,8 +41,8 @@ import trio
 
 from switch.codec import keys
 from switch.codec.masking import mask_fields, mask_pan
+from switch.codec.wire import FramingError, MacFn, Wire, WireError, mac_fn_from_hex, make_mac_fn
 from switch.config import FramingKind
-from switch.sim.wire import FramingError, SimWire, SimWireError
 
 RECEIVE_BYTES = 65_536
 KeyHandler = Callable[[dict[str, Any]], bytes | None]
@@ -228,7 +228,11 @@ class TerminalSim:
         if len(config.terminal_id) != 8 or len(config.merchant_id) != 15:
             raise TerminalError("terminal_id must be 8 characters and merchant_id 15 (fields 41, 42)")
         self.config = config
-        self.wire = SimWire(config.profile, config.framing, config.mac_key_hex, tpdu=bool(config.tpdu_hex))
+        self.wire = Wire(config.profile, config.framing, tpdu=bool(config.tpdu_hex))
+        #: MAC of requests and check of answers: None until a sign-on delivers a key (or a static key).
+        self.mac_fn: MacFn | None = mac_fn_from_hex(config.mac_key_hex)
+        #: Fault injection: send requests whose MAC cannot verify (the switch must answer A0).
+        self.wrong_mac = False
         self.tpdu = bytes.fromhex(config.tpdu_hex) if config.tpdu_hex else None
         self.stream = stream
         self.clock: Clock = clock or dt.datetime.now
@@ -260,8 +264,8 @@ class TerminalSim:
                     return
                 for fr in reader.feed(data):
                     try:
-                        fields, mac_ok = self.wire.decode_with_mac(fr.payload)
-                    except SimWireError:
+                        fields, mac_ok = self.wire.decode_verified(fr.payload, self.mac_fn)
+                    except WireError:
                         self.unmatched += 1
                         continue
                     waiter = self._waiting.get(str(fields.get("11", "")))
@@ -297,8 +301,8 @@ class TerminalSim:
         if key in self._waiting:
             raise TerminalError(f"STAN {key} is already in flight on this terminal")
         try:
-            data = self.wire.frame(self.wire.encode(fields), self.tpdu)
-        except SimWireError as exc:
+            data = self.wire.frame(self.wire.encode(fields, self.mac_fn, wrong_mac=self.wrong_mac), self.tpdu)
+        except WireError as exc:
             raise TerminalError(f"cannot encode {fields.get('t')}: {exc}") from None
         async with self._slots:
             event = trio.Event()
@@ -338,13 +342,17 @@ class TerminalSim:
             answer=answer,
         )
 
+    def set_mac_key(self, key16: bytes | None) -> None:
+        """Start (or stop, with None) MACing: e.g. after a sign-on delivered a new MAC working key."""
+        self.mac_fn = make_mac_fn(key16) if key16 is not None else None
+
     # --- transactions ---------------------------------------------------------------------------
     async def sign_on(self) -> TxnResult:
         result = await self.exchange({"t": "0800", "70": "001"}, "sign_on")
         if result.approved and self.key_handler is not None:
             key = self.key_handler(result.answer)
             if key is not None:
-                self.wire.set_mac_key(key)
+                self.set_mac_key(key)
         return result
 
     async def echo(self) -> TxnResult:

@@ -101,8 +101,7 @@ async def test_bad_mac_answers_a0_and_posts_nothing(tmp_path: Path) -> None:
         async with TerminalSim.connect(h.terminal_config(0)) as term:
             r = await term.sign_on()
             assert r.response_code == "00"
-            plain_encode = term.wire.encode
-            term.wire.encode = lambda fields: plain_encode(fields, wrong_mac=True)  # a MAC that cannot verify
+            term.wrong_mac = True  # a MAC that cannot verify
             with_bad_mac = await term.exchange(
                 {
                     "t": "0200",

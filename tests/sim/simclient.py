@@ -9,24 +9,26 @@ from typing import Any
 
 import trio
 
-from switch.sim.wire import FrameReader, SimWire, SimWireError
+from switch.codec.wire import FrameReader, MacFn, Wire, WireError, make_mac_fn
 
 MAC_KEY = "0123456789ABCDEFFEDCBA9876543210"
 
 
 class Client:
-    def __init__(self, stream: trio.SocketStream, wire: SimWire) -> None:
+    def __init__(self, stream: trio.SocketStream, wire: Wire, mac_fn: MacFn | None = None) -> None:
         self.stream = stream
         self.wire = wire
+        self.mac_fn = mac_fn
         self.reader: FrameReader = wire.reader(65_535)
         self.frames: list[bytes] = []
 
     @classmethod
     async def connect(cls, port: int, mac_key_hex: str = "", profile: str = "acquirer_1987") -> Client:
-        return cls(await trio.open_tcp_stream("127.0.0.1", port), SimWire(profile, "binary2", mac_key_hex))
+        mac_fn = make_mac_fn(bytes.fromhex(mac_key_hex)) if mac_key_hex else None
+        return cls(await trio.open_tcp_stream("127.0.0.1", port), Wire(profile, "binary2"), mac_fn)
 
     async def send(self, fields: dict[str, Any]) -> None:
-        await self.stream.send_all(self.wire.frame(self.wire.encode(fields)))
+        await self.stream.send_all(self.wire.frame(self.wire.encode(fields, self.mac_fn)))
 
     async def next_payload(self, timeout_s: float = 10.0) -> bytes | None:
         """The next frame's payload, or None when the peer closed the connection."""
@@ -41,7 +43,7 @@ class Client:
     async def receive(self, timeout_s: float = 10.0) -> dict[str, Any]:
         payload = await self.next_payload(timeout_s)
         assert payload is not None, "connection closed"
-        fields, mac_ok = self.wire.decode_with_mac(payload)
+        fields, mac_ok = self.wire.decode_verified(payload, self.mac_fn)
         assert mac_ok, "answer MAC does not verify"
         return fields
 
@@ -61,4 +63,4 @@ def trio_test(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
     return run
 
 
-__all__ = ["MAC_KEY", "Client", "SimWireError", "trio_test"]
+__all__ = ["MAC_KEY", "Client", "WireError", "trio_test"]

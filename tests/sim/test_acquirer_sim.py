@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import trio
 
+from switch.codec.wire import WireError
 from switch.sim.acquirer import AcquirerSim, AcquirerSimConfig, Fault
-from switch.sim.wire import SimWireError
 from tests.sim.simclient import MAC_KEY, Client, trio_test
 
 PAN = "4111111111111111"
@@ -172,7 +172,7 @@ async def test_garbage_fault_sends_an_undecodable_frame() -> None:
         await c.send(purchase(POOR))
         payload = await c.next_payload()
         assert payload is not None
-        with pytest.raises(SimWireError):
+        with pytest.raises(WireError):
             c.wire.decode(payload)
         assert (await c.request(purchase()))["39"] == "00"  # connection still usable
 
@@ -185,9 +185,9 @@ async def test_wrong_mac_fault_and_requests_with_bad_mac_are_dropped() -> None:
 
     async def body(sim: AcquirerSim, c: Client) -> None:
         await c.send(purchase(POOR))
-        fields, mac_ok = c.wire.decode_with_mac(await c.next_payload())
+        fields, mac_ok = c.wire.decode_verified(await c.next_payload(), c.mac_fn)
         assert fields["39"] == "00" and not mac_ok
-        await c.stream.send_all(c.wire.frame(c.wire.encode(purchase(), wrong_mac=True)))
+        await c.stream.send_all(c.wire.frame(c.wire.encode(purchase(), c.mac_fn, wrong_mac=True)))
         assert (await c.request({"t": "0800", "11": "000009", "70": "301"}))["t"] == "0810"
         assert not c.frames and sim.records.bad_macs == 1
 

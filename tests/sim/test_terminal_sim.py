@@ -12,8 +12,8 @@ import pytest
 import trio
 
 from switch.codec import keys
+from switch.codec.wire import MacFn, Wire, make_mac_fn, swap_tpdu
 from switch.sim.terminal import TerminalError, TerminalSim, TerminalSimConfig, parse_amount, run_mix
-from switch.sim.wire import SimWire, swap_tpdu
 from tests.sim.simclient import trio_test
 
 PAN = "4111111111111111"
@@ -28,7 +28,8 @@ class FakeSwitch:
     answer carries fresh working keys in field 62 encrypted under the terminal's TMK."""
 
     def __init__(self, profile: str = "terminal_ascii", tpdu: bool = False, silent_mti: str = "") -> None:
-        self.wire = SimWire(profile, "binary2", tpdu=tpdu)
+        self.wire = Wire(profile, "binary2", tpdu=tpdu)
+        self.mac_fn: MacFn | None = None
         self.received: list[dict[str, Any]] = []
         self.mac_results: list[bool] = []
         self.tpdus: list[bytes | None] = []
@@ -47,7 +48,7 @@ class FakeSwitch:
             for fr in reader.feed(data):
                 payload, tpdu = fr.payload, fr.tpdu
                 self.tpdus.append(tpdu)
-                fields, mac_ok = self.wire.decode_with_mac(payload)
+                fields, mac_ok = self.wire.decode_verified(payload, self.mac_fn)
                 self.received.append(fields)
                 self.mac_results.append(mac_ok)
                 if fields["t"] == self.silent_mti:
@@ -62,10 +63,10 @@ class FakeSwitch:
                     answer["37"] = f"{self.rrn:012d}"
                 if fields.get("70") == "001":
                     answer["62"] = keys.build_signon_field(TMK, PIN_KEY, MAC_KEY).hex().upper()
-                raw = self.wire.encode(answer)
+                raw = self.wire.encode(answer, self.mac_fn)
                 out.append(self.wire.frame(raw, swap_tpdu(tpdu) if tpdu else None))
                 if fields.get("70") == "001":
-                    self.wire.set_mac_key(MAC_KEY)
+                    self.mac_fn = make_mac_fn(MAC_KEY)
             if out:
                 await stream.send_all(b"".join(reversed(out)))
 
@@ -106,7 +107,7 @@ async def test_wrong_master_key_installs_nothing() -> None:
         async with TerminalSim.connect(cfg) as term:
             with pytest.raises(TerminalError, match="check value mismatch"):
                 await term.sign_on()
-            assert term.wire.mac_fn is None
+            assert term.mac_fn is None
         nursery.cancel_scope.cancel()
 
 
