@@ -132,15 +132,14 @@ class Book:
             self.open_holds.pop(d.rrn, None)
 
     def _outcome(self, d: EntryDraft, count_totals: bool) -> None:
-        memo = parse_memo(d.memo)
         if d.kind is EntryKind.SETTLEMENT:
             if count_totals:
                 self.close_batch(d.terminal_id, d.at_ms)
             return
         txn = self._record(d.rrn)
-        flow = Flow(memo["flow"]) if "flow" in memo else _KIND_FLOW.get(d.kind, Flow.PURCHASE)
         if txn.stage is Stage.DONE and not txn.key:  # a record rebuilt from the ledger
-            txn.flow = flow
+            memo = parse_memo(d.memo)
+            txn.flow = Flow(memo["flow"]) if "flow" in memo else _KIND_FLOW.get(d.kind, Flow.PURCHASE)
             txn.key = key_terminal_key(d.idempotency_key)
             txn.terminal_id, txn.merchant_id = d.terminal_id, d.merchant_id
             txn.at_ms, txn.amount_minor, txn.currency = d.at_ms, d.amount_minor, d.currency

@@ -27,9 +27,17 @@ ECHO_FIELDS = ("3", "4", "11", "12", "13", "24", "25", "41", "42", "49")
 POS_FIELDS = ("18", "22", "23", "25", "26", "43")
 
 
+_last_second = [-1, ""]
+
+
 def transmission_time(now_ms: int) -> str:
-    """Field 7, MMDDhhmmss in UTC."""
-    return dt.datetime.fromtimestamp(now_ms / 1000, tz=dt.UTC).strftime("%m%d%H%M%S")
+    """Field 7, MMDDhhmmss in UTC (formatted once per second: strftime costs more than the rest of a
+    purchase's field building)."""
+    second = now_ms // 1000
+    if second != _last_second[0]:
+        _last_second[1] = dt.datetime.fromtimestamp(second, tz=dt.UTC).strftime("%m%d%H%M%S")
+        _last_second[0] = second
+    return _last_second[1]
 
 
 def response_mti(mti: str) -> str:

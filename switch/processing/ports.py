@@ -94,7 +94,7 @@ class HmacPanHasher:
         self._key = key
 
     def __call__(self, pan: str) -> str:
-        return hmac.new(self._key, pan.encode("ascii"), hashlib.sha256).hexdigest()
+        return hmac.digest(self._key, pan.encode("ascii"), hashlib.sha256).hex()
 
     def __repr__(self) -> str:
         return "HmacPanHasher(<key hidden>)"

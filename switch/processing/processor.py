@@ -89,7 +89,7 @@ class PostPlan:
         on_fail: Out | None = None,
         fail_code: str | None = codes.SYSTEM_MALFUNCTION,
         reply: bool = True,
-        undo: Callable[[], None] | None = None,
+        undo: Callable[[], Out | None] | None = None,
     ) -> None:
         self.txn = txn
         self.drafts = drafts
@@ -97,7 +97,7 @@ class PostPlan:
         self.on_fail = on_fail or []
         self.fail_code = fail_code  # None: keep the decided code (declines stay declines)
         self.reply = reply
-        self.undo = undo  # run when the post fails
+        self.undo = undo  # run when the post fails; may return more decisions (built lazily)
 
 
 class Processor:
@@ -628,16 +628,16 @@ class Processor:
                 )
             d = postings.draft(txn, key=outcome_key(txn.key), kind=kind, postings=p)
 
-            def reversed_instead() -> None:
+            def reversed_instead() -> Out:
                 txn.reversal_queued = True
                 self.counters["reversals_queued"] += 1
+                return [QueueReversal(acquirer, txn.rrn, fields.reversal(txn, self._inst, ev.now_ms))]
 
             self._post(
                 txn,
                 (d,),
                 out,
                 on_commit=[ReleaseReversal(acquirer, txn.rrn)],
-                on_fail=[QueueReversal(acquirer, txn.rrn, fields.reversal(txn, self._inst, ev.now_ms))],
                 undo=reversed_instead,
             )
             return
@@ -991,7 +991,7 @@ class Processor:
         on_commit: Out | None = None,
         on_fail: Out | None = None,
         fail_code: str | None = codes.SYSTEM_MALFUNCTION,
-        undo: Callable[[], None] | None = None,
+        undo: Callable[[], Out | None] | None = None,
     ) -> None:
         plan_id = txn.txn_id if txn is not None else next(self._ids)
         self.plans[plan_id] = PostPlan(
@@ -1025,9 +1025,11 @@ class Processor:
         out.append(
             Log("error", "ledger_failed", scrub_text(f"post {ev.txn_id} not written: {ev.error}"), ev.txn_id)
         )
-        if plan.undo is not None:
-            plan.undo()
         out.extend(plan.on_fail)
+        if plan.undo is not None:
+            more = plan.undo()
+            if more:
+                out.extend(more)
         txn = plan.txn
         if txn is not None and plan.reply:
             code = txn.response_code if plan.fail_code is None else plan.fail_code

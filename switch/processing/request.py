@@ -79,15 +79,13 @@ def terminal_key(terminal_id: str, merchant_id: str, stan: str, mmddhhmmss: str,
     return f"{terminal_id}/{merchant_id}/{stan}/{mmddhhmmss}/{mti[:2]}"
 
 
+_DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
+
+
 def luhn_ok(pan: str) -> bool:
-    total = 0
-    for i, ch in enumerate(reversed(pan)):
-        d = ord(ch) - 48
-        if i % 2:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
+    """Luhn (mod 10) check of an all-digit string."""
+    digits = [ord(c) - 48 for c in pan]
+    total = sum(digits[-1::-2]) + sum(_DOUBLED[d] for d in digits[-2::-2])
     return total % 10 == 0
 
 
@@ -289,9 +287,17 @@ def _currency(fields: dict[str, Any]) -> str:
     return v
 
 
+_last_day = [-1, (0, 0)]
+
+
 def month_of(now_ms: int) -> tuple[int, int]:
-    d = dt.datetime.fromtimestamp(now_ms / 1000, tz=dt.UTC)
-    return d.year, d.month
+    """(year, month) in UTC, computed once per day."""
+    day = now_ms // 86_400_000
+    if day != _last_day[0]:
+        d = dt.datetime.fromtimestamp(day * 86_400, tz=dt.UTC)
+        _last_day[1] = (d.year, d.month)
+        _last_day[0] = day
+    return _last_day[1]  # type: ignore[return-value]
 
 
 def check_card(req: Request, now_ms: int, max_amount_minor: int) -> None:
