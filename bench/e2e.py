@@ -1,0 +1,864 @@
+"""End-to-end benchmark: the switch, acquirer simulators and terminal load generators as SEPARATE
+processes on this machine, all over TCP on 127.0.0.1, MACs on, durable SQLite ledger.
+
+    .venv/bin/python bench/e2e.py                     # defaults: 10 s max run, 10 s at half that rate
+    .venv/bin/python bench/e2e.py --seconds 20 --loadgens 2 --terminals 16 --window 32
+    .venv/bin/python bench/e2e.py --profile           # py-spy samples the switch during the max run
+
+What runs (each its own process, started with this interpreter):
+- `switch acquirer sim` x2 (acquirers alpha and beta, no added latency; cards of both BINs are used so
+  both carry load);
+- `switch run --config <dir>/switch.toml` (a testbed config from switch.server.testbed: fresh TEST KEK,
+  sealed terminal master keys, ledger keys in 0600 files, metrics on);
+- `bench/e2e.py loadgen` x N: each owns a set of terminals, one TCP connection per terminal, signs each
+  on (working MAC key from field 62), then sends MACed 0200 purchases and verifies every answer's MAC.
+
+Runs, in order: a short warm-up; a maximum-throughput run (closed loop: every terminal keeps `--window`
+purchases in flight); a fixed offered rate (open loop, default half the maximum just measured; latency
+counted from each request's scheduled time, so a stalled switch cannot hide queueing). Progress is
+printed once a second; then a table; then, LAST, one JSON object:
+
+    {"auth_per_s": ..., "p50_ms": ..., "p99_ms": ..., "p99_ms_at_half_load": ..., "errors": 0,
+     "ledger_verified": true, "interpreter": {...}, ...}
+
+`errors` counts everything that is not an approved, MAC-verified answer (other response codes,
+timeouts, MAC failures, broken connections). `ledger_verified` is true when `verify_ledger` accepts the
+whole ledger (hashes, Merkle tree, signed checkpoints) AND it holds exactly one purchase entry per
+approval the terminals saw.
+
+The building blocks (TestBed, toml_dumps) are importable: tests/bench and the locust test use them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import math
+import os
+import platform
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Any, TextIO
+
+import msgspec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Longest waits of the harness; every wait is bounded.
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 30.0
+#: After the send window closes, how long a load generator waits for outstanding answers.
+DRAIN_TIMEOUT_S = 10.0
+#: Largest purchase amount (minor units) the load sends.
+MAX_AMOUNT_MINOR = 5_000
+TPDU = bytes.fromhex("6000030000")
+
+
+# --- config files --------------------------------------------------------------------------------
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def toml_dumps(data: dict[str, Any], _prefix: str = "") -> str:
+    """TOML for the builtins of a msgspec Struct (msgspec.to_builtins): scalars and lists of scalars as
+    `key = value`, dicts as tables, lists of dicts as arrays of tables. None is left out (TOML has no
+    null; the Struct's default applies)."""
+
+    def key_text(key: str) -> str:
+        return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
+
+    lines: list[str] = []
+    tables: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) or (isinstance(value, list) and value and isinstance(value[0], dict)):
+            tables.append((key, value))
+        else:
+            lines.append(f"{key_text(key)} = {_toml_value(value)}")
+    out = "".join(line + "\n" for line in lines)
+    for key, value in tables:
+        name = f"{_prefix}{key_text(key)}"
+        header = f"[{name}]" if isinstance(value, dict) else f"[[{name}]]"
+        for item in [value] if isinstance(value, dict) else value:
+            out += f"\n{header}\n" + toml_dumps(item, name + ".")
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def interpreter() -> dict[str, Any]:
+    """Which Python ran this (benchmarks must say: an unoptimised build is ~1.5x slower)."""
+    config_args = sysconfig.get_config_var("CONFIG_ARGS") or ""
+    return {
+        "executable": sys.executable,
+        "version": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "pgo": "--enable-optimizations" in config_args,
+        "lto": "--with-lto" in config_args,
+        "cpus": os.cpu_count(),
+    }
+
+
+# --- the processes -------------------------------------------------------------------------------
+class Proc:
+    def __init__(self, name: str, argv: list[str], log_path: Path, **kw: Any) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 -- closed in stop()
+        self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, **kw)
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout_s`; the exit status."""
+        try:
+            if self.popen.poll() is None:
+                self.popen.send_signal(signal.SIGTERM)
+                try:
+                    self.popen.wait(timeout=timeout_s)
+                except subprocess.TimeoutExpired:
+                    self.popen.kill()
+                    self.popen.wait(timeout=timeout_s)
+            return self.popen.returncode
+        finally:
+            self._log.close()
+
+    def tail(self, lines: int = 20) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def _wait_port(port: int, proc: Proc, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{proc.name} did not listen on {port} within {timeout_s}s:\n{proc.tail()}")
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The switch's metrics as {(series name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+
+
+class TestBed:
+    """A switch (`switch run`) and two acquirer simulators (`switch acquirer sim`), separate processes,
+    on a fresh testbed config in `directory`. Use as a context manager; everything is stopped on exit
+    (the switch first, gracefully, so the ledger commits what it queued)."""
+
+    ACQUIRERS = ("alpha", "beta")
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        terminals: int = 8,
+        python: str = sys.executable,
+        ledger: dict[str, Any] | None = None,
+        processing: dict[str, Any] | None = None,
+        listener: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.directory = Path(directory)
+        self.terminal_count = terminals
+        self.python = python
+        self.ledger = ledger or {}
+        self.processing = processing or {}
+        self.listener = listener or {}
+        self.env = {**os.environ, **(env or {})}
+        self.procs: list[Proc] = []
+        self.switch: Proc | None = None
+        self.config: Any = None
+        self.terminals: list[Any] = []
+        self.config_path = self.directory / "switch.toml"
+        self.port = 0
+        self.metrics_port = 0
+
+    def __enter__(self) -> TestBed:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _spawn(self, name: str, argv: list[str]) -> Proc:
+        proc = Proc(name, argv, self.directory / f"{name}.log", env=self.env, cwd=ROOT)
+        self.procs.append(proc)
+        return proc
+
+    def start(self) -> None:
+        from switch.server.testbed import build
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        sim_ports = {}
+        for name in self.ACQUIRERS:
+            port = free_port()
+            sim_toml = self.directory / f"sim-{name}.toml"
+            sim_toml.write_text(f'name = "{name}"\nport = {port}\nmax_inflight_per_connection = 4096\n')
+            proc = self._spawn(
+                f"acquirer-{name}",
+                [self.python, "-m", "switch", "acquirer", "sim", "--config", str(sim_toml)],
+            )
+            _wait_port(port, proc, START_TIMEOUT_S)
+            sim_ports[name] = port
+        config, self.terminals = build(
+            self.directory,
+            sim_ports,
+            terminals_per_listener=self.terminal_count,
+            packed_listener=False,
+            metrics_enabled=True,
+            ledger=self.ledger,
+            processing=self.processing,
+        )
+        self.port, self.metrics_port = free_port(), free_port()
+        config = msgspec.structs.replace(
+            config,
+            listeners=[
+                msgspec.structs.replace(lc, port=self.port, **self.listener) for lc in config.listeners
+            ],
+            metrics=msgspec.structs.replace(config.metrics, port=self.metrics_port),
+        )
+        self.config = config
+        self.config_path.write_text(toml_dumps(msgspec.to_builtins(config)))
+        self.switch = self._spawn(
+            "switch", [self.python, "-m", "switch", "run", "--config", str(self.config_path)]
+        )
+        _wait_port(self.port, self.switch, START_TIMEOUT_S)
+        self.wait_links_up()
+
+    def wait_links_up(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        assert self.switch is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.switch.popen.poll() is not None:
+                raise RuntimeError(
+                    f"switch exited with {self.switch.popen.returncode}:\n{self.switch.tail()}"
+                )
+            with contextlib.suppress(OSError):
+                m = scrape(self.metrics_port)
+                if all(m.get(("switch_acquirer_up", (("acquirer", a),))) == 1 for a in self.ACQUIRERS):
+                    return
+            time.sleep(0.1)
+        raise RuntimeError(f"acquirer links not up within {timeout_s}s:\n{self.switch.tail()}")
+
+    def stop(self) -> None:
+        """The switch first (SIGTERM: it commits what is queued), then the simulators."""
+        errors = []
+        for proc in sorted(self.procs, key=lambda p: p is not self.switch):
+            try:
+                proc.stop()
+            except Exception as exc:  # keep stopping the others
+                errors.append(f"{proc.name}: {exc}")
+        self.procs = []
+        if errors:
+            raise RuntimeError("; ".join(errors))
+
+    def ledger_report(self, approved_purchases: int | None = None) -> dict[str, Any]:
+        """Verify the whole ledger (hashes, tree, checkpoints) and count its purchase entries. Call after
+        stop(): the switch's final commit and checkpoint are in."""
+        from switch.ledger.keys import load_signing_key
+        from switch.ledger.model import EntryKind
+        from switch.ledger.sqlite import SqliteBackend
+        from switch.ledger.verify import verify_ledger
+
+        backend = SqliteBackend(self.config.ledger.path, create=False)
+        try:
+            report = verify_ledger(backend, load_signing_key(self.config.ledger).public_key())
+            kinds = Counter(row.kind for row in backend.iter_entry_rows(0))
+        finally:
+            backend.close()
+        purchases = kinds.get(EntryKind.PURCHASE, 0)
+        ok = report.ok and (approved_purchases is None or purchases == approved_purchases)
+        return {
+            "verified": ok,
+            "chain_ok": report.ok,
+            "problem": report.problem,
+            "entries": report.tree_size,
+            "purchase_entries": purchases,
+            "checkpoints_checked": report.checkpoints_checked,
+        }
+
+
+# --- the load generator (runs in its own process: `e2e.py loadgen`) ---------------------------------
+class _Conn:
+    __slots__ = ("mac", "mid", "out", "pending", "reader", "sock", "stan", "tid", "tpdu", "wire")
+
+    def __init__(self, sock: socket.socket, wire: Any, tpdu: bytes | None, tid: str, mid: str, reader: Any):
+        self.sock = sock
+        self.wire = wire
+        self.tpdu = tpdu
+        self.tid = tid
+        self.mid = mid
+        self.reader = reader
+        self.pending: dict[str, float] = {}  # STAN -> scheduled send time (perf_counter)
+        self.stan = 0
+        self.out = bytearray()
+        self.mac: Any = None  # MacFn of the sign-on's working key
+
+
+def _sign_on(conn: _Conn, tmk: bytes, timeout_s: float) -> None:
+    from switch.codec import keys as keymod
+    from switch.codec.wire import make_mac_fn
+
+    now = dt.datetime.now()
+    conn.stan += 1
+    fields = {
+        "t": "0800",
+        "70": "001",
+        "11": f"{conn.stan:06d}",
+        "12": now.strftime("%H%M%S"),
+        "13": now.strftime("%m%d"),
+        "41": conn.tid,
+        "42": conn.mid,
+    }
+    conn.sock.settimeout(timeout_s)
+    conn.sock.sendall(conn.wire.frame(conn.wire.encode(fields, None), conn.tpdu))
+    while True:
+        data = conn.sock.recv(65_536)
+        if not data:
+            raise RuntimeError(f"terminal {conn.tid}: connection closed during sign-on")
+        for fr in conn.reader.feed(data):
+            answer = conn.wire.decode(fr.payload)
+            if answer.get("39") != "00":
+                raise RuntimeError(f"terminal {conn.tid}: sign-on answered {answer.get('39')}")
+            conn.mac = make_mac_fn(keymod.parse_signon_field(tmk, answer["62"]).mac_key.value)
+            conn.sock.setblocking(False)
+            return
+
+
+def loadgen_main(args: argparse.Namespace) -> int:
+    """One load-generator process: sign on its terminals, wait for "go" on stdin, run, report JSON."""
+    import random
+
+    from switch.codec import keys as keymod
+    from switch.codec.wire import Wire
+    from switch.config import load_config
+    from switch.server.testbed import card
+
+    config = load_config(args.config)
+    kek = keymod.load_kek(config.keys)
+    master = keymod.load_master_keys(config.terminals, kek)
+    listener = config.listeners[0]
+    terms = config.terminals[args.first : args.first + args.count]
+    rng = random.Random(args.seed)
+    cards = [card(r.prefix, n) for r in config.routing.routes for n in range(200)]
+    amounts = [rng.randint(1, MAX_AMOUNT_MINOR) for _ in range(997)]
+    conns: list[_Conn] = []
+    sel = selectors.DefaultSelector()
+    for t in terms:
+        sock = socket.create_connection((listener.host, listener.port), timeout=10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        wire = Wire(listener.profile, listener.framing, tpdu=listener.tpdu)
+        conn = _Conn(
+            sock,
+            wire,
+            TPDU if listener.tpdu else None,
+            t.id,
+            t.merchant_id,
+            wire.reader(listener.max_frame_bytes),
+        )
+        conn.stan = args.stan_base
+        _sign_on(conn, master[t.id].value, 10.0)
+        sel.register(sock, selectors.EVENT_READ, conn)
+        conns.append(conn)
+    _emit({"ready": len(conns)})
+    if sys.stdin.readline().strip() != "go":
+        return 1
+
+    latencies: list[float] = []
+    codes: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    sent = 0
+    clock = time.perf_counter
+    t0 = clock()
+    end_send = t0 + args.seconds
+    next_progress = t0 + 1.0
+    stamp_second = -1
+    f12 = f13 = ""
+    rate = args.rate
+    window = args.window
+    n_conns = len(conns)
+    rr = 0
+    answered_at_progress = 0
+
+    def purchase(conn: _Conn, scheduled: float) -> None:
+        nonlocal sent, stamp_second, f12, f13
+        second = int(time.time())
+        if second != stamp_second:
+            stamp_second = second
+            now = dt.datetime.now()
+            f12, f13 = now.strftime("%H%M%S"), now.strftime("%m%d")
+        conn.stan = conn.stan % 999_999 + 1
+        stan = f"{conn.stan:06d}"
+        fields = {
+            "t": "0200",
+            "2": cards[sent % len(cards)],
+            "3": "000000",
+            "4": f"{amounts[sent % len(amounts)]:012d}",
+            "11": stan,
+            "12": f12,
+            "13": f13,
+            "22": "012",
+            "25": "00",
+            "41": conn.tid,
+            "42": conn.mid,
+            "49": "978",
+        }
+        conn.out += conn.wire.frame(conn.wire.encode(fields, conn.mac), conn.tpdu)
+        conn.pending[stan] = scheduled
+        sent += 1
+
+    def flush(conn: _Conn) -> None:
+        if conn.out:
+            try:
+                n = conn.sock.send(conn.out)
+            except BlockingIOError:
+                return
+            del conn.out[:n]
+
+    while True:
+        now = clock()
+        sending = now < end_send
+        outstanding = sum(len(c.pending) for c in conns)
+        if not sending and outstanding == 0:
+            break
+        if not sending and now > end_send + DRAIN_TIMEOUT_S:
+            errors["no answer before the drain deadline"] += outstanding
+            break
+        if sending:
+            if rate > 0:
+                due = int((now - t0) * rate) + 1 - sent
+                tries = 0
+                while due > 0 and tries < n_conns:
+                    conn = conns[rr % n_conns]
+                    rr += 1
+                    if len(conn.pending) < window:
+                        purchase(conn, t0 + sent / rate)
+                        due -= 1
+                        tries = 0
+                    else:
+                        tries += 1
+            else:
+                for conn in conns:
+                    while len(conn.pending) < window:
+                        purchase(conn, clock())
+            for conn in conns:
+                flush(conn)
+        # Open loop: wake for the next scheduled send (at most 2 ms away); closed loop: for answers.
+        timeout = max(0.0, min(0.002, t0 + (sent + 1) / rate - clock())) if rate > 0 and sending else 0.05
+        for key, _ in sel.select(timeout):
+            conn = key.data
+            try:
+                data = conn.sock.recv(1 << 20)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                errors[f"connection failed: {exc.strerror}"] += len(conn.pending)
+                conn.pending.clear()
+                sel.unregister(conn.sock)
+                continue
+            if not data:
+                errors["connection closed by the switch"] += len(conn.pending)
+                conn.pending.clear()
+                sel.unregister(conn.sock)
+                continue
+            arrived = clock()
+            for fr in conn.reader.feed(data):
+                fields, mac_ok = conn.wire.decode_verified(fr.payload, conn.mac)
+                scheduled = conn.pending.pop(fields.get("11", ""), None)
+                if scheduled is None:
+                    errors["unmatched answer"] += 1
+                    continue
+                code = fields.get("39", "")
+                codes[code] += 1
+                if not mac_ok:
+                    errors["answer MAC does not verify"] += 1
+                elif code != "00":
+                    errors[f"response code {code}"] += 1
+                else:
+                    latencies.append((arrived - scheduled) * 1000.0)
+        # (the closed loop refills at the top of the next turn, in one batch per connection)
+        if now >= next_progress:
+            answered = sum(codes.values())
+            _emit(
+                {
+                    "progress": {
+                        "sent": sent,
+                        "answered": answered,
+                        "per_s": answered - answered_at_progress,
+                        "errors": sum(errors.values()),
+                    }
+                }
+            )
+            answered_at_progress = answered
+            next_progress += 1.0
+    elapsed = clock() - t0
+    for conn in conns:
+        conn.sock.close()
+    _emit(
+        {
+            "result": {
+                "sent": sent,
+                "approved": len(latencies),
+                "codes": dict(codes),
+                "errors": dict(errors),
+                "elapsed_s": elapsed,
+                "latencies_ms": [round(x, 3) for x in latencies],
+            }
+        }
+    )
+    return 0
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+# --- driving runs from the parent --------------------------------------------------------------------
+def percentile(ordered: list[float], q: float) -> float:
+    if not ordered:
+        return 0.0
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+class RunResult(msgspec.Struct):
+    name: str
+    seconds: float
+    offered_per_s: float  # 0: closed loop (as fast as the switch answers)
+    sent: int
+    approved: int
+    approved_per_s: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    errors: dict[str, int]
+    codes: dict[str, int]
+
+
+def run_load(
+    bed: TestBed,
+    name: str,
+    *,
+    seconds: float,
+    loadgens: int,
+    window: int,
+    rate: float = 0.0,
+    stan_base: int = 0,
+    out: TextIO = sys.stderr,
+    profile_to: Path | None = None,
+) -> RunResult:
+    """Start `loadgens` load-generator processes over the bed's terminals, run them together for
+    `seconds`, show progress once a second, and merge their results."""
+    n_terms = len(bed.terminals)
+    if loadgens > n_terms:
+        raise ValueError(f"{loadgens} load generators need at least as many terminals (have {n_terms})")
+    per = [n_terms // loadgens + (1 if i < n_terms % loadgens else 0) for i in range(loadgens)]
+    procs: list[subprocess.Popen] = []
+    first = 0
+    try:
+        for i, count in enumerate(per):
+            argv = [
+                bed.python, str(Path(__file__).resolve()), "loadgen", "--config", str(bed.config_path),
+                "--first", str(first), "--count", str(count), "--seconds", str(seconds),
+                "--window", str(window), "--rate", str(rate / loadgens if rate else 0),
+                "--stan-base", str(stan_base), "--seed", str(i),
+            ]  # fmt: skip
+            first += count
+            procs.append(
+                subprocess.Popen(
+                    argv,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=sys.stderr,
+                    text=True,
+                    cwd=ROOT,
+                    env=bed.env,
+                )
+            )
+        for p in procs:
+            line = _read_line(p, START_TIMEOUT_S)
+            if "ready" not in json.loads(line):
+                raise RuntimeError(f"load generator did not get ready: {line!r}")
+        profiler = _start_profiler(bed, seconds, profile_to) if profile_to is not None else None
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        results: list[dict[str, Any]] = [{} for _ in procs]
+        progress: list[dict[str, Any]] = [{} for _ in procs]
+        lock = threading.Lock()
+
+        def pump(i: int, p: subprocess.Popen) -> None:
+            assert p.stdout is not None
+            for raw in p.stdout:
+                msg = json.loads(raw)
+                with lock:
+                    if "progress" in msg:
+                        progress[i] = msg["progress"]
+                    elif "result" in msg:
+                        results[i] = msg["result"]
+
+        threads = [threading.Thread(target=pump, args=(i, p), daemon=True) for i, p in enumerate(procs)]
+        for t in threads:
+            t.start()
+        started = time.monotonic()
+        deadline = started + seconds + DRAIN_TIMEOUT_S + START_TIMEOUT_S
+        while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+            time.sleep(1.0)
+            with lock:
+                per_s = sum(p.get("per_s", 0) for p in progress)
+                answered = sum(p.get("answered", 0) for p in progress)
+                errs = sum(p.get("errors", 0) for p in progress)
+            print(
+                f"  [{name}] {time.monotonic() - started:5.1f}s  answered {answered:>8}  "
+                f"{per_s:>6}/s  errors {errs}",
+                file=out,
+                flush=True,
+            )
+        if profiler is not None:
+            _finish_profiler(profiler, out)
+        for p in procs:
+            p.wait(timeout=STOP_TIMEOUT_S)
+        if not all(results):
+            raise RuntimeError(
+                f"[{name}] a load generator gave no result (exit codes {[p.returncode for p in procs]})"
+            )
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=STOP_TIMEOUT_S)
+    lat = sorted(x for r in results for x in r["latencies_ms"])
+    errors: Counter[str] = Counter()
+    codes: Counter[str] = Counter()
+    for r in results:
+        errors.update(r["errors"])
+        codes.update(r["codes"])
+    elapsed = max(r["elapsed_s"] for r in results)
+    approved = sum(r["approved"] for r in results)
+    return RunResult(
+        name=name,
+        seconds=round(elapsed, 2),
+        offered_per_s=rate,
+        sent=sum(r["sent"] for r in results),
+        approved=approved,
+        approved_per_s=round(approved / elapsed, 1) if elapsed else 0.0,
+        p50_ms=round(percentile(lat, 0.50), 2),
+        p90_ms=round(percentile(lat, 0.90), 2),
+        p99_ms=round(percentile(lat, 0.99), 2),
+        max_ms=round(percentile(lat, 1.0), 2),
+        errors=dict(errors),
+        codes=dict(codes),
+    )
+
+
+def _read_line(p: subprocess.Popen, timeout_s: float) -> str:
+    assert p.stdout is not None
+    box: list[str] = []
+    t = threading.Thread(target=lambda: box.append(p.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+    t.start()
+    deadline = time.monotonic() + timeout_s
+    while t.is_alive() and time.monotonic() < deadline and p.poll() is None:
+        t.join(0.05)
+    t.join(0.2)
+    if not box or not box[0]:
+        raise RuntimeError(f"load generator silent for {timeout_s}s (exit code {p.poll()})")
+    return box[0]
+
+
+def _start_profiler(bed: TestBed, seconds: float, out_path: Path) -> subprocess.Popen | None:
+    import shutil
+
+    exe = shutil.which("py-spy") or str(Path(bed.python).with_name("py-spy"))
+    if not Path(exe).exists() or bed.switch is None:
+        print("  (py-spy not found: pip install py-spy to profile)", file=sys.stderr)
+        return None
+    return subprocess.Popen(
+        [exe, "record", "--pid", str(bed.switch.popen.pid), "--duration", str(max(1, int(seconds))),
+         "--rate", "250", "--format", "raw", "--output", str(out_path), "--nonblocking", "--threads"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _finish_profiler(p: subprocess.Popen, out: TextIO) -> None:
+    try:
+        _, err = p.communicate(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        _, err = p.communicate()
+    if p.returncode:
+        print(f"  py-spy failed: {err.strip()[-300:]}", file=out)
+
+
+def profile_summary(path: Path, top: int = 25) -> list[tuple[str, float, float]]:
+    """(function, self %, inclusive %) from py-spy's raw (collapsed stacks) output."""
+    self_n: Counter[str] = Counter()
+    incl_n: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].rsplit("/", 1)[-1] + ")"
+                  if " (" in f else f for f in stack.split(";")]  # fmt: skip
+        if not frames:
+            continue
+        self_n[frames[-1]] += n
+        for f in set(frames):
+            incl_n[f] += n
+    if not total:
+        return []
+    return [(f, 100.0 * n / total, 100.0 * incl_n[f] / total) for f, n in self_n.most_common(top)]
+
+
+# --- the command ---------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="role")
+    lg = sub.add_parser("loadgen", help="(internal) one load-generator process")
+    lg.add_argument("--config", required=True)
+    lg.add_argument("--first", type=int, default=0)
+    lg.add_argument("--count", type=int, default=1)
+    lg.add_argument("--seconds", type=float, default=5.0)
+    lg.add_argument("--window", type=int, default=32)
+    lg.add_argument("--rate", type=float, default=0.0)
+    lg.add_argument("--stan-base", type=int, default=0)
+    lg.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each measured run")
+    parser.add_argument("--warmup-seconds", type=float, default=2.0)
+    parser.add_argument("--terminals", type=int, default=16, help="terminals (one connection each)")
+    parser.add_argument("--loadgens", type=int, default=2, help="load-generator processes")
+    parser.add_argument("--window", type=int, default=32, help="purchases in flight per terminal (max run)")
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="offered rate of the fixed run (default: half the max)"
+    )
+    parser.add_argument("--dir", default="", help="state directory (default: a temporary one, deleted)")
+    parser.add_argument("--profile", action="store_true", help="py-spy the switch during the max run")
+    parser.add_argument("--batch-window-ms", type=float, default=None, help="ledger group-commit window")
+    args = parser.parse_args(argv)
+    if args.role == "loadgen":
+        return loadgen_main(args)
+
+    out = sys.stderr
+    interp = interpreter()
+    print(
+        f"interpreter: {interp['executable']} {interp['version']} "
+        f"(pgo={interp['pgo']}, lto={interp['lto']}), {interp['cpus']} CPUs",
+        file=out,
+    )
+    ctx = contextlib.nullcontext(args.dir) if args.dir else tempfile.TemporaryDirectory(prefix="e2e-")
+    with ctx as d:
+        directory = Path(d)
+        ledger = {} if args.batch_window_ms is None else {"batch_window_ms": args.batch_window_ms}
+        profile_path = directory / "switch.pyspy.txt" if args.profile else None
+        bed = TestBed(directory, terminals=args.terminals, ledger=ledger)
+        runs: list[RunResult] = []
+        with bed:
+            print(
+                f"switch on 127.0.0.1:{bed.port}, metrics :{bed.metrics_port}, state in {directory}", file=out
+            )
+            if args.warmup_seconds > 0:
+                runs.append(run_load(bed, "warm-up", seconds=args.warmup_seconds, loadgens=args.loadgens,
+                                     window=args.window, stan_base=0, out=out))  # fmt: skip
+            best = run_load(bed, "max", seconds=args.seconds, loadgens=args.loadgens, window=args.window,
+                            stan_base=100_000, out=out, profile_to=profile_path)  # fmt: skip
+            runs.append(best)
+            rate = args.rate or max(1.0, round(best.approved_per_s / 2))
+            half = run_load(bed, "fixed", seconds=args.seconds, loadgens=args.loadgens, window=args.window,
+                            rate=rate, stan_base=300_000, out=out)  # fmt: skip
+            runs.append(half)
+        approved_total = sum(r.approved for r in runs)
+        ledger_report = bed.ledger_report(approved_total)
+        profile = profile_summary(profile_path) if profile_path and profile_path.exists() else []
+    _table(runs, ledger_report, profile, out)
+    errors = sum(sum(r.errors.values()) for r in runs)
+    result = {
+        "auth_per_s": best.approved_per_s,
+        "p50_ms": best.p50_ms,
+        "p99_ms": best.p99_ms,
+        "p99_ms_at_half_load": half.p99_ms,
+        "half_load_per_s": half.approved_per_s,
+        "offered_half_load_per_s": rate,
+        "errors": errors,
+        "ledger_verified": ledger_report["verified"],
+        "ledger_entries": ledger_report["entries"],
+        "terminals": args.terminals,
+        "loadgens": args.loadgens,
+        "window": args.window,
+        "interpreter": interp,
+    }
+    print(json.dumps(result), flush=True)
+    return 0 if errors == 0 and ledger_report["verified"] else 1
+
+
+def _table(runs: list[RunResult], ledger: dict[str, Any], profile: list, out: TextIO) -> None:
+    print("", file=out)
+    head = f"{'run':<9}{'offered/s':>10}{'approved':>10}{'approved/s':>11}"
+    print(head + f"{'p50 ms':>8}{'p90 ms':>8}{'p99 ms':>8}{'max ms':>9}{'errors':>8}", file=out)
+    for r in runs:
+        offered = f"{r.offered_per_s:.0f}" if r.offered_per_s else "max"
+        print(
+            f"{r.name:<9}{offered:>10}{r.approved:>10}{r.approved_per_s:>11.0f}{r.p50_ms:>8.2f}{r.p90_ms:>8.2f}"
+            f"{r.p99_ms:>8.2f}{r.max_ms:>9.2f}{sum(r.errors.values()):>8}",
+            file=out,
+        )
+        for cause, n in r.errors.items():
+            print(f"{'':<9}error: {cause} x{n}", file=out)
+    print(
+        f"\nledger: {ledger['entries']} entries, {ledger['purchase_entries']} purchases, chain "
+        f"{'verified' if ledger['chain_ok'] else 'BROKEN: ' + ledger['problem']}, "
+        f"{'matches' if ledger['verified'] else 'DOES NOT match'} the approvals the terminals saw",
+        file=out,
+    )
+    if profile:
+        print("\nswitch profile (py-spy, max run): self% incl% function", file=out)
+        for fn, self_pct, incl_pct in profile:
+            print(f"  {self_pct:5.1f} {incl_pct:5.1f}  {fn}", file=out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""bench/locustfile.py for real: `locust --headless` against a switch started as its own process
+(`switch run` with two `switch acquirer sim` processes, bench/e2e.py's TestBed) for a few seconds; its
+JSON statistics must show every transaction type succeeding and no failure at all."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.bench.bedloader import ROOT, e2e
+
+#: Users (= terminals, one connection each) and run length; short so the test stays cheap.
+USERS = 4
+RUN_S = 5
+#: Longest the locust process may take (start, run, stop).
+LOCUST_TIMEOUT_S = 90
+
+
+def _locust(bed, csv_prefix: Path) -> subprocess.CompletedProcess:
+    argv = [
+        str(Path(sys.executable).with_name("locust")),
+        "-f", str(ROOT / "bench" / "locustfile.py"),
+        "--headless", "-u", str(USERS), "-r", str(USERS), "-t", f"{RUN_S}s",
+        "--stop-timeout", "5", "--only-summary", "--json", "--skip-log-setup",
+        "--csv", str(csv_prefix),
+        "--switch-config", str(bed.config_path),
+    ]  # fmt: skip
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=LOCUST_TIMEOUT_S, cwd=ROOT, check=False
+    )
+
+
+def test_locust_mix_against_a_running_switch(tmp_path: Path) -> None:
+    with e2e.TestBed(tmp_path, terminals=USERS) as bed:
+        proc = _locust(bed, tmp_path / "locust")
+        metrics = e2e.scrape(bed.metrics_port)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = {s["name"]: s for s in json.loads(proc.stdout)}
+    assert set(stats) == {"sign_on", "purchase", "refund", "void", "inquiry"}, sorted(stats)
+    assert stats["sign_on"]["num_requests"] == USERS
+    for name, s in stats.items():
+        assert s["method"] == "ISO8583"
+        assert s["num_failures"] == 0, (name, s)
+        assert s["num_requests"] > 0, name
+    assert stats["purchase"]["num_requests"] > stats["refund"]["num_requests"]
+    assert _failures(tmp_path / "locust") == []
+    # What locust counted is what the switch answered: approved purchases on the switch's own metrics.
+    approved = metrics[
+        ("switch_transactions_total", (("mti", "0200"), ("processing_code", "00"), ("response_code", "00")))
+    ]
+    assert approved == stats["purchase"]["num_requests"]
+
+
+def test_locust_reports_failures_it_cannot_hide(tmp_path: Path) -> None:
+    """The check above can fail: with one terminal fewer than users, the extra user's sign-on is
+    reported as a failure that names the cause, and locust exits non-zero."""
+    with e2e.TestBed(tmp_path, terminals=USERS - 1) as bed:
+        proc = _locust(bed, tmp_path / "locust")
+    assert proc.returncode != 0
+    stats = {s["name"]: s for s in json.loads(proc.stdout)}
+    assert stats["sign_on"]["num_failures"] == 1
+    assert stats["sign_on"]["num_requests"] == USERS
+    assert stats["purchase"]["num_failures"] == 0
+    [failure] = _failures(tmp_path / "locust")
+    assert failure["Name"] == "sign_on"
+    assert "more users than terminals (3)" in failure["Error"]
+
+
+def _failures(prefix: Path) -> list[dict[str, str]]:
+    with open(f"{prefix}_failures.csv", newline="") as f:
+        return list(csv.DictReader(f))
