@@ -34,7 +34,8 @@ class Message:
     @property
     def mti(self) -> str:
         mti = self.fields.get("t", "")
-        if len(mti) != 4 or not mti.isdigit():
+        # isascii: str.isdigit also accepts "²" or Arabic-Indic digits, which int() and peers reject.
+        if not isinstance(mti, str) or len(mti) != 4 or not (mti.isascii() and mti.isdigit()):
             raise MessageError("t", "MTI must be 4 digits")
         return mti
 
@@ -67,8 +68,14 @@ class Message:
         return self.function in ("0", "2", "4")
 
     def response_mti(self) -> str:
-        """The MTI that answers this one: function + 1, origin reset (0200/0201 -> 0210)."""
+        """The MTI that answers this one: function + 1, origin reset (0200/0201 -> 0210).
+
+        Only requests and advices (even function digit) have an answer; asking for the answer to an
+        answer (0210 -> "0220" would be an advice) is a bug in the caller, reported as such.
+        """
         mti = self.mti
+        if int(mti[2]) % 2:
+            raise MessageError("t", f"MTI {mti} is itself a response")
         return f"{mti[0]}{mti[1]}{int(mti[2]) + 1}0"
 
     # --- fields ----------------------------------------------------------------------------------
@@ -88,7 +95,7 @@ class Message:
     def digits(self, field: int | str) -> str:
         """A field that must be all digits (30 otherwise)."""
         value = self[field]
-        if not value.isdigit():
+        if not isinstance(value, str) or not (value.isascii() and value.isdigit()):
             raise MessageError(str(field), "must be numeric")
         return value
 
