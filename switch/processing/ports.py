@@ -45,6 +45,8 @@ class RuleContext(msgspec.Struct, frozen=True):
     original_amount_minor: int = 0
     original_at_ms: int = 0
     refunded_minor: int = 0
+    mcc: str = ""  # field 18 as the terminal sent it (issue 6: must match the merchant's registered MCC)
+    pan_hash: str = ""  # keyed hash of the PAN (card-level rules); never the PAN
 
 
 class RuleDecline(msgspec.Struct, frozen=True):

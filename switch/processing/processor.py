@@ -470,6 +470,8 @@ class Processor:
             currency=txn.currency,
             processing_code=txn.processing_code,
             now_ms=now_ms,
+            mcc=str(txn.pos_fields.get("18", "")),
+            pan_hash=txn.pan_hash,
         )
         if original is not None:
             ctx = RuleContext(
@@ -484,6 +486,8 @@ class Processor:
                 original_amount_minor=original.amount_minor,
                 original_at_ms=original.at_ms,
                 refunded_minor=original.refunded_minor,
+                mcc=ctx.mcc,
+                pan_hash=ctx.pan_hash,
             )
         refusal = self.rules.check(ctx)
         if refusal is not None:
