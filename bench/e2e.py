@@ -126,6 +126,30 @@ def interpreter() -> dict[str, Any]:
     }
 
 
+def machine(directory: Path, probes: int = 50) -> dict[str, Any]:
+    """What else this machine is doing: the 1-minute load average and the fsync latency of the state
+    directory's disk right now. The switch answers only after durable writes, so a slow or contended
+    disk bounds every number below; compare runs only with similar values here."""
+    probe = directory / "fsync.probe"
+    times = []
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for _ in range(probes):
+            os.write(fd, b"x" * 512)
+            t = time.perf_counter()
+            os.fsync(fd)
+            times.append((time.perf_counter() - t) * 1000.0)
+    finally:
+        os.close(fd)
+        probe.unlink()
+    times.sort()
+    return {
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+        "fsync_p50_ms": round(percentile(times, 0.5), 3),
+        "fsync_p99_ms": round(percentile(times, 0.99), 3),
+    }
+
+
 # --- the processes -------------------------------------------------------------------------------
 class Proc:
     def __init__(self, name: str, argv: list[str], log_path: Path, **kw: Any) -> None:
@@ -795,6 +819,12 @@ def main(argv: list[str] | None = None) -> int:
         directory = Path(d)
         ledger = {} if args.batch_window_ms is None else {"batch_window_ms": args.batch_window_ms}
         profile_path = directory / "switch.pyspy.txt" if args.profile else None
+        host = machine(directory)
+        print(
+            f"machine: load average {host['loadavg_1m']}, fsync p50 {host['fsync_p50_ms']} ms "
+            f"p99 {host['fsync_p99_ms']} ms",
+            file=out,
+        )
         bed = TestBed(directory, terminals=args.terminals, ledger=ledger)
         runs: list[RunResult] = []
         with bed:
@@ -830,6 +860,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadgens": args.loadgens,
         "window": args.window,
         "interpreter": interp,
+        "machine": host,
     }
     print(json.dumps(result), flush=True)
     return 0 if errors == 0 and ledger_report["verified"] else 1
