@@ -264,3 +264,57 @@ def get_spec(name: str) -> dict:
         return SPECS[name]
     except KeyError:
         raise KeyError(f"unknown message profile {name!r}; known: {', '.join(sorted(SPECS))}") from None
+
+
+#: The fields the switch reads or writes (docs/messages.md documents each, per profile and per MTI).
+SWITCH_FIELDS: Final[tuple[int, ...]] = (
+    2, 3, 4, 7, 11, 12, 13, 14, 18, 22, 23, 25, 32, 35, 37, 38, 39, 41, 42, 43, 48, 49,
+    52, 53, 54, 55, 60, 61, 62, 63, 64, 70, 90, 95, 128,
+)  # fmt: skip
+
+
+def _wire_form(entry: dict) -> str:
+    """How one spec entry looks on the wire, e.g. "BCD n..19, LL BCD length (digits)"."""
+    data = entry["data_enc"]
+    nibbles = entry.get("len_count") == "nibbles"
+    if data == "b":
+        kind = "BCD" if nibbles else "binary"
+        unit = "digits" if nibbles else "bytes"
+    else:
+        kind, unit = data.upper(), "chars"
+    can_be_odd = entry["len_type"] > 0 or entry["max_len"] % 2 == 1
+    pad = f", odd padded with leading {entry['left_pad']}" if entry.get("left_pad") and can_be_odd else ""
+    if entry["len_type"] == 0:
+        return f"{kind}, fixed {entry['max_len']} {unit}{pad}"
+    len_enc = {"b": "binary", "bcd": "BCD"}.get(entry["len_enc"], entry["len_enc"].upper())
+    return f"{kind}, up to {entry['max_len']} {unit}, {entry['len_type']}-byte {len_enc} length{pad}"
+
+
+def markdown_table(fields: tuple[int, ...] = SWITCH_FIELDS) -> str:
+    """The per-profile field table of docs/messages.md, generated from the specs (a test compares)."""
+    names = ("terminal_ascii", "terminal_packed", "acquirer_1987")
+    lines = [
+        "| field | ISO 8583:1987 | name | " + " | ".join(names) + " |",
+        "|---|---|---|" + "---|" * len(names),
+    ]
+    for key in ("t", "p", "1"):
+        forms = []
+        for name in names:
+            entry = SPECS[name][key]
+            if key == "t":
+                forms.append("BCD, 2 bytes" if entry["data_enc"] == "b" else "ASCII, 4 chars")
+            else:
+                forms.append("binary, 8 bytes" if entry["data_enc"] == "b" else "ASCII hex, 16 chars")
+        label = {"t": "MTI", "p": "primary bitmap", "1": "secondary bitmap"}[key]
+        attr = {"t": "n4", "p": "b64", "1": "b64"}[key]
+        lines.append(f"| {key} | {attr} | {label} | " + " | ".join(forms) + " |")
+    for number in fields:
+        attr, _ = FIELDS[number]
+        desc = SPECS["terminal_packed"][str(number)]["desc"]
+        forms = [_wire_form(SPECS[name][str(number)]) for name in names]
+        lines.append(f"| {number} | {attr} | {desc} | " + " | ".join(forms) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")
