@@ -45,8 +45,10 @@ DEFAULT_STATEMENT_TIMEOUT_MS = 30_000
 #: How long a writer waits for the previous writer's session to end (a killed process's server side
 #: may still be finishing its last COMMIT) before giving up.
 DEFAULT_WRITER_LOCK_TIMEOUT_MS = 10_000
-#: Same key for every writer of the ledger in one database: pg_advisory_xact_lock(ADVISORY_LOCK_KEY).
-ADVISORY_LOCK_KEY = 0x1ED6E5
+#: Writer lock: pg_advisory_lock(ADVISORY_LOCK_CLASS, hashtext(current_schema())) -- one per ledger
+#: schema, so two ledgers in one database (different search_path) do not exclude each other.
+ADVISORY_LOCK_CLASS = 0x1ED6E5
+_LOCK_ARGS = "%s, hashtext(current_schema())"
 #: synchronous_commit values that mean "durable on this server before COMMIT returns" (or stronger).
 DURABLE_COMMIT_LEVELS = frozenset({"on", "local", "remote_write", "remote_apply"})
 
@@ -134,7 +136,7 @@ class PostgresBackend(SqlBackend):
         (entry count, Merkle edge) is final. A live second writer makes this fail, not interleave."""
         conn.execute(f"SET lock_timeout = {int(self.writer_lock_timeout_ms)}")
         try:
-            conn.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
+            conn.execute(f"SELECT pg_advisory_lock({_LOCK_ARGS})", (ADVISORY_LOCK_CLASS,))
         except psycopg.errors.LockNotAvailable:
             raise LedgerStorageError(
                 f"another ledger writer holds {self._where()} (waited {self.writer_lock_timeout_ms} ms)"
@@ -165,7 +167,7 @@ class PostgresBackend(SqlBackend):
     # --- SqlBackend hooks -------------------------------------------------------------------------
     def _begin(self, cur: Any) -> None:
         cur.execute("BEGIN")
-        cur.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK_KEY,))
+        cur.execute(f"SELECT pg_advisory_xact_lock({_LOCK_ARGS})", (ADVISORY_LOCK_CLASS,))
 
     def _insert_many(self, cur: Any, table: str, sql_text: str, rows: list[tuple[Any, ...]]) -> None:
         copy_sql = self._copy_sql.get(table)

@@ -17,8 +17,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from switch.ledger.backend import APPEND_ONLY_TABLES, LedgerBackend
 from switch.ledger.sqlite import SqliteBackend
+from tests.pgcluster import pg_cluster, pg_database_dsn, pg_dsn, pg_session_db  # noqa: F401  (fixtures)
 
-LEDGER_BACKENDS = ["sqlite"]
+LEDGER_BACKENDS = ["sqlite", "postgres"]
 
 #: A fixed test key (never used outside tests).
 TEST_SEED = bytes(range(32))
@@ -66,6 +67,10 @@ class SqliteDb:
 def _make_db(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> LedgerDb:
     if name == "sqlite":
         return SqliteDb(tmp_path / "ledger.db")
+    if name == "postgres":
+        from tests.ledger.pg_cluster import PgLedgerDb
+
+        return PgLedgerDb(request.getfixturevalue("pg_dsn"))
     raise AssertionError(f"unknown ledger backend {name!r}")
 
 

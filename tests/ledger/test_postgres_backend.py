@@ -11,12 +11,9 @@ import pytest
 
 from switch.ledger.backend import APPEND_ONLY_TABLES, BatchRows, LedgerStorageError
 from switch.ledger.postgres import PostgresBackend
-from tests import pgcluster
-from tests.pgcluster import PgCluster
+from tests.pgcluster import PgCluster, process_gone_within
 
 pytestmark = pytest.mark.postgres
-pg_cluster = pgcluster.pg_cluster
-pg_dsn = pgcluster.pg_dsn
 
 
 def _batch(start: int, n: int) -> BatchRows:
@@ -96,21 +93,29 @@ def test_triggers_reject_update_delete_truncate(pg_dsn: str, table: str) -> None
     be.close()
 
 
-def test_insists_on_durable_commit(pg_cluster: PgCluster, pg_dsn: str) -> None:
-    dbname = psycopg.conninfo.conninfo_to_dict(pg_dsn)["dbname"]
+def test_insists_on_durable_commit(pg_cluster: PgCluster, pg_database_dsn: str) -> None:
+    dbname = psycopg.conninfo.conninfo_to_dict(pg_database_dsn)["dbname"]
     with psycopg.connect(pg_cluster.dsn(), autocommit=True) as conn:
         conn.execute(f'ALTER DATABASE "{dbname}" SET synchronous_commit = off')
-    be = PostgresBackend(pg_dsn)
+    be = PostgresBackend(pg_database_dsn)
     assert be.conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
     be.close()
 
 
-def test_refuses_server_without_fsync() -> None:
-    with (
-        PgCluster(settings={"fsync": "off"}) as cluster,
-        pytest.raises(LedgerStorageError, match="fsync=off"),
-    ):
-        PostgresBackend(cluster.create_database())
+def test_refuses_server_without_fsync_and_cluster_cleans_up() -> None:
+    # Also the cluster helper's teardown check (one extra cluster instead of two).
+    cluster = PgCluster(settings={"fsync": "off"}).start()
+    root = cluster.root
+    assert root is not None
+    try:
+        with pytest.raises(LedgerStorageError, match="fsync=off"):
+            PostgresBackend(cluster.create_database())
+        pid = int((cluster.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+    finally:
+        cluster.stop()
+    assert not root.exists()
+    assert process_gone_within(pid, seconds=10.0)
+    cluster.stop()  # idempotent
 
 
 def test_reconnects_after_the_server_drops_the_connection(pg_cluster: PgCluster, pg_dsn: str) -> None:
@@ -131,7 +136,7 @@ def test_second_writer_waits_for_the_lock_and_times_out(pg_dsn: str) -> None:
     first = PostgresBackend(pg_dsn)
     second = PostgresBackend(pg_dsn, statement_timeout_ms=300)
     first.conn.execute("BEGIN")
-    first.conn.execute("SELECT pg_advisory_xact_lock(%s)", (0x1ED6E5,))
+    first.conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(current_schema()))", (0x1ED6E5,))
     with pytest.raises(LedgerStorageError, match="statement timeout"):
         second.write_batch(_batch(0, 5))
     first.conn.execute("ROLLBACK")
