@@ -101,6 +101,11 @@ class LedgerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: Environment variable / file holding the HMAC key for PAN hashes (hex). Never logged.
     pan_hash_key_env: str = "SWITCH_PAN_HASH_KEY"
     pan_hash_key_file: str = ""
+    #: PostgreSQL backend bounds (switch.ledger.postgres): connecting, any one statement (a COMMIT
+    #: stuck on a dead disk included), and a new writer waiting for the previous writer's session.
+    pg_connect_timeout_s: int = 10
+    pg_statement_timeout_ms: int = 30_000
+    pg_writer_lock_timeout_ms: int = 10_000
 
 
 class KeysConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

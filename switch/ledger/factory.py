@@ -8,7 +8,8 @@ from switch.ledger.keys import load_signing_key
 from switch.ledger.writer import LedgerWriter
 
 
-def open_backend(cfg: LedgerConfig, *, create: bool = True) -> LedgerBackend:
+def open_backend(cfg: LedgerConfig, *, create: bool = True, writer: bool = False) -> LedgerBackend:
+    """`writer=True` for the writer thread's backend (PostgreSQL: holds the single-writer lock)."""
     if cfg.backend == "sqlite":
         from switch.ledger.sqlite import SqliteBackend
 
@@ -18,11 +19,18 @@ def open_backend(cfg: LedgerConfig, *, create: bool = True) -> LedgerBackend:
             raise LedgerStorageError("ledger.backend = 'postgres' needs ledger.dsn")
         from switch.ledger.postgres import PostgresBackend
 
-        return PostgresBackend(cfg.dsn, create=create)
+        return PostgresBackend(
+            cfg.dsn,
+            create=create,
+            writer=writer,
+            connect_timeout_s=cfg.pg_connect_timeout_s,
+            statement_timeout_ms=cfg.pg_statement_timeout_ms,
+            writer_lock_timeout_ms=cfg.pg_writer_lock_timeout_ms,
+        )
     raise LedgerStorageError(f"unknown ledger backend {cfg.backend!r}")
 
 
 def open_writer(cfg: LedgerConfig) -> LedgerWriter:
     """The writer for a running switch: signing key from config (required), backend created if new."""
     key = load_signing_key(cfg)
-    return LedgerWriter(open_backend(cfg), signing_key=key, config=cfg)
+    return LedgerWriter(open_backend(cfg, writer=True), signing_key=key, config=cfg)
