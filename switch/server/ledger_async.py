@@ -3,9 +3,8 @@
 Why no thread hop per call: the writer thread already calls back when a batch is durable, so the
 waiting task parks with `wait_task_rescheduled` and the callback wakes it with one
 `TrioToken.run_sync_soon(reschedule, ...)`. Cancellation cannot un-submit money, so a cancelled caller
-keeps waiting until the ledger answers (one batch, milliseconds) and is cancelled after that; the
-answer it received is then lost to it but the entries stay committed (idempotency keys make a retry
-safe).
+keeps waiting until the ledger answers (one batch, milliseconds), gets that true answer (entries or
+error), and the cancellation is delivered at its next checkpoint.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ async def append(writer: LedgerWriter, drafts: Sequence[EntryDraft]) -> list[Ent
     writer.submit(drafts, on_done)
 
     def abort(_: object) -> trio.lowlevel.Abort:
-        return trio.lowlevel.Abort.FAILED  # wait for the ledger's answer; cancel is delivered after
+        return trio.lowlevel.Abort.FAILED  # wait for the ledger's answer; the cancel lands after
 
     entries: list[Entry] = await trio.lowlevel.wait_task_rescheduled(abort)
     return entries
