@@ -130,6 +130,7 @@ def machine(directory: Path, probes: int = 50) -> dict[str, Any]:
     """What else this machine is doing: the 1-minute load average and the fsync latency of the state
     directory's disk right now. The switch answers only after durable writes, so a slow or contended
     disk bounds every number below; compare runs only with similar values here."""
+    directory.mkdir(parents=True, exist_ok=True)
     probe = directory / "fsync.probe"
     times = []
     fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -434,6 +435,7 @@ def loadgen_main(args: argparse.Namespace) -> int:
     errors: Counter[str] = Counter()
     sent = 0
     clock = time.perf_counter
+    cpu0 = time.process_time()
     t0 = clock()
     end_send = t0 + args.seconds
     next_progress = t0 + 1.0
@@ -489,6 +491,7 @@ def loadgen_main(args: argparse.Namespace) -> int:
         if not sending and now > end_send + DRAIN_TIMEOUT_S:
             errors["no answer before the drain deadline"] += outstanding
             break
+        blocked = False  # open loop behind schedule with every window full: wait for answers
         if sending:
             if rate > 0:
                 due = int((now - t0) * rate) + 1 - sent
@@ -502,14 +505,21 @@ def loadgen_main(args: argparse.Namespace) -> int:
                         tries = 0
                     else:
                         tries += 1
+                blocked = due > 0
             else:
                 for conn in conns:
                     while len(conn.pending) < window:
                         purchase(conn, clock())
             for conn in conns:
                 flush(conn)
-        # Open loop: wake for the next scheduled send (at most 2 ms away); closed loop: for answers.
-        timeout = max(0.0, min(0.002, t0 + (sent + 1) / rate - clock())) if rate > 0 and sending else 0.05
+        # Open loop: wake for the next scheduled send (at most 2 ms away); closed loop, or open loop with
+        # every window full: wake for answers. Unsent bytes (a full socket buffer): look again soon.
+        if any(c.out for c in conns):
+            timeout = 0.001
+        elif rate > 0 and sending and not blocked:
+            timeout = max(0.0, min(0.002, t0 + (sent + 1) / rate - clock()))
+        else:
+            timeout = 0.05
         for key, _ in sel.select(timeout):
             conn = key.data
             try:
@@ -557,6 +567,7 @@ def loadgen_main(args: argparse.Namespace) -> int:
             answered_at_progress = answered
             next_progress += 1.0
     elapsed = clock() - t0
+    cpu_s = time.process_time() - cpu0
     for conn in conns:
         conn.sock.close()
     _emit(
@@ -567,6 +578,7 @@ def loadgen_main(args: argparse.Namespace) -> int:
                 "codes": dict(codes),
                 "errors": dict(errors),
                 "elapsed_s": elapsed,
+                "cpu_s": cpu_s,
                 "latencies_ms": [round(x, 3) for x in latencies],
             }
         }
@@ -599,6 +611,10 @@ class RunResult(msgspec.Struct):
     max_ms: float
     errors: dict[str, int]
     codes: dict[str, int]
+    #: The switch's own view of the run, from its metrics (see switch_view).
+    switch: dict[str, float] = {}
+    #: CPU seconds each process used during the run (switch, acquirer sims, load generators summed).
+    cpu_s: dict[str, float] = {}
 
 
 def run_load(
@@ -646,6 +662,8 @@ def run_load(
             if "ready" not in json.loads(line):
                 raise RuntimeError(f"load generator did not get ready: {line!r}")
         profiler = _start_profiler(bed, seconds, profile_to) if profile_to is not None else None
+        before = scrape(bed.metrics_port)
+        cpu_before = {p.name: proc_cpu_s(p.popen.pid) for p in bed.procs}
         for p in procs:
             assert p.stdin is not None
             p.stdin.write("go\n")
@@ -694,6 +712,10 @@ def run_load(
             if p.poll() is None:
                 p.kill()
                 p.wait(timeout=STOP_TIMEOUT_S)
+    inside = switch_view(before, scrape(bed.metrics_port))
+    cpu = {name: round(proc_cpu_s(p.popen.pid) - t, 2) for name, t in cpu_before.items() for p in bed.procs
+           if p.name == name}  # fmt: skip
+    cpu["loadgens"] = round(sum(r["cpu_s"] for r in results), 2)
     lat = sorted(x for r in results for x in r["latencies_ms"])
     errors: Counter[str] = Counter()
     codes: Counter[str] = Counter()
@@ -715,7 +737,70 @@ def run_load(
         max_ms=round(percentile(lat, 1.0), 2),
         errors=dict(errors),
         codes=dict(codes),
+        switch=inside,
+        cpu_s=cpu,
     )
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def _hist(before: Samples, after: Samples, name: str, q: float | None) -> float:
+    """From the difference of two scrapes of histogram `name` (all label sets summed): the mean
+    (q=None) or the q-quantile, interpolated inside its bucket as Prometheus' histogram_quantile does."""
+
+    def delta(key: tuple) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    if q is None:
+        total = sum(delta(k) for k in after if k[0] == name + "_sum")
+        count = sum(delta(k) for k in after if k[0] == name + "_count")
+        return total / count if count else 0.0
+    buckets: dict[float, float] = {}
+    for key in after:
+        if key[0] == name + "_bucket":
+            le = float(dict(key[1])["le"])
+            buckets[le] = buckets.get(le, 0.0) + delta(key)
+    bounds = sorted(buckets)
+    if not bounds or not buckets[bounds[-1]]:
+        return 0.0
+    rank = q * buckets[bounds[-1]]
+    lower, below = 0.0, 0.0
+    for le in bounds:
+        if buckets[le] >= rank:
+            if math.isinf(le):
+                return lower
+            inside = buckets[le] - below
+            return lower + (le - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = le, buckets[le]
+    return lower
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and its threads so far (Linux /proc); 0 when gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def switch_view(before: Samples, after: Samples) -> dict[str, float]:
+    """What the switch's own metrics say about one run: its latency from request in to answer out, the
+    ledger's batch sizes and commit latency (every answer waits for it)."""
+    ms = 1000.0
+    return {
+        "terminal_p50_ms": round(_hist(before, after, "switch_terminal_latency_seconds", 0.5) * ms, 2),
+        "terminal_p99_ms": round(_hist(before, after, "switch_terminal_latency_seconds", 0.99) * ms, 2),
+        "acquirer_p50_ms": round(_hist(before, after, "switch_acquirer_latency_seconds", 0.5) * ms, 2),
+        "ledger_batch_mean": round(_hist(before, after, "switch_ledger_batch_entries", None), 1),
+        "ledger_commit_mean_ms": round(
+            _hist(before, after, "switch_ledger_commit_latency_seconds", None) * ms, 2
+        ),
+        "ledger_commit_p99_ms": round(
+            _hist(before, after, "switch_ledger_commit_latency_seconds", 0.99) * ms, 2
+        ),
+    }
 
 
 def _read_line(p: subprocess.Popen, timeout_s: float) -> str:
@@ -741,7 +826,8 @@ def _start_profiler(bed: TestBed, seconds: float, out_path: Path) -> subprocess.
         return None
     return subprocess.Popen(
         [exe, "record", "--pid", str(bed.switch.popen.pid), "--duration", str(max(1, int(seconds))),
-         "--rate", "250", "--format", "raw", "--output", str(out_path), "--nonblocking", "--threads"],
+         "--rate", str(PROFILE_RATE_HZ), "--format", "raw", "--output", str(out_path), "--nonblocking",
+         "--threads"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
@@ -756,10 +842,25 @@ def _finish_profiler(p: subprocess.Popen, out: TextIO) -> None:
         print(f"  py-spy failed: {err.strip()[-300:]}", file=out)
 
 
-def profile_summary(path: Path, top: int = 25) -> list[tuple[str, float, float]]:
-    """(function, self %, inclusive %) from py-spy's raw (collapsed stacks) output."""
+#: py-spy sampling rate (Hz): a thread busy for the whole run gives rate x seconds samples.
+PROFILE_RATE_HZ = 250
+
+
+class Profile(msgspec.Struct):
+    """py-spy's view of the switch during the max run."""
+
+    seconds: float
+    #: (thread name, share of the run's wall time that thread was on a CPU or runnable, %)
+    threads: list[tuple[str, float]]
+    #: (function (file), self % of all samples, inclusive %), most self time first
+    functions: list[tuple[str, float, float]]
+
+
+def profile_summary(path: Path, seconds: float, top: int = 25) -> Profile:
+    """Summarise py-spy's raw output (collapsed stacks, `--threads`: the first frame names the thread)."""
     self_n: Counter[str] = Counter()
     incl_n: Counter[str] = Counter()
+    by_thread: Counter[str] = Counter()
     total = 0
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -767,16 +868,35 @@ def profile_summary(path: Path, top: int = 25) -> list[tuple[str, float, float]]
             continue
         n = int(count)
         total += n
-        frames = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].rsplit("/", 1)[-1] + ")"
-                  if " (" in f else f for f in stack.split(";")]  # fmt: skip
+        parts = stack.split(";")
+        if parts and parts[0].startswith("thread ("):
+            by_thread[parts[0].split(": ", 1)[-1]] += n
+            parts = parts[1:]
+        frames = [_frame_name(f) for f in parts]
         if not frames:
             continue
         self_n[frames[-1]] += n
         for f in set(frames):
             incl_n[f] += n
-    if not total:
-        return []
-    return [(f, 100.0 * n / total, 100.0 * incl_n[f] / total) for f, n in self_n.most_common(top)]
+    possible = max(1.0, PROFILE_RATE_HZ * seconds)
+    return Profile(
+        seconds=seconds,
+        threads=[(t, round(100.0 * n / possible, 1)) for t, n in by_thread.most_common()],
+        functions=[
+            (f, round(100.0 * n / total, 1), round(100.0 * incl_n[f] / total, 1))
+            for f, n in self_n.most_common(top)
+        ]
+        if total
+        else [],
+    )
+
+
+def _frame_name(frame: str) -> str:
+    """'f (path/to/file.py:12)' -> 'f (file.py)'."""
+    name, sep, where = frame.partition(" (")
+    if not sep:
+        return frame
+    return f"{name} ({where.split(':')[0].rsplit('/', 1)[-1]})"
 
 
 # --- the command ---------------------------------------------------------------------------------------
@@ -843,7 +963,9 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(half)
         approved_total = sum(r.approved for r in runs)
         ledger_report = bed.ledger_report(approved_total)
-        profile = profile_summary(profile_path) if profile_path and profile_path.exists() else []
+        profile = (
+            profile_summary(profile_path, best.seconds) if profile_path and profile_path.exists() else None
+        )
     _table(runs, ledger_report, profile, out)
     errors = sum(sum(r.errors.values()) for r in runs)
     result = {
@@ -866,7 +988,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if errors == 0 and ledger_report["verified"] else 1
 
 
-def _table(runs: list[RunResult], ledger: dict[str, Any], profile: list, out: TextIO) -> None:
+def _table(runs: list[RunResult], ledger: dict[str, Any], profile: Profile | None, out: TextIO) -> None:
     print("", file=out)
     head = f"{'run':<9}{'offered/s':>10}{'approved':>10}{'approved/s':>11}"
     print(head + f"{'p50 ms':>8}{'p90 ms':>8}{'p99 ms':>8}{'max ms':>9}{'errors':>8}", file=out)
@@ -879,15 +1001,30 @@ def _table(runs: list[RunResult], ledger: dict[str, Any], profile: list, out: Te
         )
         for cause, n in r.errors.items():
             print(f"{'':<9}error: {cause} x{n}", file=out)
+        if r.switch:
+            v = r.switch
+            print(
+                f"{'':<9}switch: p50 {v['terminal_p50_ms']} ms p99 {v['terminal_p99_ms']} ms inside; "
+                f"acquirer p50 {v['acquirer_p50_ms']} ms; ledger batch {v['ledger_batch_mean']} entries, "
+                f"commit mean {v['ledger_commit_mean_ms']} ms p99 {v['ledger_commit_p99_ms']} ms",
+                file=out,
+            )
+        if r.cpu_s:
+            share = ", ".join(f"{k} {v:.1f}" for k, v in r.cpu_s.items())
+            print(f"{'':<9}CPU s over {r.seconds} s wall (2 cores = {2 * r.seconds:.0f}): {share}", file=out)
     print(
         f"\nledger: {ledger['entries']} entries, {ledger['purchase_entries']} purchases, chain "
         f"{'verified' if ledger['chain_ok'] else 'BROKEN: ' + ledger['problem']}, "
         f"{'matches' if ledger['verified'] else 'DOES NOT match'} the approvals the terminals saw",
         file=out,
     )
-    if profile:
-        print("\nswitch profile (py-spy, max run): self% incl% function", file=out)
-        for fn, self_pct, incl_pct in profile:
+    if profile is not None:
+        print(f"\nswitch profile (py-spy {PROFILE_RATE_HZ} Hz, max run)", file=out)
+        print("  threads (% of the run's wall time on a CPU or runnable):", file=out)
+        for name, pct in profile.threads:
+            print(f"    {pct:5.1f}  {name}", file=out)
+        print("  self% incl% function (% of all samples)", file=out)
+        for fn, self_pct, incl_pct in profile.functions:
             print(f"  {self_pct:5.1f} {incl_pct:5.1f}  {fn}", file=out)
 
 
