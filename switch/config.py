@@ -199,6 +199,9 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     recovery_window_ms: int = 86_400_000
     #: Seconds to wait at shutdown for the ledger writer to commit what is queued.
     shutdown_timeout_s: float = 30.0
+    #: Armed reversals, releases and SAF items queued for the server's durable-writer thread at most;
+    #: past it new acquirer requests are refused (91/96) until the disk catches up.
+    max_pending_durable_items: int = 50_000
 
 
 class MerchantServicesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

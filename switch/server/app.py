@@ -105,9 +105,12 @@ class Switch:
         try:
             self.writer.close(self.config.server.shutdown_timeout_s)
         finally:
-            self.reader.close()
-            self.saf.close()
-            self.armed.close()
+            try:
+                self.core.close(self.config.server.shutdown_timeout_s)
+            finally:
+                self.reader.close()
+                self.saf.close()
+                self.armed.close()
 
     def recover(self) -> None:
         cfg = self.config
@@ -139,6 +142,7 @@ class Switch:
         core = self.core
         core.bind_trio()
         self.recover()
+        await core.settle()
         async with trio.open_nursery() as nursery:
             for group in core.groups.values():
                 for link in group.links:

@@ -39,6 +39,12 @@ CREATE TABLE IF NOT EXISTS armed (
 """
 
 
+#: Rows per multi-row INSERT/DELETE statement of `apply` (4 parameters each; SQLite allows 32,766).
+MAX_ROWS_PER_STATEMENT = 500
+_INSERT = "INSERT OR REPLACE INTO armed (acquirer, rrn, fields, created_ms) VALUES "
+_DELETE = "DELETE FROM armed WHERE (acquirer, rrn) IN (VALUES "
+
+
 class ArmedStoreError(RuntimeError):
     """The armed-reversal file cannot be used; the message names the path."""
 
@@ -85,6 +91,57 @@ class ArmedStore:
             return
         with self._lock:
             self._write("NORMAL", "DELETE FROM armed WHERE acquirer = ? AND rrn = ?", rows)
+
+    def apply(self, ops: Iterable[tuple[bool, Any]]) -> None:
+        """Inserts `(True, (acquirer, rrn, fields, now_ms))` and deletes `(False, (acquirer, rrn))` in
+        the given order, in ONE transaction: fsynced (FULL) when it contains an insert, else NORMAL.
+
+        The durable writer (switch.server.durable) groups everything queued meanwhile into one call.
+        Runs of one kind become multi-row statements (`MAX_ROWS_PER_STATEMENT` rows each): the sqlite3
+        module drops and retakes the GIL around every statement step, and on a busy trio thread each
+        retake can wait a whole GIL switch interval, so a row per step would make the group slow."""
+        runs: list[tuple[bool, list[tuple]]] = []
+        any_insert = False
+        for is_insert, item in ops:
+            if is_insert:
+                acq, rrn, f, now_ms = item
+                if f is None:
+                    continue
+                row: tuple = (
+                    acq,
+                    rrn,
+                    _enc.encode({k: str(v) for k, v in f.items() if k not in WIPED_FIELDS}),
+                    now_ms,
+                )
+                any_insert = True
+            else:
+                row = (item[0], item[1])
+            if runs and runs[-1][0] is is_insert:
+                runs[-1][1].append(row)
+            else:
+                runs.append((is_insert, [row]))
+        if not runs:
+            return
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute(f"PRAGMA synchronous={'FULL' if any_insert else 'NORMAL'}")
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for is_insert, rows in runs:
+                        for i in range(0, len(rows), MAX_ROWS_PER_STATEMENT):
+                            chunk = rows[i : i + MAX_ROWS_PER_STATEMENT]
+                            params = [v for r in chunk for v in r]
+                            if is_insert:
+                                conn.execute(_INSERT + ",".join(["(?,?,?,?)"] * len(chunk)), params)
+                            else:
+                                conn.execute(_DELETE + ",".join(["(?,?)"] * len(chunk)) + ")", params)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise ArmedStoreError(f"armed reversals file {self.path}: {exc}") from None
 
     def all(self) -> list[tuple[str, str, dict[str, str]]]:
         with self._lock:

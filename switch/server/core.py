@@ -5,21 +5,27 @@ Everything here runs on the trio thread, synchronously, in batches (DESIGN.md): 
 timer) feeds every event of its batch to the processor, collecting the decisions; then `_flush` does the
 work that needs I/O ONCE for the whole batch:
 
-1. arm the pre-stored reversals of the batch's acquirer requests (one durable write) and only then
-   queue the requests on their links;
-2. store queued reversals/advices in store-and-forward (one durable write);
+1. hand the pre-stored reversals of the batch's acquirer requests to the durable-writer thread
+   (switch.server.durable); the requests go out on their links when it calls back (armed = durable);
+2. hand queued reversals/advices to the same thread for store-and-forward, and the releases of armed
+   reversals after them;
 3. hand every `Post` to the ledger writer (they land in the same group commit).
 
-Answers (`Reply`) are queued on their connection at once; the connection's writer task sends them
-after the current batch (trio only switches tasks when this code returns), so every durable write of a
-batch happens before any answer of that batch leaves.
-
-The ledger writer calls back from its thread; completions are queued under a lock and ONE
+Nothing on the trio thread waits for a disk: both writer threads group what was queued meanwhile into
+one commit and call back from their thread; completions are queued under a lock and ONE
 `run_sync_soon` per burst brings them to the trio thread, where they are processed as one batch.
+Answers (`Reply`) only exist once their entries are durable (the processor's contract); they are queued
+on their connection and its writer task sends all of a batch's answers in one write.
+
+Crash safety with asynchronous writes: a request leaves only after its armed reversal is durable; an
+armed reversal is deleted only after its store-and-forward copy is durable (same thread, in order) or
+its outcome is in the ledger; anything in between is resolved by start-up recovery against the ledger
+(an entry that says "reversal queued" re-queues it).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -37,10 +43,12 @@ from switch.ledger.model import Entry
 from switch.processing import decisions as d
 from switch.processing import events as ev
 from switch.routing.matching import Pending
-from switch.routing.store_forward import StoreForward, StoreForwardError
+from switch.routing.store_forward import StoreForward
 from switch.server.acquirer import AcquirerGroup, AcquirerLink
 from switch.server.armed import ArmedStore
+from switch.server.durable import DurableBusy, DurableWriter
 from switch.server.ledger_reader import LedgerReader
+from switch.server.limits import LimitLog
 from switch.server.metrics import Metrics
 from switch.server.rrn_store import RrnStore
 from switch.server.terminal import TerminalConnection
@@ -52,6 +60,10 @@ SIGN_ON_CODES = frozenset({"001", "101"})
 ECHO_CODE = "301"
 #: Context tag of store-and-forward deliveries on a link.
 SAF = "saf"
+#: An answered store-and-forward item: (item id, acquirer, mti, rrn, response code, answered at ms).
+SafCompletion = tuple[int, str, str, str, str, int]
+#: Start-up: longest wait for the durable writer to finish the recovery's writes (RRN block...).
+SETTLE_TIMEOUT_S = 30.0
 
 
 def wall_ms() -> int:
@@ -124,7 +136,6 @@ class SwitchCore:
         self.wires: dict[str, Wire] = {}
         self.conns: dict[int, TerminalConnection] = {}
         self.groups: dict[str, AcquirerGroup] = {}
-        self._requests: dict[tuple[int, str, str], _Request] = {}
         self._group_up: dict[str, bool] = {}
         self._token: trio.lowlevel.TrioToken | None = None
         # Work collected during one batch, carried out by _flush.
@@ -133,16 +144,44 @@ class SwitchCore:
         self._posts: list[d.Post] = []
         self._releases: list[tuple[str, str]] = []
         self._events: deque[Any] = deque()
-        # Ledger completions from the writer thread.
+        # Completions from the writer threads (ledger submissions; durable-writer groups as lists).
         self._done_lock = threading.Lock()
-        self._done: list[tuple[int, int, float, list[Entry] | None, BaseException | None]] = []
+        self._done: list[Any] = []
         self._done_scheduled = False
         self._busy = False
         self._saf_wake = trio.Event()
+        self._saf_completions: list[SafCompletion] = []
+        self._busy_log = LimitLog(
+            log,
+            "server",
+            "max_pending_durable_items",
+            metrics.limit_hits.labels("server", "max_pending_durable_items"),
+        )
         self.decisions_seen = 0
+        self.durable = DurableWriter(
+            armed,
+            saf,
+            rrns,
+            self._durable_done,
+            max_pending_items=config.server.max_pending_durable_items,
+        )
 
     def bind_trio(self) -> None:
+        """Call on the trio thread before any traffic: completions are delivered to this run."""
         self._token = trio.lowlevel.current_trio_token()
+        if not self.durable._thread.is_alive():
+            self.durable.start()
+
+    def close(self, timeout_s: float | None = 30.0) -> None:
+        """Stop the durable writer after it wrote what is queued (its callbacks are then dropped)."""
+        self.durable.close(timeout_s)
+
+    async def settle(self, timeout_s: float = SETTLE_TIMEOUT_S) -> None:
+        """Wait until every queued durable write is done and its events processed (start-up: the
+        recovery's RRN block and re-queued reversals are in before the first request)."""
+        with trio.fail_after(timeout_s):
+            while not self.durable.idle() or self._done_scheduled or self._events:
+                await trio.sleep(0.001)
 
     def wire_for(self, listener_name: str, profile: str, framing: str, tpdu: bool) -> Wire:
         wire = self.wires.get(listener_name)
@@ -221,12 +260,10 @@ class SwitchCore:
             self._busy = False
 
     def on_closed(self, conn: TerminalConnection) -> None:
-        self.conns.pop(conn.conn_id, None)
-        prefix = conn.conn_id
         # In-flight requests of a closed connection stay counted until the processor answers them
         # (its Reply to a closed connection is dropped and uncounted there).
-        for key in [k for k in self._requests if k[0] == prefix]:
-            del self._requests[key]
+        self.conns.pop(conn.conn_id, None)
+        conn.requests.clear()
 
     def _undecodable(self, conn: TerminalConnection, wire: Wire, exc: WireError) -> None:
         self.metrics.decode_errors.labels("terminal").inc()
@@ -239,13 +276,13 @@ class SwitchCore:
         conn.request_started()
         self.metrics.inflight.inc()
         fields = {"t": mti}
-        self._requests[(conn.conn_id, mti[:2], "")] = _Request(mti, "", time.perf_counter())
+        conn.requests[(mti[:2], "")] = _Request(mti, "", time.perf_counter())
         self._answer(conn, _bare_answer(fields, "30"), mac=True)
 
     def _remember(self, conn: TerminalConnection, fields: dict, t0: float) -> None:
         mti = fields["t"]
         self.metrics.inflight.inc()
-        self._requests[(conn.conn_id, mti[:2], fields.get("11", ""))] = _Request(mti, fields.get("3", ""), t0)
+        conn.requests[(mti[:2], fields.get("11", ""))] = _Request(mti, fields.get("3", ""), t0)
 
     def _answer(
         self, conn: TerminalConnection, fields: dict, *, mac: bool = True, mac_fn: Any = None
@@ -263,10 +300,9 @@ class SwitchCore:
             base = {k: fields[k] for k in ("t", "11", "41", "42") if k in fields}
             base["39"] = "96"
             payload = wire.encode(base, mac_fn)
-        key = (conn.conn_id, mti[:2], fields.get("11", ""))
-        req = self._requests.pop(key, None)
+        req = conn.requests.pop((mti[:2], fields.get("11", "")), None)
         if req is None and fields.get("39") == "30":
-            req = self._requests.pop((conn.conn_id, mti[:2], ""), None)
+            req = conn.requests.pop((mti[:2], ""), None)
         conn.send(wire.frame_reply(payload, conn.tpdu))
         self.metrics.inflight.dec()
         if req is not None:
@@ -338,9 +374,6 @@ class SwitchCore:
                 conn = self.conns.get(dec.conn_id)
                 if conn is None or conn.closed:
                     self.metrics.inflight.dec()
-                    self._requests.pop(
-                        (dec.conn_id, dec.fields.get("t", "")[:2], dec.fields.get("11", "")), None
-                    )
                     continue
                 self._answer(conn, dec.fields)
             elif isinstance(dec, d.Post):
@@ -362,8 +395,7 @@ class SwitchCore:
                 drafts = self.reader.find_original(dec.rrn, dec.idempotency_key)
                 self._events.append(ev.OriginalFound(dec.txn_id, tuple(drafts), self.now_ms()))
             elif isinstance(dec, d.ReserveRrns):
-                start = self.rrns.reserve(dec.count)
-                self._events.append(ev.RrnsReserved(start, dec.count))
+                self.durable.reserve_rrns(dec.count, functools.partial(self._rrns_reserved, dec.count))
             elif isinstance(dec, d.SignOn):
                 self._sign_on(dec)
             elif isinstance(dec, d.SettlementReport):
@@ -409,83 +441,100 @@ class SwitchCore:
         self._answer(conn, reply, mac=old_mac is not None, mac_fn=old_mac)
 
     def _flush(self) -> bool:
-        """Carry out the batch's I/O. True when it produced events that need another round."""
+        """Hand the batch's durable work to the writers. True when it produced events for another round.
+
+        Nothing here waits: arms, store-and-forward appends and releases go to the durable-writer
+        thread, posts to the ledger writer; their completions come back through `_wake_from_thread`.
+        """
         if not (self._sends or self._saf_items or self._posts or self._releases):
             return bool(self._events)
         now = self.now_ms()
         sends, self._sends = self._sends, []
         if sends:
-            arms = [(s.acquirer, s.fields.get("37", ""), s.reversal) for s in sends if s.reversal]
-            if arms:
+            armed = [s for s in sends if s.reversal is not None]
+            if armed:
+                arms = [(s.acquirer, s.fields.get("37", ""), s.reversal) for s in armed]
                 try:
-                    self.armed.arm_many(arms, now)
-                except Exception as exc:  # not armed: must not send
-                    log.error("cannot arm pre-stored reversals: %s", exc)
-                    for s in sends:
-                        self._events.append(ev.AcquirerUnavailable(s.txn_id, s.fields, now, "arming failed"))
-                    sends = []
-            for s in sends:
-                group = self.groups.get(s.acquirer)
-                ok = group is not None and group.send(s.fields, s.txn_id, now, max(1, s.deadline_ms - now))
-                if not ok:
-                    self.metrics.acquirer_unavailable.labels(s.acquirer).inc()
-                    self._events.append(
-                        ev.AcquirerUnavailable(s.txn_id, s.fields, now, "no link up or all links full")
-                    )
+                    self.durable.arm(arms, now, functools.partial(self._armed, armed))
+                except DurableBusy as exc:  # not armed: must not send
+                    self._busy_log.hit(f"cannot arm pre-stored reversals: {exc}")
+                    for s in armed:
+                        self._events.append(ev.AcquirerUnavailable(s.txn_id, s.fields, now, "arming refused"))
+            self._send_now([s for s in sends if s.reversal is None], now)
         items, self._saf_items = self._saf_items, []
         if items:
-            try:
-                self.saf.append_many(
-                    [
-                        (acq, mti, fields, f"{'reversal' if mti == '0400' else 'advice'}:{acq}:{rrn}")
-                        for acq, mti, fields, rrn in items
-                    ],
-                    now,
-                )
-                self.armed.release_many([(acq, rrn) for acq, mti, _, rrn in items if mti == "0400"])
-                self._saf_wake.set()
-            except (StoreForwardError, ValueError) as exc:
-                log.error("store-and-forward append failed for %d items: %s", len(items), exc)
+            self.durable.append_saf(
+                [
+                    (acq, mti, fields, f"{'reversal' if mti == '0400' else 'advice'}:{acq}:{rrn}")
+                    for acq, mti, fields, rrn in items
+                ],
+                now,
+                [(acq, rrn) for acq, mti, _, rrn in items if mti == "0400"],
+                functools.partial(self._saf_stored, len(items)),
+            )
         releases, self._releases = self._releases, []
         if releases:
-            self.armed.release_many(releases)
+            self.durable.release(releases)
         posts, self._posts = self._posts, []
         if posts:
             self._submit(posts, now)
         return bool(self._events)
 
-    # --- ledger -------------------------------------------------------------------------------------
-    def _submit(self, posts: list[d.Post], now: int) -> None:
-        t0 = time.perf_counter()
-        entries = 0
-        for post in posts:
-            entries += len(post.drafts)
-            txn_id = post.txn_id
-            n = len(post.drafts)
-            try:
-                self.writer.submit(post.drafts, self._make_on_done(txn_id, n, t0))
-            except Exception as exc:  # LedgerBusy, invalid draft: this txn fails
-                self.metrics.ledger_failures.inc()
-                log.error("ledger refused txn %d: %s", txn_id, exc)
-                self._events.append(ev.LedgerFailed(txn_id, str(exc), now))
-        self.metrics.ledger_batch.observe(entries)
+    def _send_now(self, sends: Sequence[d.SendToAcquirer], now: int) -> None:
+        for s in sends:
+            if s.deadline_ms <= now:  # its time ran out while the arm was written: never sent
+                self.metrics.timeouts.labels(s.acquirer).inc()
+                self._events.append(ev.DeadlinePassed(s.txn_id, now))
+                continue
+            group = self.groups.get(s.acquirer)
+            ok = group is not None and group.send(s.fields, s.txn_id, now, s.deadline_ms - now)
+            if not ok:
+                self.metrics.acquirer_unavailable.labels(s.acquirer).inc()
+                self._events.append(
+                    ev.AcquirerUnavailable(s.txn_id, s.fields, now, "no link up or all links full")
+                )
 
-    def _make_on_done(self, txn_id: int, n: int, t0: float) -> Callable[[Any, Any], None]:
-        def on_done(entries: list[Entry] | None, error: BaseException | None) -> None:
-            with self._done_lock:
-                self._done.append((txn_id, n, t0, entries, error))
-                if self._done_scheduled:
-                    return
-                self._done_scheduled = True
-            assert self._token is not None
-            try:
-                self._token.run_sync_soon(self._ledger_done)
-            except trio.RunFinishedError:
-                pass
+    def _armed(self, sends: list[d.SendToAcquirer], error: BaseException | None, _: Any) -> None:
+        """Durable-writer completion: the batch's reversals are armed (or not); send (or refuse)."""
+        now = self.now_ms()
+        if error is not None:
+            log.error("cannot arm pre-stored reversals: %s", error)
+            for s in sends:
+                self._events.append(ev.AcquirerUnavailable(s.txn_id, s.fields, now, "arming failed"))
+            return
+        self._send_now(sends, now)
 
-        return on_done
+    def _saf_stored(self, count: int, error: BaseException | None, _: Any) -> None:
+        if error is not None:
+            log.error("store-and-forward append failed for %d items: %s", count, error)
+            return
+        self._saf_wake.set()
 
-    def _ledger_done(self) -> None:
+    def _rrns_reserved(self, count: int, error: BaseException | None, start: Any) -> None:
+        if error is not None:
+            log.error("cannot reserve %d RRNs: %s", count, error)
+            return
+        self._events.append(ev.RrnsReserved(start, count))
+
+    # --- completions from the writer threads --------------------------------------------------------
+    def _from_thread(self, item: Any) -> None:
+        """Called on a writer thread: queue `item` and wake the trio thread once per burst."""
+        with self._done_lock:
+            self._done.append(item)
+            if self._done_scheduled:
+                return
+            self._done_scheduled = True
+        assert self._token is not None
+        try:
+            self._token.run_sync_soon(self._on_thread_results)
+        except trio.RunFinishedError:
+            pass
+
+    def _durable_done(self, done: list[Any]) -> None:
+        """DurableWriter's deliver hook (its thread): one item for the whole group."""
+        self._from_thread(done)
+
+    def _on_thread_results(self) -> None:
         with self._done_lock:
             done, self._done = self._done, []
             self._done_scheduled = False
@@ -493,7 +542,12 @@ class SwitchCore:
         t1 = time.perf_counter()
         seen_t0: set[float] = set()
         top = -1
-        for txn_id, _n, t0, entries, error in done:
+        for item in done:
+            if type(item) is list:  # a durable-writer group: (callback, error, value) each
+                for callback, error, value in item:
+                    callback(error, value)
+                continue
+            txn_id, t0, entries, error = item
             if t0 not in seen_t0:
                 seen_t0.add(t0)
                 self.metrics.ledger_commit_latency.observe(t1 - t0)
@@ -503,50 +557,101 @@ class SwitchCore:
                 self._events.append(ev.LedgerFailed(txn_id, scrub_text(str(error)), now, conflict))
             else:
                 ents = tuple(entries or ())
-                for e in ents:
-                    top = max(top, e.seq)
+                if ents:
+                    top = max(top, ents[-1].seq)
                 self._events.append(ev.LedgerCommitted(txn_id, ents, now))
         if top >= 0:
-            self.metrics.ledger_sequence.set(max(top, self.writer.size - 1))
+            self.metrics.ledger_sequence.set(top)
         if not self._busy:
             self._drain()
 
+    # --- ledger -------------------------------------------------------------------------------------
+    def _submit(self, posts: list[d.Post], now: int) -> None:
+        t0 = time.perf_counter()
+        entries = 0
+        submit = self.writer.submit
+        for post in posts:
+            entries += len(post.drafts)
+            txn_id = post.txn_id
+            try:
+                submit(post.drafts, _LedgerCallback(self._from_thread, txn_id, t0))
+            except Exception as exc:  # LedgerBusy, invalid draft: this txn fails
+                self.metrics.ledger_failures.inc()
+                log.error("ledger refused txn %d: %s", txn_id, exc)
+                self._events.append(ev.LedgerFailed(txn_id, str(exc), now))
+        self.metrics.ledger_batch.observe(entries)
+
     # --- store-and-forward --------------------------------------------------------------------------
     async def saf_sender(self, tick_ms: int, max_items: int) -> None:
-        """Deliver due reversals/advices on up links (0400 first, 0401 repeats) until answered."""
+        """Deliver due reversals/advices on up links (0400 first, 0401 repeats) until answered.
+
+        Its database work (due items, mark-sent before the bytes leave, completions) runs in a worker
+        thread: each is an fsync, and a reversal storm must not stall the terminals."""
         while True:
             now = self.now_ms()
-            self.metrics.saf_depth.set(self.saf.depth())
-            self.metrics.saf_oldest_age.set(self.saf.oldest_age_ms(now) / 1000.0)
-            sent: list[int] = []
-            frames: list[tuple[AcquirerGroup, dict, tuple]] = []
-            for item in self.saf.due(now, max_items):
+            completions, self._saf_completions = self._saf_completions, []
+            up = {name for name, group in self.groups.items() if group.up}
+            depth, oldest_ms, due, completed = await trio.to_thread.run_sync(
+                self._saf_io, completions, up, now, max_items
+            )
+            self.metrics.saf_depth.set(depth)
+            self.metrics.saf_oldest_age.set(oldest_ms / 1000.0)
+            for (_id, acquirer, mti, rrn, rc, _at), first in zip(completions, completed):
+                if not first:
+                    continue
+                kind = "reversal" if mti == "0400" else "advice"
+                if kind == "reversal":
+                    self.metrics.reversals_completed.labels(acquirer).inc()
+                else:
+                    self.metrics.advices_completed.labels(acquirer).inc()
+                self._events.append(ev.StoreForwardCompleted(acquirer, rrn, kind, rc, self.now_ms()))
+            now = self.now_ms()
+            for item in due:
                 group = self.groups.get(item.acquirer)
-                if group is None or not group.up:
+                if group is None:
                     continue
                 fields = dict(item.fields)
                 fields["t"] = item.send_mti
-                frames.append((group, fields, (SAF, item.id, item.acquirer, item.mti, fields.get("37", ""))))
-                sent.append(item.id)
-            if sent:
-                self.saf.mark_sent_many(sent, now)  # before the bytes leave: a crash makes it a repeat
-                for group, fields, ctx in frames:
-                    if group.send(fields, ctx, now, group.config.request_timeout_ms):
-                        self.metrics.saf_sent.labels(group.config.name).inc()
+                ctx = (SAF, item.id, item.acquirer, item.mti, fields.get("37", ""))
+                if group.send(fields, ctx, now, group.config.request_timeout_ms):
+                    self.metrics.saf_sent.labels(group.config.name).inc()
+            if self._events and not self._busy:
+                self._drain()
+            if self._saf_completions:
+                continue
             with trio.move_on_after(tick_ms / 1000.0):
                 await self._saf_wake.wait()
             self._saf_wake = trio.Event()
 
+    def _saf_io(
+        self, completions: list[SafCompletion], up: set[str], now: int, max_items: int
+    ) -> tuple[int, int, list[Any], list[bool]]:
+        """(worker thread) complete answered items, pick due ones on up links and mark them sent."""
+        saf = self.saf
+        completed = [saf.complete(item_id, at_ms, rc) for item_id, _acq, _mti, _rrn, rc, at_ms in completions]
+        due = [item for item in saf.due(now, max_items) if item.acquirer in up]
+        if due:
+            saf.mark_sent_many([item.id for item in due], now)  # before the bytes leave: a crash repeats
+        return saf.depth(), saf.oldest_age_ms(now), due, completed
+
     def _saf_answered(self, link: AcquirerLink, ctx: tuple, fields: dict, now: int) -> None:
         _, item_id, acquirer, mti, rrn = ctx
-        rc = fields.get("39", "")
-        if self.saf.complete(item_id, now, rc):
-            kind = "reversal" if mti == "0400" else "advice"
-            if kind == "reversal":
-                self.metrics.reversals_completed.labels(acquirer).inc()
-            else:
-                self.metrics.advices_completed.labels(acquirer).inc()
-            self._events.append(ev.StoreForwardCompleted(acquirer, rrn, kind, rc, now))
+        self._saf_completions.append((item_id, acquirer, mti, rrn, fields.get("39", ""), now))
+        self._saf_wake.set()
+
+
+class _LedgerCallback:
+    """The ledger writer's per-submission callback (its thread): hands the result to the trio thread."""
+
+    __slots__ = ("post", "t0", "txn_id")
+
+    def __init__(self, post: Callable[[Any], None], txn_id: int, t0: float) -> None:
+        self.post = post
+        self.txn_id = txn_id
+        self.t0 = t0
+
+    def __call__(self, entries: list[Entry] | None, error: BaseException | None) -> None:
+        self.post((self.txn_id, self.t0, entries, error))
 
 
 def _bare_answer(fields: dict, code: str) -> dict:

@@ -65,6 +65,7 @@ class TerminalConnection:
         "listener",
         "peer",
         "reader",
+        "requests",
         "stream",
         "terminal_id",
         "tpdu",
@@ -84,6 +85,8 @@ class TerminalConnection:
             self.config.framing, self.config.tpdu, self.config.max_frame_bytes, tpdu_id=None
         )
         self.inflight = 0
+        #: The core's record of each request in flight, by (MTI class, STAN): dropped with the connection.
+        self.requests: dict[tuple[str, str], Any] = {}
         self.terminal_id: str | None = None
         self.tpdu: bytes | None = None
         self._outbox: list[bytes] = []
