@@ -122,3 +122,10 @@ def test_dashboard_shows_every_view_the_operators_need() -> None:
     assert some("switch_acquirer_timeouts_total") and some("switch_reversals_queued_total"), "timeouts"
     assert some("switch_mac_failures_total"), "MAC failures"
     assert some("switch_ledger_batch_entries_bucket") and some("switch_ledger_commit_latency_seconds_bucket")
+
+
+def test_example_prometheus_config_loads_the_rules() -> None:
+    """ops/prometheus.yml (the scrape config docs/operations.md shows) is valid and finds alerts.yml."""
+    proc = promtool("check", "config", str(ALERTS.parent / "prometheus.yml"))
+    assert proc.returncode == 0, _out(proc)
+    assert f"{ALERTS.read_text().count('- alert: ')} rules found" in _out(proc)
