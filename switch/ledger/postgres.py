@@ -22,6 +22,7 @@ Ambiguous commits: if the connection dies after COMMIT was sent, the batch may o
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import psycopg
@@ -34,9 +35,11 @@ from switch.ledger.backend import (
     NODE_COLUMNS,
     POSTGRES,
     SCHEMA_VERSION,
+    TXN_COLUMNS,
     BatchRows,
     LedgerStorageError,
     SqlBackend,
+    TxnRow,
 )
 
 #: Bounds on every wait on the server (named limits, overridable per backend).
@@ -184,6 +187,29 @@ class PostgresBackend(SqlBackend):
         return super()._all(sql_text, params)
 
     # --- writer side ------------------------------------------------------------------------------
+    # The writer looks up every key and rrn of a batch before writing it. One statement with a text[]
+    # parameter (`= ANY(%s)`) instead of IN-lists of 900 placeholders: constant SQL text, so psycopg
+    # prepares it once, and PostgreSQL plans it in microseconds (measured: the IN-list versions cost
+    # ~30 us per entry, more than the COPY and the commit together).
+    _SQL_IDEMPOTENCY = "SELECT idempotency_key, seq, body FROM entries WHERE idempotency_key = ANY(%s)"
+    _SQL_TXN_ROWS = (
+        f"SELECT {TXN_COLUMNS} FROM entries WHERE rrn = ANY(%s) "
+        f"UNION SELECT {TXN_COLUMNS} FROM entries WHERE original_rrn <> '' AND original_rrn = ANY(%s)"
+    )
+
+    def find_idempotency(self, keys: Sequence[str]) -> dict[str, tuple[int, bytes]]:
+        if not keys:
+            return {}
+        rows = self._all(self._SQL_IDEMPOTENCY, (list(keys),))
+        return {key: (int(seq), bytes(body)) for key, seq, body in rows}
+
+    def txn_rows(self, rrns: Iterable[str]) -> list[TxnRow]:
+        wanted = sorted(set(rrns))
+        if not wanted:
+            return []
+        rows = self._all(self._SQL_TXN_ROWS, (wanted, wanted))
+        return sorted((TxnRow(*r) for r in rows), key=lambda r: r.seq)
+
     def create_schema(self) -> None:
         """Create the schema if it is missing. An existing one is left alone (no lock taken): re-running
         the DDL would queue behind a live writer's lock and briefly lock every table."""

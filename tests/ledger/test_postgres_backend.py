@@ -174,3 +174,22 @@ def test_one_writer_at_a_time_readers_unaffected(pg_dsn: str) -> None:
     assert reader.entry_count() == 10
     for be in (second, reader, stray):
         be.close()
+
+
+def test_batch_lookups_take_any_number_of_keys(pg_dsn: str) -> None:
+    be = PostgresBackend(pg_dsn)
+    be.write_batch(_batch(0, 1_200))
+    refund = list(_batch(1_200, 1).entries[0])
+    refund[1], refund[2], refund[3], refund[4] = "idem-refund", "refund", "R-REFUND", "000000000007"
+    be.write_batch(
+        BatchRows(entries=[tuple(refund)], nodes=[], balances=[], tree_head=(1_201, b"\x11" * 32, 2))
+    )
+    keys = [f"idem-{i}" for i in range(1_200)] + ["never-used"]
+    found = be.find_idempotency(keys)
+    assert len(found) == 1_200 and found["idem-1000"] == (1_000, b"entry-1000")
+    assert be.find_idempotency([]) == {}
+    rows = be.txn_rows([f"{i:012d}" for i in range(1_195)] + ["000000000007", "nothing"])
+    assert len(rows) == 1_196 and [r.seq for r in rows] == sorted(r.seq for r in rows)
+    assert rows[-1].kind == "refund" and rows[-1].original_rrn == "000000000007"
+    assert be.txn_rows([]) == []
+    be.close()
