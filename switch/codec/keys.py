@@ -2,7 +2,9 @@
 
 Key hierarchy (as on CUP-style bank-card POS terminals)
 - KEK: the switch's key-encryption key, AES (16/24/32 bytes, hex) from the environment variable or the
-  file named by switch.config.KeysConfig. It only protects terminal master keys at rest.
+  file named by switch.config.KeysConfig. It protects terminal master keys at rest, and data keys are
+  derived from it (`Kek.derive_data_key`, HKDF-SHA256) for the card data that state files must keep
+  (switch.codec.sealing); the KEK itself never encrypts data.
 - TMK: each terminal's master key, a double-length 3DES key loaded into the terminal at installation.
   Stored in the config as `master_key_encrypted_hex`, sealed under the KEK with AES-GCM:
   version 0x01 (1) || nonce (12) || ciphertext || tag (16), hex. The associated data binds the terminal
@@ -34,8 +36,10 @@ from typing import Any, Final
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from switch.config import KeysConfig, TerminalConfig
 
@@ -52,6 +56,10 @@ SEALED_VERSION: Final = 1
 SEALED_NONCE_BYTES: Final = 12
 SEALED_TAG_BYTES: Final = 16
 _AAD_PREFIX: Final = b"switch.tmk.v1:"
+#: HKDF info prefix of data keys; the purpose (say "saf") follows, so each store has its own keys.
+_DEK_INFO_PREFIX: Final = b"switch.dek.v1:"
+#: Data keys are AES-256.
+DATA_KEY_BYTES: Final = 32
 
 #: DES weak and semi-weak keys (odd parity form); a generated key half is never one of them.
 WEAK_DES_KEYS: Final = frozenset(
@@ -243,14 +251,15 @@ def parse_signon_field(tmk: KeyMaterial, field: bytes | str) -> WorkingKeys:
 
 
 class Kek:
-    """The AES key-encryption key; only seals and opens terminal master keys."""
+    """The AES key-encryption key: seals and opens terminal master keys, and derives data keys."""
 
-    __slots__ = ("_aead", "_kcv")
+    __slots__ = ("_aead", "_kcv", "_secret")
 
     def __init__(self, key: bytes) -> None:
         if len(key) not in (16, 24, 32):
             raise KeyStoreError(f"KEK must be 16, 24 or 32 bytes (AES), got {len(key)}")
         self._aead = AESGCM(bytes(key))
+        self._secret = SecretKey(key)
         zero = Cipher(algorithms.AES(bytes(key)), modes.ECB()).encryptor().update(bytes(16))
         self._kcv = zero[:KCV_BYTES].hex().upper()
 
@@ -293,6 +302,24 @@ class Kek:
                 f"{self._kcv} (wrong KEK, altered value, or a value sealed for another terminal)"
             ) from None
         return SecretKey(clear)
+
+    def derive_data_key(self, purpose: str, key_id: bytes) -> SecretKey:
+        """The AES-256 data key `key_id` of `purpose`: HKDF-SHA256 with the KEK as input key material,
+        `key_id` as salt and b"switch.dek.v1:" + purpose as info.
+
+        Why derived rather than stored: a key id (random, 16 bytes) in each sealed record is all a
+        reader needs, so stores keep no key table and rotate keys by picking a new id. The KEK is only
+        HKDF input here, never an AES-GCM key for data, so the two uses cannot interact.
+        """
+        if not purpose or not key_id:
+            raise ValueError("a data key needs a purpose and a non-empty key id")
+        hkdf = HKDF(
+            algorithm=hashes.SHA256(),
+            length=DATA_KEY_BYTES,
+            salt=bytes(key_id),
+            info=_DEK_INFO_PREFIX + purpose.encode(),
+        )
+        return SecretKey(hkdf.derive(self._secret.value))
 
 
 def generate_kek() -> str:

@@ -77,8 +77,8 @@ class Switch:
             raise StartupError(str(exc)) from None
         self.writer = LedgerWriter(open_backend(config), signing_key=signing_key, config=config.ledger)
         self.reader = LedgerReader(open_backend(config, create=False))
-        self.saf = StoreForward.open(config.store_forward)
-        self.armed = ArmedStore(config.server.armed_path)
+        self.saf = StoreForward.open(config.store_forward, kek=kek)
+        self.armed = ArmedStore(config.server.armed_path, kek=kek)
         self.rrns = RrnStore(config.server.rrn_path)
         self.router = BinTable.from_config(config.routing)
         self.processor = make_processor(config, self.router, pan_key)

@@ -8,6 +8,12 @@ moves it to store-and-forward) or released (`ReleaseReversal`, the outcome is du
 armed ones still here are given to the processor (`Recovered.armed`), which fires those the ledger does
 not explain.
 
+Card data: the reversal needs the PAN, so it is kept sealed (switch.codec.sealing, AES-256-GCM under a
+data key derived from the KEK, bound to the row's acquirer and RRN); track data, PIN block, ICC data and
+MACs are never written; deleted bytes are zeroed (secure_delete). Rows written before sealing are
+re-sealed, and the file vacuumed, when it is opened; every row must open under the KEK, or the start
+stops with a clear error.
+
 Releases are written without waiting for the fsync (synchronous=NORMAL for that transaction): a release
 lost in a crash only leaves a spurious armed row, which recovery resolves against the ledger. Arms
 always wait for the fsync (synchronous=FULL).
@@ -21,12 +27,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import msgspec
+from switch.codec.keys import Kek
+from switch.codec.sealing import FieldSealer, SealingError, decode_legacy, is_legacy, row_context
 
-from switch.codec.masking import WIPED_FIELDS
-
-_enc = msgspec.json.Encoder()
-_dec = msgspec.json.Decoder(dict[str, str])
+#: Purpose of this store's data keys (each store derives its own).
+SEAL_PURPOSE = "armed"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS armed (
@@ -50,18 +55,22 @@ class ArmedStoreError(RuntimeError):
 
 
 class ArmedStore:
-    """Armed reversals in one SQLite file (WAL). Card data: the PAN is kept (the reversal needs it);
-    track data, PIN block, ICC data and MACs are dropped before writing."""
+    """Armed reversals in one SQLite file (WAL). Card data: the PAN is kept sealed under a data key
+    derived from `kek` (`previous_keks` only open: KEK rotation); track data, PIN block, ICC data and
+    MACs are dropped before writing."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, kek: Kek, previous_keks: Iterable[Kek] = ()) -> None:
         self.path = str(path)
+        self._sealer = FieldSealer(kek, SEAL_PURPOSE, previous=previous_keks)
         try:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA secure_delete=ON")
             self._conn.executescript(_SCHEMA)
-        except (sqlite3.Error, OSError) as exc:
+            _seal_old_rows(self._conn, self._sealer)
+        except (sqlite3.Error, OSError, SealingError) as exc:
             raise ArmedStoreError(f"armed reversals file {self.path}: {exc}") from None
         self._lock = threading.Lock()
 
@@ -71,11 +80,8 @@ class ArmedStore:
 
     def arm_many(self, items: Iterable[tuple[str, str, Mapping[str, Any] | None]], now_ms: int) -> None:
         """Store (acquirer, rrn, reversal fields) durably; returns after the fsync."""
-        rows = [
-            (acq, rrn, _enc.encode({k: str(v) for k, v in f.items() if k not in WIPED_FIELDS}), now_ms)
-            for acq, rrn, f in items
-            if f is not None
-        ]
+        seal = self._sealer.seal
+        rows = [(acq, rrn, seal(f, _context(acq, rrn)), now_ms) for acq, rrn, f in items if f is not None]
         if not rows:
             return
         with self._lock:
@@ -107,12 +113,7 @@ class ArmedStore:
                 acq, rrn, f, now_ms = item
                 if f is None:
                     continue
-                row: tuple = (
-                    acq,
-                    rrn,
-                    _enc.encode({k: str(v) for k, v in f.items() if k not in WIPED_FIELDS}),
-                    now_ms,
-                )
+                row: tuple = (acq, rrn, self._sealer.seal(f, _context(acq, rrn)), now_ms)
                 any_insert = True
             else:
                 row = (item[0], item[1])
@@ -144,11 +145,15 @@ class ArmedStore:
                 raise ArmedStoreError(f"armed reversals file {self.path}: {exc}") from None
 
     def all(self) -> list[tuple[str, str, dict[str, str]]]:
+        """Every armed reversal, opened (recovery); ArmedStoreError names a row that does not open."""
         with self._lock:
             rows = self._conn.execute(
                 "SELECT acquirer, rrn, fields FROM armed ORDER BY created_ms"
             ).fetchall()
-        return [(a, r, _dec.decode(f)) for a, r, f in rows]
+        try:
+            return [(a, r, self._sealer.open(f, _context(a, r))) for a, r, f in rows]
+        except SealingError as exc:
+            raise ArmedStoreError(f"armed reversals file {self.path}: {exc}") from None
 
     def __len__(self) -> int:
         with self._lock:
@@ -167,3 +172,37 @@ class ArmedStore:
                 raise
         except sqlite3.Error as exc:
             raise ArmedStoreError(f"armed reversals file {self.path}: {exc}") from None
+
+
+def _context(acquirer: str, rrn: str) -> bytes:
+    """The row identity a sealed armed reversal is bound to (the table's primary key)."""
+    return row_context(SEAL_PURPOSE, acquirer, rrn)
+
+
+def _seal_old_rows(conn: sqlite3.Connection, sealer: FieldSealer) -> None:
+    """Check that every row opens; re-seal rows written in clear (before sealing) or under a previous
+    KEK. After re-sealing clear rows the file is rebuilt and the WAL emptied, so no old page with a
+    clear PAN survives."""
+    fixed = []
+    had_clear = False
+    for acquirer, rrn, data in conn.execute("SELECT acquirer, rrn, fields FROM armed").fetchall():
+        ctx = _context(acquirer, rrn)
+        if is_legacy(data):
+            fixed.append((sealer.seal(decode_legacy(data), ctx), acquirer, rrn))
+            had_clear = True
+            continue
+        fields = sealer.open(data, ctx)
+        if not sealer.sealed_under_current_kek(data):
+            fixed.append((sealer.seal(fields, ctx), acquirer, rrn))
+    if not fixed:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.executemany("UPDATE armed SET fields = ? WHERE acquirer = ? AND rrn = ?", fixed)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    if had_clear:
+        conn.execute("VACUUM")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from switch.codec.keys import Kek
 from switch.config import StoreForwardConfig
 from switch.routing.store_forward import (
     StoreForward,
@@ -20,6 +21,8 @@ from switch.routing.store_forward import (
 )
 
 PAN = "4111111111111111"
+KEK_HEX = "00112233445566778899AABBCCDDEEFF00112233445566778899AABBCCDDEEFF"  # TEST-ONLY
+KEK = Kek(bytes.fromhex(KEK_HEX))
 CFG = StoreForwardConfig(retry_interval_ms=1000, max_retry_interval_ms=8000, max_depth=5)
 
 
@@ -43,7 +46,7 @@ def saf_path(tmp_path: Path) -> Path:
 
 
 def test_first_send_is_original_then_repeats_with_backoff(saf_path: Path) -> None:
-    with StoreForward.open(CFG, saf_path) as q:
+    with StoreForward.open(CFG, saf_path, kek=KEK) as q:
         item_id = q.append("acq", "0400", reversal(), now_ms=0)
         [item] = q.due(0)
         assert item.id == item_id and item.send_mti == "0400"
@@ -61,7 +64,7 @@ def test_first_send_is_original_then_repeats_with_backoff(saf_path: Path) -> Non
 
 
 def test_complete_removes_item_for_good(saf_path: Path) -> None:
-    with StoreForward.open(CFG, saf_path) as q:
+    with StoreForward.open(CFG, saf_path, kek=KEK) as q:
         item_id = q.append("acq", "0400", reversal(), 0)
         q.mark_sent(item_id, 0)
         assert q.complete(item_id, 50, "00")
@@ -72,12 +75,12 @@ def test_complete_removes_item_for_good(saf_path: Path) -> None:
 
 
 def test_survives_reopen_and_repeat_is_sent_as_0401(saf_path: Path) -> None:
-    q = StoreForward.open(CFG, saf_path)
+    q = StoreForward.open(CFG, saf_path, kek=KEK)
     sent = q.append("acq", "0400", reversal("1"), 0)
     unsent = q.append("acq", "0220", {"2": PAN, "4": "000000000500"}, 0)
     q.mark_sent(sent, 0)
     q.close()
-    with StoreForward.open(CFG, saf_path) as q2:
+    with StoreForward.open(CFG, saf_path, kek=KEK) as q2:
         assert q2.depth() == 2
         items = {i.id: i for i in q2.due(5000)}
         assert items[sent].send_mti == "0401"
@@ -88,20 +91,22 @@ def test_survives_reopen_and_repeat_is_sent_as_0401(saf_path: Path) -> None:
 def test_item_is_on_disk_when_append_returns_even_if_the_process_dies(saf_path: Path) -> None:
     script = (
         "import os\n"
+        "from switch.codec.keys import Kek\n"
         "from switch.config import StoreForwardConfig\n"
         "from switch.routing.store_forward import StoreForward\n"
-        f"q = StoreForward.open(StoreForwardConfig(), {str(saf_path)!r})\n"
+        f"kek = Kek(bytes.fromhex({KEK_HEX!r}))\n"
+        f"q = StoreForward.open(StoreForwardConfig(), {str(saf_path)!r}, kek=kek)\n"
         "q.append('acq', '0400', {'2': '4111111111111111', '37': '42'}, 0)\n"
         "os._exit(0)\n"  # no close, no cleanup: like a kill -9 right after the acknowledgement
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
-    with StoreForward.open(CFG, saf_path) as q:
+    with StoreForward.open(CFG, saf_path, kek=KEK) as q:
         [item] = q.due(0)
         assert item.fields["37"] == "42"
 
 
 def test_secret_fields_are_never_stored_and_repr_masks_the_pan(saf_path: Path) -> None:
-    with StoreForward.open(CFG, saf_path) as q:
+    with StoreForward.open(CFG, saf_path, kek=KEK) as q:
         q.append("acq", "0400", reversal(), 0)
         [item] = q.due(0)
         assert set(item.fields) == {"2", "4", "11", "37", "41"}
@@ -115,7 +120,7 @@ def test_secret_fields_are_never_stored_and_repr_masks_the_pan(saf_path: Path) -
 
 
 def test_dedup_key_makes_append_idempotent(saf_path: Path) -> None:
-    with StoreForward.open(CFG, saf_path) as q:
+    with StoreForward.open(CFG, saf_path, kek=KEK) as q:
         a = q.append("acq", "0400", reversal(), 0, dedup_key="reversal:1")
         b = q.append("acq", "0400", reversal(), 5, dedup_key="reversal:1")
         assert a == b and q.depth() == 1
@@ -127,7 +132,7 @@ def test_dedup_key_makes_append_idempotent(saf_path: Path) -> None:
 
 
 def test_max_depth_refuses_clearly_and_batches_are_all_or_nothing(saf_path: Path) -> None:
-    with StoreForward.open(CFG, saf_path) as q:
+    with StoreForward.open(CFG, saf_path, kek=KEK) as q:
         for i in range(4):
             q.append("acq", "0400", reversal(str(i)), 0)
         batch = [("acq", "0120", {"37": "a"}, None), ("acq", "0120", {"37": "b"}, None)]
@@ -142,7 +147,7 @@ def test_max_depth_refuses_clearly_and_batches_are_all_or_nothing(saf_path: Path
 
 
 def test_depth_oldest_age_and_per_acquirer_views(saf_path: Path) -> None:
-    with StoreForward.open(CFG, saf_path) as q:
+    with StoreForward.open(CFG, saf_path, kek=KEK) as q:
         assert q.oldest_age_ms(100) == 0 and q.next_due_ms() is None
         first = q.append("a", "0400", reversal("1"), 100)
         q.append("b", "0120", {"37": "2"}, 300)
@@ -155,7 +160,7 @@ def test_depth_oldest_age_and_per_acquirer_views(saf_path: Path) -> None:
 
 
 def test_bad_input_and_bad_files_get_clear_errors(saf_path: Path, tmp_path: Path) -> None:
-    with StoreForward.open(CFG, saf_path) as q:
+    with StoreForward.open(CFG, saf_path, kek=KEK) as q:
         with pytest.raises(ValueError, match="not MTI '0200'"):
             q.append("acq", "0200", {}, 0)
         with pytest.raises(ValueError, match="acquirer"):
@@ -163,9 +168,10 @@ def test_bad_input_and_bad_files_get_clear_errors(saf_path: Path, tmp_path: Path
     garbage = tmp_path / "garbage.db"
     garbage.write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreForwardError, match=r"garbage\.db"):
-        StoreForward.open(CFG, garbage)
+        StoreForward.open(CFG, garbage, kek=KEK)
     with pytest.raises(StoreForwardError, match="retry_interval_ms"):
-        StoreForward.open(StoreForwardConfig(retry_interval_ms=10, max_retry_interval_ms=5), saf_path)
+        bad = StoreForwardConfig(retry_interval_ms=10, max_retry_interval_ms=5)
+        StoreForward.open(bad, saf_path, kek=KEK)
 
 
 ops = st.lists(
@@ -185,7 +191,7 @@ ops = st.lists(
 def test_never_loses_or_duplicates_across_reopens(tmp_path_factory, script) -> None:
     path = tmp_path_factory.mktemp("saf") / "saf.db"
     cfg = StoreForwardConfig(retry_interval_ms=100, max_retry_interval_ms=1000, max_depth=1000)
-    q = StoreForward.open(cfg, path)
+    q = StoreForward.open(cfg, path, kek=KEK)
     pending: dict[int, str] = {}  # id -> payload
     sent: set[int] = set()
     done: set[int] = set()
@@ -215,7 +221,7 @@ def test_never_loses_or_duplicates_across_reopens(tmp_path_factory, script) -> N
                 now += arg
             elif op == "reopen":
                 q.close()
-                q = StoreForward.open(cfg, path)
+                q = StoreForward.open(cfg, path, kek=KEK)
             everything = q.due(10**12, max_items=10_000)
             assert {i.id: i.fields["37"] for i in everything} == pending
             assert q.depth() == len(pending)
