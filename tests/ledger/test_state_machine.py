@@ -32,6 +32,8 @@ from .drafts import CUR, draft
 
 K = EntryKind
 AMOUNTS = st.integers(1, 500)
+#: Examples per backend: every step is a durable commit, and a server round trip costs more.
+EXAMPLES = {"sqlite": 40, "postgres": 10}
 
 
 @dataclass
@@ -273,7 +275,10 @@ def test_ledger_agrees_with_the_model(ledger_backend: LedgerDb) -> None:
     ledger_backend.open().close()  # create the empty schema once
     LedgerMachine.db_factory = staticmethod(fresh_db)
     run_state_machine_as_test(
-        LedgerMachine, settings=settings(max_examples=25, stateful_step_count=30, deadline=None)
+        LedgerMachine,
+        settings=settings(
+            max_examples=EXAMPLES.get(ledger_backend.name, 10), stateful_step_count=30, deadline=None
+        ),
     )
     # the last example's ledger verifies end to end: hashes, tree heads, checkpoints, balances, rules
     backend = made[-1].open()

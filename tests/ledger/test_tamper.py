@@ -14,20 +14,32 @@ from switch.ledger.model import EntryKind
 from switch.ledger.verify import verify_ledger
 from switch.ledger.writer import LedgerWriter
 
-from .conftest import TEST_SEED, LedgerDb
+from .conftest import TEST_SEED, LedgerDb, SqliteDb
 from .drafts import draft
 
 SIZE = 700  # > 2 * 2**NODE_MIN_LEVEL, so stored Merkle nodes are exercised too
 BIG = 10**12  # a parking seq for swaps (CHECK seq >= 0)
 
 
-@pytest.fixture
-def ledger(ledger_backend: LedgerDb, signing_key) -> LedgerDb:
+def _fill(db: LedgerDb, signing_key) -> LedgerDb:
     cfg = LedgerConfig(batch_window_ms=0, checkpoint_every_entries=100)
-    with LedgerWriter(ledger_backend.open(), signing_key=signing_key, config=cfg) as w:
+    with LedgerWriter(db.open(), signing_key=signing_key, config=cfg) as w:
         for start in range(0, SIZE, 50):
             w.append([draft(f"k{i}", EntryKind.PURCHASE, f"R{i}", 100 + i) for i in range(start, start + 50)])
-    return ledger_backend
+    return db
+
+
+@pytest.fixture
+def ledger(ledger_backend: LedgerDb, signing_key) -> LedgerDb:
+    return _fill(ledger_backend, signing_key)
+
+
+@pytest.fixture
+def sqlite_ledger(tmp_path: Path, signing_key) -> SqliteDb:
+    """The CLI tests drive a SQLite file (what an operator runs); the checks above cover every backend."""
+    db = SqliteDb(tmp_path / "cli.db")
+    _fill(db, signing_key)
+    return db
 
 
 def _verify(db: LedgerDb, key) -> tuple[bool, int | None, str]:
@@ -97,26 +109,20 @@ def test_rewritten_balance_history_fails_the_rebuild_check(ledger: LedgerDb, sig
 # --- the CLI (SQLite files only: it is what an operator runs) -----------------------------------------
 
 
-def _sqlite_path(db: LedgerDb) -> Path:
-    if db.name != "sqlite":
-        pytest.skip("the CLI tests drive a SQLite file; the checks above cover every backend")
-    return db.path  # type: ignore[attr-defined,no-any-return]
-
-
-def test_cli_verify_exit_codes(ledger: LedgerDb, signing_key, capsys, monkeypatch) -> None:
-    path = _sqlite_path(ledger)
+def test_cli_verify_exit_codes(sqlite_ledger: SqliteDb, capsys, monkeypatch) -> None:
+    path = sqlite_ledger.path
     monkeypatch.setenv(LedgerConfig().checkpoint_key_env, TEST_SEED.hex())
     assert main(["ledger", "verify", "--db", str(path)]) == 0
     out = capsys.readouterr().out
     assert f"verified {SIZE} entries" in out and "signatures checked" in out
-    copy = ledger.tampered_copy(["UPDATE entries SET amount_minor = 1 WHERE seq = 123"])
-    assert main(["ledger", "verify", "--db", str(copy.path)]) == 1  # type: ignore[attr-defined]
+    copy = sqlite_ledger.tampered_copy(["UPDATE entries SET amount_minor = 1 WHERE seq = 123"])
+    assert main(["ledger", "verify", "--db", str(copy.path)]) == 1
     assert "first bad entry index 123" in capsys.readouterr().out
     assert main(["ledger", "verify", "--db", str(path.with_name("missing.db"))]) == 2
 
 
-def test_cli_proofs_check_and_forgeries_fail(ledger: LedgerDb, capsys, tmp_path: Path) -> None:
-    path = _sqlite_path(ledger)
+def test_cli_proofs_check_and_forgeries_fail(sqlite_ledger: SqliteDb, capsys, tmp_path: Path) -> None:
+    path = sqlite_ledger.path
     assert main(["ledger", "proof", "inclusion", "--db", str(path), "--index", "300", "--size", "600"]) == 0
     inclusion = json.loads(capsys.readouterr().out)
     assert inclusion["tree_size"] == 600 and len(inclusion["path"]) == 10
