@@ -5,7 +5,9 @@ Postings (debit first; every entry balances in its currency, amounts > 0):
 | entry | kind | debit | credit |
 |---|---|---|---|
 | fee on a sale | FEE | merchant:M:payable | switch:fee_income |
-| fee returned with a refund/void | FEE_REFUND | switch:fee_income | merchant:M:payable |
+| fee returned with a refund | FEE_REFUND | switch:fee_income | merchant:M:payable |
+| fee undone (sale voided/reversed) | REVERSAL of `<sale>/fee` | switch:fee_income | merchant:M:payable |
+| fee return undone (refund reversed) | REVERSAL of `<refund>/fee` | merchant:M:payable | switch:fee_income |
 | deposit charged at registration | DEPOSIT | merchant:M:payable | merchant:M:deposit |
 | deposit refunded by rule | DEPOSIT_REFUND | merchant:M:deposit | merchant:M:payable |
 | deposit kept by rule | ADJUSTMENT | merchant:M:deposit | switch:deposits_held |
@@ -114,6 +116,42 @@ def fee_refund(
         accounts.merchant_payable(merchant_id),
         terminal_id=terminal_id,
         original_rrn=fee_rrn(sale_rrn),
+        memo=memo,
+    )
+
+
+def fee_reversal(
+    reversed_kind: EntryKind,
+    fee_rrn: str,
+    merchant_id: str,
+    terminal_id: str,
+    amount_minor: int,
+    currency: str,
+    at_ms: int,
+    memo: str,
+) -> EntryDraft:
+    """Undo a FEE (its sale was voided or reversed: the merchant gets back what refunds had not) or a
+    FEE_REFUND (its refund was reversed: the fee is owed again). The ledger's REVERSAL rule checks the
+    amount is exactly what is left of that entry, so a fee is never undone twice or beyond itself."""
+    pay, income = accounts.merchant_payable(merchant_id), accounts.FEE_INCOME
+    if reversed_kind is EntryKind.FEE:
+        debit, credit = income, pay
+    elif reversed_kind is EntryKind.FEE_REFUND:
+        debit, credit = pay, income
+    else:
+        raise ValueError(f"only fee entries are reversed here, not {reversed_kind}")
+    return _draft(
+        EntryKind.REVERSAL,
+        f"fee_reversal:{fee_rrn}",
+        fee_rrn,
+        at_ms,
+        merchant_id,
+        amount_minor,
+        currency,
+        debit,
+        credit,
+        terminal_id=terminal_id,
+        original_rrn=fee_rrn,
         memo=memo,
     )
 

@@ -41,6 +41,8 @@ TEST_FLOWS = frozenset({"purchase", "inquiry"})
 ALWAYS_ALLOWED_FLOWS = frozenset({"reversal", "settlement"})
 #: Flows that are network management (sign-on, echo, key change).
 NETWORK_FLOWS = frozenset({"network"})
+#: States a lapsed subscription suspends (`on_clock`).
+SUSPENDABLE = frozenset({S.ACTIVATED, S.ACTIVE})
 #: Flows whose approval makes an activated terminal "active" (live use).
 LIVE_FLOWS = frozenset({"purchase", "preauth", "completion", "refund", "void", "inquiry"})
 
@@ -140,7 +142,7 @@ def on_approved(t: Terminal, flow: str, now_ms: int) -> Terminal | None:
 
 def on_clock(t: Terminal, now_ms: int, grace_days: int) -> Terminal | None:
     """Suspend an activated/active terminal whose subscription lapsed past grace (None if no change)."""
-    if t.state in (S.ACTIVATED, S.ACTIVE) and lapsed(t, grace_days, now_ms):
+    if t.state in SUSPENDABLE and lapsed(t, grace_days, now_ms):
         return transition(
             t,
             S.SUSPENDED,

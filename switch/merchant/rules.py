@@ -41,6 +41,8 @@ from switch.merchant.refunds import OriginalFacts, check_refund
 MAX_RESERVATIONS = 100_000
 #: Flows that carry a card and are checked against the registered MCC.
 MCC_FLOWS = frozenset({"purchase", "preauth", "completion", "refund", "void", "inquiry"})
+#: "Never" for the lapse schedule (year 9999).
+NEVER_MS = 253_402_300_799_999
 #: Flows priced with a fee when approved.
 SALE_FLOWS = frozenset({"purchase", "completion"})
 
@@ -87,6 +89,8 @@ class MerchantRules:
         #: (merchant, currency, business day) -> refunds committed that day.
         self.refunded_by_day: dict[tuple[str, str, int], int] = {}
         self._reserved: dict[str, _Reservation] = {}
+        #: No activated/active terminal lapses before this (None: unknown, `tick` scans).
+        self._next_lapse_ms: int | None = None
 
     # --- registry snapshot ---------------------------------------------------------------------
     def put_merchant(self, m: Merchant) -> None:
@@ -94,9 +98,28 @@ class MerchantRules:
 
     def put_contract(self, c: Contract) -> None:
         self.contracts[c.id] = c
+        self._next_lapse_ms = None  # grace periods may have changed
 
     def put_terminal(self, t: Terminal) -> None:
         self.terminals[t.id] = t
+        if self._next_lapse_ms is not None and t.state in lifecycle.SUSPENDABLE:
+            self._next_lapse_ms = min(
+                self._next_lapse_ms, lifecycle.grace_end_ms(t.paid_until_ms, self._grace(t))
+            )
+
+    def put(self, record: object) -> None:
+        """Take any changed registry record (MerchantService.on_change); keys and renewals are not
+        the rules' business."""
+        if isinstance(record, Terminal):
+            self.put_terminal(record)
+        elif isinstance(record, Merchant):
+            self.put_merchant(record)
+        elif isinstance(record, Contract):
+            self.put_contract(record)
+
+    def _grace(self, t: Terminal) -> int:
+        contract = self.contract_of(t.merchant_id)
+        return contract.subscription_grace_days if contract else self.cfg.subscription_grace_days
 
     def contract_of(self, merchant_id: str) -> Contract | None:
         m = self.merchants.get(merchant_id)
@@ -238,16 +261,28 @@ class MerchantRules:
         refunded_before_minor: int,
         refund_minor: int,
         at_ms: int,
+        returned_before_minor: int | None = None,
     ) -> tuple[EntryDraft, ...]:
-        """The FEE_REFUND entry returning the fee pro rata with a refund (or a void: refund the whole
-        remaining amount). `fee_entry`: the sale's FEE entry (rrn `<sale rrn>/fee`, found with the
-        sale's family); None or a zero return gives no entry."""
+        """The FEE_REFUND entry returning the fee pro rata with a refund. `fee_entry`: the sale's FEE
+        entry (rrn `<sale rrn>/fee`, found with the sale's family); None or a zero return gives no entry.
+
+        `returned_before_minor`: fee already returned for this sale, when the caller knows it (the
+        processing core does). Then the return is the cumulative target floor(F * R_after / A) minus
+        what was returned, clamped to what is left of the fee: exact even after a refund and its fee
+        return were reversed, and never more than charged (so the ledger never refuses the batch)."""
         if fee_entry is None or fee_entry.kind is not EntryKind.FEE:
             return ()
         terms = fees.decode_terms(fee_entry.memo)
-        back = fees.fee_refund_minor(
-            terms.refundable_minor, original_amount_minor, refunded_before_minor, refund_minor
-        )
+        if returned_before_minor is None:
+            back = fees.fee_refund_minor(
+                terms.refundable_minor, original_amount_minor, refunded_before_minor, refund_minor
+            )
+        else:
+            target = fees.fee_refund_minor(
+                terms.refundable_minor, original_amount_minor, 0, refunded_before_minor + refund_minor
+            )
+            back = min(target, terms.refundable_minor) - returned_before_minor
+            back = max(0, min(back, fee_entry.amount_minor - returned_before_minor))
         if back <= 0:
             return ()
         memo = drafts.memo_json(
@@ -268,6 +303,35 @@ class MerchantRules:
                 fee_entry.currency,
                 at_ms,
                 memo,
+            ),
+        )
+
+    @staticmethod
+    def fee_reversal_drafts(
+        *,
+        reversed_kind: EntryKind,
+        fee_rrn: str,
+        merchant_id: str,
+        terminal_id: str,
+        amount_minor: int,
+        currency: str,
+        at_ms: int,
+        reason: str,
+    ) -> tuple[EntryDraft, ...]:
+        """The REVERSAL undoing a FEE (sale voided or reversed) or a FEE_REFUND (refund reversed);
+        posted with the void / reversal entry itself. Nothing when the amount is 0."""
+        if amount_minor <= 0:
+            return ()
+        return (
+            drafts.fee_reversal(
+                reversed_kind,
+                fee_rrn,
+                merchant_id,
+                terminal_id,
+                amount_minor,
+                currency,
+                at_ms,
+                drafts.memo_json({"reason": reason, "reversed": str(reversed_kind)}),
             ),
         )
 
@@ -293,15 +357,22 @@ class MerchantRules:
         return changed
 
     def tick(self, now_ms: int) -> list[Terminal]:
-        """Suspend terminals whose subscription lapsed past grace; returns those changed."""
+        """Suspend terminals whose subscription lapsed past grace; returns those changed. Scans the
+        terminals only once the earliest grace end has passed (the server ticks every second; requests
+        are refused at the lapse moment by `check` anyway, this only records the state)."""
+        if self._next_lapse_ms is not None and now_ms <= self._next_lapse_ms:
+            return []
         out = []
+        nxt = NEVER_MS
         for t in list(self.terminals.values()):
-            contract = self.contract_of(t.merchant_id)
-            grace = contract.subscription_grace_days if contract else self.cfg.subscription_grace_days
+            grace = self._grace(t)
             changed = lifecycle.on_clock(t, now_ms, grace)
             if changed is not None:
                 self.terminals[t.id] = changed
                 out.append(changed)
+            elif t.state in lifecycle.SUSPENDABLE:
+                nxt = min(nxt, lifecycle.grace_end_ms(t.paid_until_ms, grace))
+        self._next_lapse_ms = nxt
         return out
 
     # --- running totals --------------------------------------------------------------------------

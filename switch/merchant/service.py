@@ -26,6 +26,7 @@ from switch.merchant import deposit, drafts, lifecycle, settlement, subscription
 from switch.merchant.model import (
     Contract,
     Merchant,
+    Rate,
     RegistryError,
     Renewal,
     Terminal,
@@ -36,12 +37,20 @@ from switch.merchant.model import (
     validate_merchant,
     validate_terminal,
 )
-from switch.merchant.store import Cutover, RegistryStore
+from switch.merchant.store import Cutover, RegistryConflict, RegistryStore
 
 #: paid_until of a terminal whose contract has no subscription fee (never lapses): 9999-12-31.
 NO_SUBSCRIPTION_MS = 253_402_214_400_000
 #: Entries decoded per chunk when folding a batch.
 FOLD_CHUNK = 5_000
+#: Attempts to save a lifecycle event against concurrent registry writes.
+LIFECYCLE_RETRIES = 5
+
+
+def config_contract_id(merchant_id: str) -> str:
+    """Contract id of a merchant imported from switch.toml ("cfg." + the id made contract-safe)."""
+    safe = "".join(c if c.isalnum() or c in "_.-" else "_" for c in merchant_id)
+    return f"cfg.{safe}"[:32]
 
 
 class LedgerPort(Protocol):
@@ -70,6 +79,9 @@ class MerchantService:
         self.clock_ms = clock_ms
         #: Called with each changed record so a running switch's MerchantRules sees it at once.
         self.on_change: Callable[[msgspec.Struct], None] = lambda record: None
+        #: Called after a cutover recorded its boundary and posted its settlements (the running
+        #: switch closes its terminal batches and business day at the same moment).
+        self.on_cutover: Callable[[Cutover], None] = lambda cut: None
 
     # --- helpers ---------------------------------------------------------------------------------
     def _post(self, batch: Sequence[EntryDraft]) -> list[Entry]:
@@ -221,6 +233,86 @@ class MerchantService:
         self._save(
             "terminal", changed.id, changed.merchant_id, changed, actor, f"lifecycle {changed.state}", v
         )
+
+    def apply_lifecycle(
+        self, terminal_id: str, event: str, now_ms: int, flow: str = "", actor: str = "switch"
+    ) -> Terminal | None:
+        """Persist a lifecycle event the running switch acted on (processing's RecordLifecycle): the
+        same pure transition is applied to the registry's CURRENT record, so an operator change made
+        meanwhile (a renewal) is kept; a concurrent write is retried. Returns the saved record, or
+        None when the record already shows the event (a repeat, or a renewal made it moot)."""
+        for _ in range(LIFECYCLE_RETRIES):
+            t, v = self.terminal(terminal_id)
+            if event == "sign_on":
+                new = lifecycle.on_sign_on(t, now_ms)
+            elif event == "approved":
+                new = lifecycle.on_approved(t, flow, now_ms)
+            elif event == "clock":
+                contract = self.store.get("contract", self.merchant(t.merchant_id)[0].contract_id, Contract)
+                grace = contract[0].subscription_grace_days if contract else self.cfg.subscription_grace_days
+                new = lifecycle.on_clock(t, now_ms, grace)
+            else:
+                raise RegistryError(f"unknown lifecycle event {event!r}")
+            if new is None:
+                return None
+            try:
+                self._save("terminal", t.id, t.merchant_id, new, actor, f"lifecycle {event}: {new.state}", v)
+            except RegistryConflict:
+                continue
+            return new
+        raise RegistryConflict(f"terminal {terminal_id} kept changing: lifecycle event {event} not saved")
+
+    def import_from_config(
+        self, merchants: Sequence[Any], terminals: Sequence[Any], actor: str = "switch.toml"
+    ) -> list[str]:
+        """Import merchants and terminals declared in switch.toml that the registry does not know yet.
+
+        They are pre-provisioned devices already in service, so they come in as ACTIVE with no
+        subscription (paid until 9999) and a contract `cfg.<merchant>` carrying the configured refund
+        rules and no fees. The registry wins afterwards: an imported record is never overwritten from
+        the config again. Returns the ids imported (audited with `actor`)."""
+        now = self.clock_ms()
+        done: list[str] = []
+        for mc in merchants:
+            if self.store.get("merchant", mc.id, Merchant) is not None:
+                continue
+            m = self.create_merchant(
+                Merchant(id=mc.id, name=mc.name or mc.id, mcc=mc.mcc, currency=mc.currency), actor
+            )
+            self.put_contract(
+                Contract(
+                    id=config_contract_id(m.id),
+                    merchant_id=m.id,
+                    currency=m.currency,
+                    rates={"default": Rate()},
+                    refund_window_days=mc.refund_window_days,
+                    single_refund_cap_minor=mc.single_refund_cap_minor or None,
+                    daily_refund_cap_minor=mc.daily_refund_cap_minor or None,
+                ),
+                actor,
+            )
+            done.append(m.id)
+        for tc in terminals:
+            if self.store.get("terminal", tc.id, Terminal) is not None:
+                continue
+            t = validate_terminal(
+                Terminal(
+                    id=tc.id,
+                    merchant_id=tc.merchant_id,
+                    profile=tc.profile,
+                    state=TerminalState.ACTIVE,
+                    registered_at_ms=now,
+                    signed_on_at_ms=now,
+                    activated_at_ms=now,
+                    live_at_ms=now,
+                    paid_until_ms=NO_SUBSCRIPTION_MS,
+                    state_reason="imported from switch.toml as a terminal already in service",
+                )
+            )
+            self.merchant(t.merchant_id)  # NotFound unless its merchant exists
+            self._save("terminal", t.id, t.merchant_id, t, actor, "import", None)
+            done.append(t.id)
+        return done
 
     def add_key(self, k: TerminalKey, actor: str) -> TerminalKey:
         k = validate_key(msgspec.structs.replace(k, created_at_ms=self.clock_ms()))
@@ -404,7 +496,7 @@ class MerchantService:
         family: dict[int, Entry] = {}
         for e in self.reader.entries_by_rrn(rrn):
             family[e.seq] = e
-        for row in self.reader.backend.txn_rows([rrn]):
+        for row in self.reader.backend.txn_rows([rrn, drafts.fee_rrn(rrn)]):
             if row.seq not in family:
                 e = self.reader.entry(row.seq)
                 if e is not None:
@@ -415,7 +507,8 @@ class MerchantService:
             if e.draft.kind is EntryKind.REFUND and e.draft.original_rrn == rrn
         ]
         if refund_rrns:
-            for row in self.reader.backend.txn_rows(refund_rrns):
+            wanted = refund_rrns + [drafts.fee_rrn(r) for r in refund_rrns]
+            for row in self.reader.backend.txn_rows(wanted):
                 if row.seq not in family and row.kind == EntryKind.REVERSAL:
                     e = self.reader.entry(row.seq)
                     if e is not None:
@@ -428,7 +521,7 @@ class MerchantService:
         if not (len(stan) == 6 and stan.isdigit()):
             raise RegistryError("STAN must be 6 digits")
         seen: list[str] = []
-        for seq in self.store.ledger_seqs_by_key_prefix(f"{terminal_id}/{t.merchant_id}/{stan}/"):
+        for seq in self.store.ledger_seqs_by_key_prefix(f"tk:{terminal_id}/{t.merchant_id}/{stan}/"):
             e = self.reader.entry(seq)
             if e is not None and e.draft.rrn not in seen:
                 seen.append(e.draft.rrn)
@@ -464,7 +557,9 @@ class MerchantService:
         from_seq = last.to_seq if last else 0
         cut = Cutover(from_seq=from_seq, to_seq=self.reader.backend.entry_count(), at_ms=now, actor=actor)
         self.store.add_cutover(cut)
-        return cut, self._post_settlements(cut)
+        rows = self._post_settlements(cut)
+        self.on_cutover(cut)
+        return cut, rows
 
     def _post_settlements(self, cut: Cutover) -> list[settlement.MerchantSettlement]:
         rows = settlement.settle(self._batch_entries(cut.from_seq, cut.to_seq), cut.from_seq, cut.to_seq)

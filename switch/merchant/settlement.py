@@ -9,8 +9,16 @@ Settlement report per (merchant, currency) over a batch (entries with from_seq <
 Cross-check: the same number must equal the movement of the merchant's payable account over the batch
 (settlement entries excluded); `payable_check_minor` carries it and `balanced` says whether they agree.
 
+Reversals are classified by what they undo, read from the entry itself (so an original settled in an
+earlier batch is classified right): a REVERSAL naming `<rrn>/fee` undoes a fee (or a fee return), any
+other REVERSAL debiting the merchant's payable undoes a sale, one crediting it undoes a refund.
+
 Terminal reconciliation (0500): the terminal's declared totals against the ledger's for that terminal
-in the open batch, line by line (sales, refunds, voids and reversals); every out-of-balance line listed.
+in the open batch, on the ISO 8583:1987 lines the terminal sends and the processing core checks
+(docs/flows.md "Settlement totals"): debits 76/88 (sales the terminal heard approved), debit_reversals
+77/89 (voids and reversals of those), credits 74/86 (refunds), credit_reversals 75/87 (reversals of
+refunds). Late approvals the terminal never heard (posted with their reversal) count on no line. Every
+out-of-balance line is listed.
 """
 
 from __future__ import annotations
@@ -21,10 +29,21 @@ from collections.abc import Iterable
 
 import msgspec
 
-from switch.ledger.model import Entry, EntryKind, Side, accounts
+from switch.ledger.model import Entry, EntryDraft, EntryKind, Side, accounts
 
 K = EntryKind
 SALES = frozenset({K.PURCHASE, K.CAPTURE, K.STAND_IN})
+#: RRN suffix of fee entries (switch.merchant.drafts.fee_rrn).
+FEE_SUFFIX = "/fee"
+
+
+def reversal_undoes(d: EntryDraft) -> str:
+    """What a REVERSAL entry undoes: "fee" (a FEE), "fee_refund" (a FEE_REFUND), "sale" or "refund"."""
+    payable = accounts.merchant_payable(d.merchant_id)
+    credits_merchant = any(p.account == payable and p.side is Side.CREDIT for p in d.postings)
+    if d.original_rrn.endswith(FEE_SUFFIX):
+        return "fee" if credits_merchant else "fee_refund"
+    return "refund" if credits_merchant else "sale"
 
 
 class MerchantSettlement(msgspec.Struct, kw_only=True):
@@ -50,13 +69,10 @@ CSV_COLUMNS = tuple(f.name for f in msgspec.structs.fields(MerchantSettlement))
 def settle(entries: Iterable[Entry], from_seq: int, to_seq: int) -> list[MerchantSettlement]:
     """One MerchantSettlement per (merchant, currency) with activity in the batch, sorted."""
     out: dict[tuple[str, str], MerchantSettlement] = {}
-    kind_of_rrn: dict[str, EntryKind] = {}
     for e in entries:
         d = e.draft
         if not (from_seq <= e.seq < to_seq) or not d.merchant_id or d.kind in (K.DECLINE, K.SETTLEMENT):
             continue
-        if d.kind in SALES or d.kind is K.REFUND:
-            kind_of_rrn.setdefault(d.rrn, d.kind)
         s = out.get((d.merchant_id, d.currency))
         if s is None:
             s = out[(d.merchant_id, d.currency)] = MerchantSettlement(
@@ -72,11 +88,15 @@ def settle(entries: Iterable[Entry], from_seq: int, to_seq: int) -> list[Merchan
             s.refunds_count += 1
             s.refunds_minor += a
         elif d.kind is K.REVERSAL:
-            # Reversal of a refund gives the refund back; of anything else (sales): undoes the sale.
-            if kind_of_rrn.get(d.original_rrn) is K.REFUND:
-                s.refunds_minor -= a
-            else:
+            undoes = reversal_undoes(d)
+            if undoes == "sale":
                 s.gross_minor -= a
+            elif undoes == "refund":
+                s.refunds_minor -= a
+            elif undoes == "fee":
+                s.fees_minor -= a
+            else:  # a fee return undone: the fee is owed again
+                s.fees_minor += a
         elif d.kind is K.FEE:
             s.fees_minor += a
         elif d.kind is K.FEE_REFUND:
@@ -127,8 +147,12 @@ class TxnStatus(msgspec.Struct, kw_only=True):
     amount_minor: int = 0
     currency: str = ""
     refunded_minor: int = 0
+    #: Merchant fee charged on the sale (0 once undone by a void or reversal) and returned by refunds.
     fee_minor: int = 0
+    fee_refunded_minor: int = 0
     response_code: str = ""
+    #: Why it was declined, as the switch recorded it (e.g. "rule[mcc_mismatch]: ..."); "" otherwise.
+    reason: str = ""
     at_ms: int = 0
     pan_masked: str = ""
     entries: list[str] = []
@@ -159,8 +183,11 @@ def status(rrn: str, family: Iterable[Entry], settled_before_seq: int) -> TxnSta
     )
     if d.kind is K.DECLINE:
         st.state = "declined"
+        st.reason = memo_value(d.memo, "why")
         return st
     refund_rrns: dict[str, int] = {}
+    fee_rrn = rrn + FEE_SUFFIX
+    fee_backs: dict[str, int] = {}
     for e in fam:
         x = e.draft
         if x.original_rrn == rrn and x.kind is K.REFUND:
@@ -174,9 +201,25 @@ def status(rrn: str, family: Iterable[Entry], settled_before_seq: int) -> TxnSta
             st.state = "reversed"
         elif x.kind is K.FEE and x.original_rrn == rrn:
             st.fee_minor += x.amount_minor
+        elif x.kind is K.FEE_REFUND and x.original_rrn == fee_rrn:
+            fee_backs[x.rrn] = x.amount_minor
+            st.fee_refunded_minor += x.amount_minor
+        elif x.kind is K.REVERSAL and x.original_rrn == fee_rrn:
+            st.fee_minor -= x.amount_minor
+        elif x.kind is K.REVERSAL and x.original_rrn in fee_backs:
+            st.fee_refunded_minor -= fee_backs.pop(x.original_rrn)
     if st.state == "approved" and st.refunded_minor > 0:
         st.state = "fully_refunded" if st.refunded_minor >= st.amount_minor else "partly_refunded"
     return st
+
+
+def memo_value(memo: str, key: str) -> str:
+    """One `k=v` value of a processing memo (`flow=...;why=...`), "" when absent."""
+    for part in memo.split(";"):
+        k, sep, v = part.partition("=")
+        if sep and k == key:
+            return v
+    return ""
 
 
 # --- terminal reconciliation ----------------------------------------------------------------------
@@ -185,15 +228,20 @@ class TotalsLine(msgspec.Struct, frozen=True):
     amount_minor: int
 
 
+#: Settlement lines, ISO 8583:1987 (count field, amount field), as switch.sim.terminal and the
+#: processing core use them.
+LINES = ("credits", "credit_reversals", "debits", "debit_reversals")
+
+
 class TerminalTotals(msgspec.Struct, frozen=True, kw_only=True):
-    """What a terminal's 0500 declares for its open batch."""
+    """What a terminal's 0500 declares for its open batch, line by line (fields 74-77, 86-89)."""
 
     terminal_id: str
     currency: str
-    sales: TotalsLine
-    refunds: TotalsLine
-    voids: TotalsLine = TotalsLine(0, 0)
-    reversals: TotalsLine = TotalsLine(0, 0)
+    debits: TotalsLine = TotalsLine(0, 0)
+    debit_reversals: TotalsLine = TotalsLine(0, 0)
+    credits: TotalsLine = TotalsLine(0, 0)
+    credit_reversals: TotalsLine = TotalsLine(0, 0)
 
 
 class ReconLine(msgspec.Struct, frozen=True):
@@ -214,28 +262,41 @@ class Reconciliation(msgspec.Struct, frozen=True):
     out_of_balance: list[ReconLine]
 
 
+def ledger_line(d: EntryDraft, late_rrns: set[str]) -> str:
+    """The settlement line an entry counts on for its terminal ("" for none). Only outcomes the
+    terminal heard (outcome keys `tk:...:out`) and reversals of those count; a late approval and its
+    reversal (keys `rrn:<rrn>:late` / `:rev`) count on no line."""
+    kind = d.kind
+    if kind in SALES or kind is K.REFUND or kind is K.VOID:
+        if not d.idempotency_key.endswith(":out"):
+            return ""
+        return "debits" if kind in SALES else "credits" if kind is K.REFUND else "debit_reversals"
+    if kind is K.REVERSAL and d.original_rrn not in late_rrns:
+        undoes = reversal_undoes(d)
+        if undoes == "sale":
+            return "debit_reversals"
+        if undoes == "refund":
+            return "credit_reversals"
+    return ""
+
+
 def reconcile(declared: TerminalTotals, entries: Iterable[Entry], from_seq: int) -> Reconciliation:
-    ledger = {"sales": [0, 0], "refunds": [0, 0], "voids": [0, 0], "reversals": [0, 0]}
-    for e in entries:
-        d = e.draft
-        if e.seq < from_seq or d.terminal_id != declared.terminal_id or d.currency != declared.currency:
-            continue
-        name = (
-            "sales"
-            if d.kind in SALES
-            else "refunds"
-            if d.kind is K.REFUND
-            else "voids"
-            if d.kind is K.VOID
-            else "reversals"
-            if d.kind is K.REVERSAL
-            else ""
-        )
+    ledger = {name: [0, 0] for name in LINES}
+    mine = [
+        e.draft
+        for e in entries
+        if e.seq >= from_seq
+        and e.draft.terminal_id == declared.terminal_id
+        and e.draft.currency == declared.currency
+    ]
+    late_rrns = {d.rrn for d in mine if d.idempotency_key.endswith(":late")}
+    for d in mine:
+        name = ledger_line(d, late_rrns)
         if name:
             ledger[name][0] += 1
             ledger[name][1] += d.amount_minor
     lines = []
-    for name in ("sales", "refunds", "voids", "reversals"):
+    for name in LINES:
         t: TotalsLine = getattr(declared, name)
         lc, la = ledger[name]
         lines.append(ReconLine(name, t.count, t.amount_minor, lc, la, (t.count, t.amount_minor) == (lc, la)))

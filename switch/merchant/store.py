@@ -260,6 +260,21 @@ class RegistryStore:
             for r in rows
         ]
 
+    def changed_since(self, after_seq: int, limit: int = 1_000) -> list[tuple[int, str, str]]:
+        """(audit seq, object kind, object id) of registry changes after `after_seq`, oldest first: how
+        a running switch picks up changes made by the CLI or another process (an indexed range scan
+        of the append-only audit)."""
+        rows = self._rows(
+            f"SELECT seq, object_kind, object_id FROM registry_audit WHERE seq > {self.p} "
+            f"ORDER BY seq LIMIT {int(limit)}",
+            (after_seq,),
+        )
+        return [(int(a), str(b), str(c)) for a, b, c in rows]
+
+    def last_audit_seq(self) -> int:
+        rows = self._rows("SELECT COALESCE(MAX(seq), 0) FROM registry_audit")
+        return int(rows[0][0]) if rows else 0
+
     # --- cutovers --------------------------------------------------------------------------------
     def cutovers(self) -> list[Cutover]:
         rows = self._rows("SELECT from_seq, to_seq, at_ms, actor FROM reg_cutovers ORDER BY to_seq")

@@ -21,6 +21,8 @@ from switch.processing.record import Hold, Stage, Status, Txn, key_role, key_ter
 from switch.processing.request import Flow
 
 DEBIT_FLOWS = frozenset({Flow.PURCHASE, Flow.COMPLETION})
+#: RRN suffix of merchant fee entries (switch.merchant.drafts.fee_rrn).
+FEE_SUFFIX = "/fee"
 
 _KIND_FLOW = {
     EntryKind.PURCHASE: Flow.PURCHASE,
@@ -118,6 +120,14 @@ class Book:
     def apply(self, d: EntryDraft, count_totals: bool) -> None:
         """Move the book by one durable entry. `count_totals` is False for entries fetched from the
         ledger on demand (they were counted, or belong to a closed batch)."""
+        kind = d.kind
+        if (
+            kind is EntryKind.FEE
+            or kind is EntryKind.FEE_REFUND
+            or (kind is EntryKind.REVERSAL and d.original_rrn.endswith(FEE_SUFFIX))
+        ):
+            self._fee(d)
+            return
         role = key_role(d.idempotency_key)
         if role == "out":
             self._outcome(d, count_totals)
@@ -130,6 +140,35 @@ class Book:
             txn.hold = Hold.EXPIRED
             txn.busy = False
             self.open_holds.pop(d.rrn, None)
+
+    def _fee(self, d: EntryDraft) -> None:
+        """Merchant fee entries (switch.merchant.drafts): FEE `<sale>/fee` naming the sale, FEE_REFUND
+        `<refund>/fee` naming `<sale>/fee`, and REVERSALs of either. They never count in terminal
+        totals; they only tell later refunds and reversals what is left of the fee."""
+        if d.kind is EntryKind.FEE:
+            sale = self.find_rrn(d.original_rrn)
+            if sale is not None:
+                sale.fee = d
+                sale.fee_closed = False
+            return
+        if d.kind is EntryKind.FEE_REFUND:
+            refund = self.find_rrn(d.rrn.removesuffix(FEE_SUFFIX))
+            if refund is not None:
+                refund.fee_back_minor = d.amount_minor
+            sale = self.find_rrn(d.original_rrn.removesuffix(FEE_SUFFIX))
+            if sale is not None:
+                sale.fee_returned_minor += d.amount_minor
+            return
+        target = self.find_rrn(d.original_rrn.removesuffix(FEE_SUFFIX))  # a REVERSAL of a fee entry
+        if target is None:
+            return
+        if target.flow is Flow.REFUND:  # the refund's fee return is undone: the fee is owed again
+            target.fee_back_minor = 0
+            sale = self.find_rrn(target.original_rrn) if target.original_rrn else None
+            if sale is not None:
+                sale.fee_returned_minor -= d.amount_minor
+        else:
+            target.fee_closed = True
 
     def _outcome(self, d: EntryDraft, count_totals: bool) -> None:
         if d.kind is EntryKind.SETTLEMENT:

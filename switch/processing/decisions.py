@@ -99,6 +99,22 @@ class SignOn(msgspec.Struct, frozen=True):
     reply: Fields
 
 
+class RecordLifecycle(msgspec.Struct, frozen=True):
+    """A terminal lifecycle event merchant services acted on (issue 6): persist it in the registry.
+
+    `event`: "sign_on" (first sign-on recorded), "approved" (a durable approval of `flow`: activation by
+    the test transaction, or first live use) or "clock" (subscription lapsed past grace: suspended).
+    The server re-applies the SAME event to the registry's current record (switch.merchant.service.
+    MerchantService.apply_lifecycle) instead of writing the core's copy, so a concurrent operator change
+    (a renewal) is never overwritten. `reason` is for the operator log."""
+
+    terminal_id: str
+    event: Literal["sign_on", "approved", "clock"]
+    now_ms: int
+    flow: str = ""
+    reason: str = ""
+
+
 class SettlementLine(msgspec.Struct, frozen=True):
     """One line of terminal totals: what the terminal said against what the ledger says."""
 
@@ -146,6 +162,7 @@ Decision = (
     | FindOriginal
     | ReserveRrns
     | SignOn
+    | RecordLifecycle
     | SettlementReport
     | Log
 )

@@ -82,7 +82,10 @@ class FakeLedger:
             if hit is None:
                 return ()
             rrn = hit.rrn
-        return tuple(d for d in self.entries if rrn in (d.rrn, d.original_rrn))
+        fee = f"{rrn}/fee"  # the original's fee family comes with it (docs/flows.md, FindOriginal)
+        return tuple(
+            d for d in self.entries if rrn in (d.rrn, d.original_rrn) or fee in (d.rrn, d.original_rrn)
+        )
 
     def balances(self) -> dict[tuple[str, str], int]:
         out: dict[tuple[str, str], int] = defaultdict(int)

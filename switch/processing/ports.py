@@ -3,7 +3,10 @@
 - `Router`: which acquirer takes a card (switch.routing.bins.BinTable satisfies it as is).
 - `Directory`: which terminals and merchants exist (config today; issue 6 backs it with the registry).
 - `Rules`: a step between validation and routing that may decline with a code and a reason (refund
-  windows and caps, terminal lifecycle, MCC checks of issue 6 plug in here).
+  windows and caps, terminal lifecycle, MCC checks of issue 6 plug in here). Sign-ons pass through it
+  too (flow "network").
+- `MerchantHooks`: the rest of merchant services (fees posted with their sale, lifecycle events,
+  running balances); switch.merchant.rules.MerchantRules is both.
 - `PanHasher`: the keyed hash (HMAC-SHA-256) of a PAN for ledger entries; the key never enters the core.
 """
 
@@ -11,12 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import msgspec
 
 from switch.config import MerchantConfig, TerminalConfig
+from switch.ledger.model import EntryDraft, EntryKind
 
 
 class Router(Protocol):
@@ -47,6 +51,12 @@ class RuleContext(msgspec.Struct, frozen=True):
     refunded_minor: int = 0
     mcc: str = ""  # field 18 as the terminal sent it (issue 6: must match the merchant's registered MCC)
     pan_hash: str = ""  # keyed hash of the PAN (card-level rules); never the PAN
+    #: Leading PAN digits (at most 11, never more than len(PAN) - 4): the card type for pricing.
+    pan_prefix: str = ""
+    #: Idempotency key of the outcome entry this request will post (refund reservations key on it).
+    reserve_key: str = ""
+    #: "" while the original is open; "void" / "reversal" once it was closed by one.
+    original_closed_by: str = ""
 
 
 class RuleDecline(msgspec.Struct, frozen=True):
@@ -58,6 +68,107 @@ class RuleDecline(msgspec.Struct, frozen=True):
 
 class Rules(Protocol):
     def check(self, ctx: RuleContext) -> RuleDecline | None: ...
+
+
+class MerchantHooks(Protocol):
+    """What merchant services (issue 6, switch.merchant.rules.MerchantRules) add to the rules step: fee
+    entries posted WITH the outcome they price, lifecycle events, and running totals. A rules object
+    that has all of these methods gets them called; otherwise `NoMerchantHooks` stands in."""
+
+    def fee_drafts(
+        self,
+        *,
+        sale_rrn: str,
+        merchant_id: str,
+        terminal_id: str,
+        pan_prefix: str,
+        amount_minor: int,
+        currency: str,
+        at_ms: int,
+    ) -> tuple[EntryDraft, ...]: ...
+
+    def fee_refund_drafts(
+        self,
+        *,
+        refund_rrn: str,
+        fee_entry: EntryDraft | None,
+        original_amount_minor: int,
+        refunded_before_minor: int,
+        refund_minor: int,
+        at_ms: int,
+        returned_before_minor: int | None = None,
+    ) -> tuple[EntryDraft, ...]: ...
+
+    def fee_reversal_drafts(
+        self,
+        *,
+        reversed_kind: EntryKind,
+        fee_rrn: str,
+        merchant_id: str,
+        terminal_id: str,
+        amount_minor: int,
+        currency: str,
+        at_ms: int,
+        reason: str,
+    ) -> tuple[EntryDraft, ...]: ...
+
+    def sign_on(self, terminal_id: str, now_ms: int) -> object | None: ...
+
+    def approved(self, terminal_id: str, flow: str, now_ms: int) -> object | None: ...
+
+    def tick(self, now_ms: int) -> Sequence[object]: ...
+
+    def observe(self, committed: Iterable[EntryDraft]) -> None: ...
+
+    def release(self, reserve_key: str) -> None: ...
+
+
+#: The methods that make a rules object a MerchantHooks.
+MERCHANT_HOOKS = (
+    "fee_drafts",
+    "fee_refund_drafts",
+    "fee_reversal_drafts",
+    "sign_on",
+    "approved",
+    "tick",
+    "observe",
+    "release",
+)
+
+
+class NoMerchantHooks:
+    """No merchant services: no fees, no lifecycle, nothing to observe."""
+
+    def fee_drafts(self, **kw: object) -> tuple[EntryDraft, ...]:
+        return ()
+
+    def fee_refund_drafts(self, **kw: object) -> tuple[EntryDraft, ...]:
+        return ()
+
+    def fee_reversal_drafts(self, **kw: object) -> tuple[EntryDraft, ...]:
+        return ()
+
+    def sign_on(self, terminal_id: str, now_ms: int) -> object | None:
+        return None
+
+    def approved(self, terminal_id: str, flow: str, now_ms: int) -> object | None:
+        return None
+
+    def tick(self, now_ms: int) -> Sequence[object]:
+        return ()
+
+    def observe(self, committed: Iterable[EntryDraft]) -> None:
+        return None
+
+    def release(self, reserve_key: str) -> None:
+        return None
+
+
+def merchant_hooks(rules: object) -> MerchantHooks:
+    """`rules` itself when it has every hook, else the no-op stand-in."""
+    if all(callable(getattr(rules, name, None)) for name in MERCHANT_HOOKS):
+        return rules  # type: ignore[return-value]
+    return NoMerchantHooks()  # type: ignore[return-value]
 
 
 class PanHasher(Protocol):

@@ -27,7 +27,7 @@ from switch.codec.masking import mask_pan, scrub_text
 from switch.config import AcquirerConfig, SwitchConfig
 from switch.ledger.model import EntryDraft, EntryKind, accounts
 from switch.processing import codes, fields, postings
-from switch.processing.book import Book
+from switch.processing.book import FEE_SUFFIX, Book
 from switch.processing.decisions import (
     Decision,
     FindOriginal,
@@ -35,6 +35,7 @@ from switch.processing.decisions import (
     Post,
     QueueAdvice,
     QueueReversal,
+    RecordLifecycle,
     ReleaseReversal,
     Reply,
     ReserveRrns,
@@ -59,12 +60,35 @@ from switch.processing.events import (
     TerminalRequest,
     Tick,
 )
-from switch.processing.ports import Directory, NoRules, PanHasher, Router, RuleContext, Rules
-from switch.processing.record import Hold, Stage, Status, Txn, key_role, outcome_key, rrn_key
+from switch.processing.ports import (
+    Directory,
+    NoRules,
+    PanHasher,
+    Router,
+    RuleContext,
+    Rules,
+    merchant_hooks,
+)
+from switch.processing.record import Hold, Stage, Status, Txn, clean_memo, key_role, outcome_key, rrn_key
 from switch.processing.request import CARD_FLOWS, Decline, Flow, Request, check_card, parse, terminal_key
 from switch.processing.rrn import RrnAllocator
 
 Out = list[Decision]
+
+#: Flows whose durable approval is a lifecycle event of the terminal (activation, first live use).
+LIFECYCLE_FLOWS = frozenset(
+    {Flow.PURCHASE, Flow.PREAUTH, Flow.COMPLETION, Flow.REFUND, Flow.VOID, Flow.INQUIRY}
+)
+
+
+#: Longest decline reason kept in a DECLINE entry's memo (`why=`, shown by the status API).
+MAX_REASON_CHARS = 240
+
+
+def pan_prefix(pan: str) -> str:
+    """Leading PAN digits for the card type (fees): at most 11, and at least 4 digits stay hidden."""
+    return pan[: min(11, max(6, len(pan) - 4))] if pan else ""
+
 
 #: Settlement total fields (ISO 8583:1987): line name -> (count field, amount field).
 SETTLEMENT_FIELDS = {
@@ -78,7 +102,7 @@ SETTLEMENT_FIELDS = {
 class PostPlan:
     """What to do when a Post commits or fails. `txn` is answered on either outcome when `reply`."""
 
-    __slots__ = ("drafts", "fail_code", "on_commit", "on_fail", "reply", "txn", "undo")
+    __slots__ = ("after", "drafts", "fail_code", "on_commit", "on_fail", "reply", "txn", "undo")
 
     def __init__(
         self,
@@ -90,6 +114,7 @@ class PostPlan:
         fail_code: str | None = codes.SYSTEM_MALFUNCTION,
         reply: bool = True,
         undo: Callable[[], Out | None] | None = None,
+        after: Callable[[], None] | None = None,
     ) -> None:
         self.txn = txn
         self.drafts = drafts
@@ -98,6 +123,7 @@ class PostPlan:
         self.fail_code = fail_code  # None: keep the decided code (declines stay declines)
         self.reply = reply
         self.undo = undo  # run when the post fails; may return more decisions (built lazily)
+        self.after = after  # run once the post's outcome is known (committed or failed)
 
 
 class Processor:
@@ -119,6 +145,10 @@ class Processor:
         self.directory = directory
         self.router = router
         self.rules: Rules = rules or NoRules()
+        #: Merchant services beyond the rules step (fees, lifecycle, balances) when `rules` has them.
+        self.hooks = merchant_hooks(self.rules)
+        self._now_ms = 0  # the latest now_ms seen (for hooks run where the event carries none)
+        self._flagged: Out = []  # flag logs of the rules step, emitted with the decline
         self._hash = pan_hasher
         self.book = Book(pc.max_remembered_keys, pc.max_cached_originals)
         self.rrns = RrnAllocator(pc.rrn_block_size, pc.rrn_low_water)
@@ -157,8 +187,13 @@ class Processor:
             raise TypeError(f"not a processing event: {type(event).__name__}")
         out: Out = []
         self._current = None
+        now_ms = getattr(event, "now_ms", 0)
+        if now_ms > self._now_ms:
+            self._now_ms = now_ms
         try:
             handler(event, out)
+            if self._flagged:
+                out.extend(self._flagged)
         except Exception as exc:  # a bug must cost one transaction a 96, never the switch
             self.counters["internal_errors"] += 1
             out.append(
@@ -169,6 +204,7 @@ class Processor:
                 )
             )
             self._contain(event, out)
+        self._flagged.clear()
         return out
 
     def find(self, rrn: str) -> Txn | None:
@@ -330,11 +366,33 @@ class Processor:
             out.append(Reply(ev.conn_id, fields.answer(req.mti, base, codes.APPROVED)))
         elif code in ("001", "101"):
             terminal = self.directory.terminal(req.terminal_id) if req.terminal_id else None
-            if terminal is None or (req.merchant_id and terminal.merchant_id != req.merchant_id):
+            merchant = self.directory.merchant(terminal.merchant_id) if terminal is not None else None
+            if (
+                terminal is None
+                or merchant is None
+                or (req.merchant_id and terminal.merchant_id != req.merchant_id)
+            ):
                 self._reply_now(
                     ev.conn_id, req.mti, base, codes.INVALID_MERCHANT, "sign-on from unknown terminal", out
                 )
                 return
+            refusal = self.rules.check(
+                RuleContext(
+                    flow=str(Flow.NETWORK),
+                    terminal=terminal,
+                    merchant=merchant,
+                    amount_minor=0,
+                    currency=merchant.currency,
+                    processing_code="",
+                    now_ms=ev.now_ms,
+                )
+            )
+            if refusal is not None:
+                self.counters["sign_ons_refused"] += 1
+                self._reply_now(ev.conn_id, req.mti, base, refusal.code, f"rule: {refusal.reason}", out)
+                return
+            if self.hooks.sign_on(terminal.id, ev.now_ms) is not None:
+                out.append(RecordLifecycle(terminal.id, "sign_on", ev.now_ms, reason="first sign-on"))
             self.counters["sign_ons"] += 1
             out.append(
                 SignOn(
@@ -462,6 +520,12 @@ class Processor:
     # rules, routing, acquirer
     # ================================================================================================
     def _check_rules(self, txn: Txn, now_ms: int, original: Txn | None = None) -> None:
+        closed_by = ""
+        if original is not None:
+            if original.status is Status.VOIDED:
+                closed_by = "void"
+            elif original.status is Status.REVERSED:
+                closed_by = "reversal"
         ctx = RuleContext(
             flow=str(txn.flow),
             terminal=txn.terminal_cfg,
@@ -470,28 +534,28 @@ class Processor:
             currency=txn.currency,
             processing_code=txn.processing_code,
             now_ms=now_ms,
+            original_rrn=original.rrn if original is not None else "",
+            original_amount_minor=original.amount_minor if original is not None else 0,
+            original_at_ms=original.at_ms if original is not None else 0,
+            refunded_minor=original.refunded_minor if original is not None else 0,
             mcc=str(txn.pos_fields.get("18", "")),
             pan_hash=txn.pan_hash,
+            pan_prefix=pan_prefix(txn.pan),
+            reserve_key=outcome_key(txn.key) if txn.flow is Flow.REFUND else "",
+            original_closed_by=closed_by,
         )
-        if original is not None:
-            ctx = RuleContext(
-                flow=ctx.flow,
-                terminal=ctx.terminal,
-                merchant=ctx.merchant,
-                amount_minor=ctx.amount_minor,
-                currency=ctx.currency,
-                processing_code=ctx.processing_code,
-                now_ms=now_ms,
-                original_rrn=original.rrn,
-                original_amount_minor=original.amount_minor,
-                original_at_ms=original.at_ms,
-                refunded_minor=original.refunded_minor,
-                mcc=ctx.mcc,
-                pan_hash=ctx.pan_hash,
-            )
         refusal = self.rules.check(ctx)
         if refusal is not None:
-            raise Decline(refusal.code, f"rule: {refusal.reason}")
+            flag = getattr(refusal, "flag", "")
+            if flag:
+                # flagged for operators: counted (metrics) and logged apart from ordinary declines
+                self.counters[f"rule_flag_{flag}"] += 1
+                self._flagged.append(
+                    Log(
+                        "warning", f"flag_{flag}", f"terminal {txn.terminal_id}: {refusal.reason}", txn.txn_id
+                    )
+                )
+            raise Decline(refusal.code, f"rule{f'[{flag}]' if flag else ''}: {refusal.reason}")
 
     def _route(self, txn: Txn, f: dict[str, Any] | None, now_ms: int, out: Out, preferred: str = "") -> None:
         acquirer = preferred or self.router.acquirer_for(txn.pan, txn.currency, txn.processing_code)
@@ -550,7 +614,7 @@ class Processor:
             postings=postings.sale(acquirer, txn.merchant_id, txn.amount_minor, txn.currency),
         )
         advice = fields.advice(txn, self._inst, now_ms)
-        self._post(txn, (d,), out, on_commit=[QueueAdvice(acquirer, txn.rrn, advice)])
+        self._post(txn, (d, *self._sale_fee(txn)), out, on_commit=[QueueAdvice(acquirer, txn.rrn, advice)])
 
     def _on_unavailable(self, ev: AcquirerUnavailable, out: Out) -> None:
         txn = self.live.get(ev.txn_id)
@@ -631,6 +695,13 @@ class Processor:
                     postings.unsale(acquirer, txn.merchant_id, txn.amount_minor, txn.currency),
                 )
             d = postings.draft(txn, key=outcome_key(txn.key), kind=kind, postings=p)
+            drafts: tuple[EntryDraft, ...] = (d,)
+            after = None
+            if flow is Flow.PURCHASE:
+                drafts += self._sale_fee(txn)
+            elif flow is Flow.REFUND:
+                fee_back, after = self._refund_fee(txn, txn.original)
+                drafts += fee_back
 
             def reversed_instead() -> Out:
                 txn.reversal_queued = True
@@ -639,10 +710,11 @@ class Processor:
 
             self._post(
                 txn,
-                (d,),
+                drafts,
                 out,
                 on_commit=[ReleaseReversal(acquirer, txn.rrn)],
                 undo=reversed_instead,
+                after=after,
             )
             return
         if rc == codes.PARTIAL_APPROVAL:
@@ -749,6 +821,81 @@ class Processor:
         self._post(None, (d1, d2), out)
 
     # ================================================================================================
+    # merchant fees (issue 6): posted in the same Post as the outcome they price
+    # ================================================================================================
+    def _sale_fee(self, txn: Txn) -> tuple[EntryDraft, ...]:
+        return self.hooks.fee_drafts(
+            sale_rrn=txn.rrn,
+            merchant_id=txn.merchant_id,
+            terminal_id=txn.terminal_id,
+            pan_prefix=pan_prefix(txn.pan),
+            amount_minor=txn.amount_minor,
+            currency=txn.currency,
+            at_ms=txn.at_ms,
+        )
+
+    def _refund_fee(
+        self, txn: Txn, original: Txn | None
+    ) -> tuple[tuple[EntryDraft, ...], Callable[[], None] | None]:
+        """The pro-rata FEE_REFUND of an approved refund, and what to undo once it is posted or not.
+        The basis counts refunds of the same sale already being posted, so two refunds committing in
+        one batch return exactly what one after the other would."""
+        if original is None or original.fee is None or original.fee_closed:
+            return (), None
+        amount = txn.amount_minor
+        drafts = self.hooks.fee_refund_drafts(
+            refund_rrn=txn.rrn,
+            fee_entry=original.fee,
+            original_amount_minor=original.amount_minor,
+            refunded_before_minor=original.refunded_minor + original.refund_posting_minor,
+            refund_minor=amount,
+            at_ms=txn.at_ms,
+            returned_before_minor=original.fee_returned_minor + original.fee_returning_minor,
+        )
+        back = sum(d.amount_minor for d in drafts)
+        original.refund_posting_minor += amount
+        original.fee_returning_minor += back
+
+        def after() -> None:
+            original.refund_posting_minor -= amount
+            original.fee_returning_minor -= back
+
+        return drafts, after
+
+    def _fee_reversal(self, record: Txn, at_ms: int, reason: str) -> tuple[EntryDraft, ...]:
+        """Entries undoing the fee side of `record` when it is voided or reversed: a sale's fee (what
+        refunds did not already return) or a refund's fee return."""
+        if record.flow is Flow.REFUND:
+            if record.fee_back_minor <= 0:
+                return ()
+            return self.hooks.fee_reversal_drafts(
+                reversed_kind=EntryKind.FEE_REFUND,
+                fee_rrn=record.rrn + FEE_SUFFIX,
+                merchant_id=record.merchant_id,
+                terminal_id=record.terminal_id,
+                amount_minor=record.fee_back_minor,
+                currency=record.currency,
+                at_ms=at_ms,
+                reason=reason,
+            )
+        fee = record.fee
+        if fee is None or record.fee_closed:
+            return ()
+        left = fee.amount_minor - record.fee_returned_minor
+        if left <= 0:
+            return ()
+        return self.hooks.fee_reversal_drafts(
+            reversed_kind=EntryKind.FEE,
+            fee_rrn=fee.rrn,
+            merchant_id=fee.merchant_id,
+            terminal_id=fee.terminal_id,
+            amount_minor=left,
+            currency=fee.currency,
+            at_ms=at_ms,
+            reason=reason,
+        )
+
+    # ================================================================================================
     # flows acting on an original
     # ================================================================================================
     def _void(self, txn: Txn, original: Txn, now_ms: int, out: Out) -> None:
@@ -786,7 +933,13 @@ class Processor:
         def undo() -> None:
             original.busy = False
 
-        self._post(txn, (d,), out, on_commit=[QueueReversal(original.acquirer, original.rrn, rev)], undo=undo)
+        self._post(
+            txn,
+            (d, *self._fee_reversal(original, txn.at_ms, f"void {txn.rrn}")),
+            out,
+            on_commit=[QueueReversal(original.acquirer, original.rrn, rev)],
+            undo=undo,
+        )
 
     def _refund(self, txn: Txn, original: Txn, f: dict[str, Any] | None, now_ms: int, out: Out) -> None:
         if (
@@ -835,7 +988,9 @@ class Processor:
         def undo() -> None:
             original.busy = False
 
-        self._post(txn, (d,), out, on_commit=[QueueAdvice(acq, txn.rrn, advice)], undo=undo)
+        self._post(
+            txn, (d, *self._sale_fee(txn)), out, on_commit=[QueueAdvice(acq, txn.rrn, advice)], undo=undo
+        )
 
     def _reverse(self, txn: Txn, original: Txn, now_ms: int, out: Out) -> None:
         txn.rrn = original.rrn
@@ -888,13 +1043,18 @@ class Processor:
         )
         txn.response_code = codes.APPROVED
         txn.auth_code = original.auth_code
+        fee_undo = (
+            self._fee_reversal(original, now_ms, f"reversal of {original.rrn}")
+            if original.flow is not Flow.PREAUTH
+            else ()
+        )
 
         def undo() -> None:
             original.busy = False
 
         self._post(
             txn,
-            (d,),
+            (d, *fee_undo),
             out,
             undo=undo,
             on_commit=[QueueReversal(acq, original.rrn, fields.reversal(original, self._inst, now_ms))],
@@ -982,7 +1142,10 @@ class Processor:
                 Log("info", "declined", f"{code} {codes.MEANINGS.get(code, '')}: {reason}", txn.txn_id)
             )
         txn.response_code = code
-        d = postings.draft(txn, key=outcome_key(txn.key), kind=EntryKind.DECLINE, response_code=code)
+        memo = txn.memo() + f";why={clean_memo(reason[:MAX_REASON_CHARS])}"
+        d = postings.draft(
+            txn, key=outcome_key(txn.key), kind=EntryKind.DECLINE, response_code=code, memo=memo
+        )
         extra = [ReleaseReversal(release, txn.rrn)] if release else []
         self._post(txn, (d,), out, on_commit=extra, on_fail=list(extra), fail_code=None)
 
@@ -996,6 +1159,7 @@ class Processor:
         on_fail: Out | None = None,
         fail_code: str | None = codes.SYSTEM_MALFUNCTION,
         undo: Callable[[], Out | None] | None = None,
+        after: Callable[[], None] | None = None,
     ) -> None:
         plan_id = txn.txn_id if txn is not None else next(self._ids)
         self.plans[plan_id] = PostPlan(
@@ -1006,6 +1170,7 @@ class Processor:
             fail_code=fail_code,
             reply=txn is not None,
             undo=undo,
+            after=after,
         )
         if txn is not None:
             txn.stage = Stage.POSTING
@@ -1017,6 +1182,9 @@ class Processor:
             return
         for d in plan.drafts:
             self.book.apply(d, count_totals=True)
+        if plan.after is not None:
+            plan.after()
+        self.hooks.observe(plan.drafts)
         out.extend(plan.on_commit)
         if plan.txn is not None and plan.reply:
             self._finish(plan.txn, plan.txn.response_code, out)
@@ -1030,6 +1198,8 @@ class Processor:
             Log("error", "ledger_failed", scrub_text(f"post {ev.txn_id} not written: {ev.error}"), ev.txn_id)
         )
         out.extend(plan.on_fail)
+        if plan.after is not None:
+            plan.after()
         if plan.undo is not None:
             more = plan.undo()
             if more:
@@ -1051,6 +1221,20 @@ class Processor:
         if txn.pending_reserved and txn.original is not None:
             txn.original.refund_pending_minor -= txn.amount_minor
             txn.pending_reserved = False
+        if txn.flow is Flow.REFUND:
+            self.hooks.release(outcome_key(txn.key))  # no-op once its entry committed
+        elif txn.flow in LIFECYCLE_FLOWS and codes.is_approval(code):
+            changed = self.hooks.approved(txn.terminal_id, str(txn.flow), self._now_ms)
+            if changed is not None:
+                out.append(
+                    RecordLifecycle(
+                        txn.terminal_id,
+                        "approved",
+                        self._now_ms,
+                        str(txn.flow),
+                        str(getattr(changed, "state_reason", "")),
+                    )
+                )
         ans = fields.answer(
             txn.mti,
             txn.reply_base,
@@ -1119,6 +1303,12 @@ class Processor:
         out.append(Log("info", "cutover", "business day closed; terminal batches reset"))
 
     def _on_tick(self, ev: Tick, out: Out) -> None:
+        for t in self.hooks.tick(ev.now_ms):
+            tid = str(getattr(t, "id", ""))
+            reason = str(getattr(t, "state_reason", ""))
+            self.counters["terminals_suspended"] += 1
+            out.append(RecordLifecycle(tid, "clock", ev.now_ms, reason=reason))
+            out.append(Log("warning", "terminal_suspended", f"terminal {tid}: {reason}"))
         expiry_ms = self.config.hold_expiry_ms
         due: list[Txn] = []
         for h in self.book.open_holds.values():

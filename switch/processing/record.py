@@ -17,6 +17,7 @@ from typing import Any
 
 import msgspec
 
+from switch.ledger.model import EntryDraft
 from switch.processing.request import Flow
 
 
@@ -79,6 +80,15 @@ class Txn(msgspec.Struct, kw_only=True):
     busy: bool = False  # a void / reversal / completion acting on this original is being posted
     reversal_queued: bool = False  # the switch queued a reversal of this transaction's acquirer request
     late_seen: bool = False
+    # merchant fees (issue 6), from durable FEE / FEE_REFUND entries
+    fee: EntryDraft | None = None  # a sale's FEE entry (what refunds return and reversals undo)
+    fee_closed: bool = False  # the sale's fee was reversed (void / reversal of the sale)
+    fee_returned_minor: int = 0  # a sale's fee returned by refunds (FEE_REFUND minus reversed ones)
+    fee_back_minor: int = 0  # a refund's own FEE_REFUND amount (0 once reversed)
+    # refunds and fee returns approved and being posted (not yet in refunded/fee_returned): the basis
+    # of the next refund's pro-rata fee while several refunds of one sale commit in the same batch
+    refund_posting_minor: int = 0
+    fee_returning_minor: int = 0
     # live only
     stage: Stage = Stage.DONE
     conn_ids: list[int] = []
@@ -124,6 +134,11 @@ class Txn(msgspec.Struct, kw_only=True):
 
 def _clean(v: str) -> str:
     return v.replace(";", "_").replace("=", "_")
+
+
+def clean_memo(v: str) -> str:
+    """`v` made safe as a memo value (no `;` or `=`)."""
+    return _clean(v)
 
 
 def parse_memo(memo: str) -> dict[str, str]:

@@ -80,7 +80,7 @@ def sale(
     writer.append(
         [
             EntryDraft(
-                idempotency_key=f"T1/M1/{stan}/0101120000/02",
+                idempotency_key=f"tk:T1/M1/{stan}/0101120000/02:out",  # processing's outcome key
                 kind=kind,
                 rrn=rrn,
                 at_ms=at_ms,
@@ -232,11 +232,11 @@ def test_status_cutover_settlement_report_and_reconciliation(
     declared = settlement.TerminalTotals(
         terminal_id="T1",
         currency="978",
-        sales=settlement.TotalsLine(1, 10_000),
-        refunds=settlement.TotalsLine(1, 3_999),
+        debits=settlement.TotalsLine(1, 10_000),
+        credits=settlement.TotalsLine(1, 3_999),
     )
     rec = svc.reconcile(declared)
-    assert not rec.balanced and [x.name for x in rec.out_of_balance] == ["refunds"]
+    assert not rec.balanced and [x.name for x in rec.out_of_balance] == ["credits"]
     assert rec.out_of_balance[0].ledger_amount_minor == 4_000
 
     clock.now = T0 + DAY_MS
