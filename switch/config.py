@@ -226,6 +226,11 @@ class MerchantServicesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=
     max_admin_body_bytes: int = 65_536
     #: Largest settlement report (entries folded) the API produces in one call.
     max_report_entries: int = 5_000_000
+    #: How often a running switch reads registry changes made outside it (CLI, another process).
+    registry_poll_interval_ms: int = 1_000
+    #: Terminal lifecycle events (sign-on, activation, suspension) waiting to be saved in the registry;
+    #: past it new ones are logged and dropped (the running switch keeps them in memory).
+    max_pending_lifecycle_events: int = 10_000
 
 
 class SwitchConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
