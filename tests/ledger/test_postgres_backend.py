@@ -8,10 +8,17 @@ import hashlib
 
 import psycopg
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from switch.config import LedgerConfig
 from switch.ledger.backend import APPEND_ONLY_TABLES, BatchRows, LedgerStorageError
+from switch.ledger.model import EntryKind
 from switch.ledger.postgres import PostgresBackend
+from switch.ledger.verify import verify_ledger
+from switch.ledger.writer import LedgerWriter
 from tests.pgcluster import PgCluster, process_gone_within
+
+from .drafts import draft
 
 pytestmark = pytest.mark.postgres
 
@@ -193,3 +200,33 @@ def test_batch_lookups_take_any_number_of_keys(pg_dsn: str) -> None:
     assert rows[-1].kind == "refund" and rows[-1].original_rrn == "000000000007"
     assert be.txn_rows([]) == []
     be.close()
+
+
+class _AckLostBackend(PostgresBackend):
+    """COMMITs, then reports the connection lost: the ambiguous outcome of a network failure."""
+
+    lose_next = False
+
+    def write_batch(self, batch: BatchRows) -> None:
+        super().write_batch(batch)
+        if self.lose_next:
+            self.lose_next = False
+            raise LedgerStorageError("server closed the connection unexpectedly (after COMMIT)")
+
+
+def test_commit_whose_answer_is_lost_fails_callers_and_a_retry_finds_the_original(pg_dsn: str) -> None:
+    key = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+    backend = _AckLostBackend(pg_dsn, writer=True)
+    cfg = LedgerConfig(batch_window_ms=0)
+    with LedgerWriter(backend, signing_key=key, config=cfg) as w:
+        first = w.append([draft("a", EntryKind.PURCHASE, "R1", 500)])
+        backend.lose_next = True
+        with pytest.raises(LedgerStorageError, match="after COMMIT"):
+            w.append([draft("b", EntryKind.PURCHASE, "R2", 700)])  # durable, but nobody is told so
+        (again,) = w.append([draft("b", EntryKind.PURCHASE, "R2", 700)])  # the caller's retry
+        (later,) = w.append([draft("c", EntryKind.PURCHASE, "R3", 900)])
+    assert (first[0].seq, again.seq, later.seq) == (0, 1, 2)
+    reader = PostgresBackend(pg_dsn, create=False)
+    assert verify_ledger(reader, key.public_key()).ok
+    assert reader.entry_count() == 3
+    reader.close()
