@@ -37,13 +37,11 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import selectors
 import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
@@ -113,17 +111,39 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def interpreter() -> dict[str, Any]:
-    """Which Python ran this (benchmarks must say: an unoptimised build is ~1.5x slower)."""
-    config_args = sysconfig.get_config_var("CONFIG_ARGS") or ""
-    return {
-        "executable": sys.executable,
-        "version": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "pgo": "--enable-optimizations" in config_args,
-        "lto": "--with-lto" in config_args,
-        "cpus": os.cpu_count(),
-    }
+#: Run in the interpreter under test: who it is, and how fast it runs a fixed pure-Python loop now
+#: (CPU-bound, so it also shows how much of a core this process gets on a shared machine).
+_INTERPRETER_PROBE = """
+import json, os, platform, sys, sysconfig, time
+t = time.perf_counter()
+for _ in range(200):
+    sum(i * i for i in range(1000))
+print(json.dumps({"executable": sys.executable, "version": platform.python_version(),
+    "implementation": platform.python_implementation(), "cflags": sysconfig.get_config_var("OPT") or "",
+    "calibration_ms": round((time.perf_counter() - t) * 1000, 1), "cpus": os.cpu_count()}))
+"""
+
+
+def interpreter(python: str = sys.executable, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Which Python runs the bench's processes, and a calibration loop's time in it. Benchmarks must
+    say: the pyenv build of .venv is not PGO/LTO-optimised; Debian's /usr/bin/python3.11 runs the same
+    code ~1.2-1.5x faster (`--python /usr/bin/python3.11`)."""
+    out = subprocess.run(
+        [python, "-c", _INTERPRETER_PROBE], capture_output=True, text=True, timeout=60, env=env, check=True
+    )
+    return json.loads(out.stdout)
+
+
+def python_env(python: str) -> dict[str, str]:
+    """Environment for `python`: another interpreter of the same minor version runs the project from
+    this checkout with .venv's packages (same ABI for the compiled extensions)."""
+    env = dict(os.environ)
+    if Path(python).resolve() != Path(sys.executable).resolve():
+        import site
+
+        paths = [str(ROOT), *site.getsitepackages()]
+        env["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [env.get("PYTHONPATH")])])
+    return env
 
 
 def machine(directory: Path, probes: int = 50) -> dict[str, Any]:
@@ -923,15 +943,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", default="", help="state directory (default: a temporary one, deleted)")
     parser.add_argument("--profile", action="store_true", help="py-spy the switch during the max run")
     parser.add_argument("--batch-window-ms", type=float, default=None, help="ledger group-commit window")
+    parser.add_argument(
+        "--python", default=sys.executable, help="interpreter of every process (e.g. /usr/bin/python3.11)"
+    )
     args = parser.parse_args(argv)
     if args.role == "loadgen":
         return loadgen_main(args)
 
     out = sys.stderr
-    interp = interpreter()
+    env = python_env(args.python)
+    interp = interpreter(args.python, env)
     print(
         f"interpreter: {interp['executable']} {interp['version']} "
-        f"(pgo={interp['pgo']}, lto={interp['lto']}), {interp['cpus']} CPUs",
+        f"(OPT {interp['cflags']}), calibration loop {interp['calibration_ms']} ms, {interp['cpus']} CPUs",
         file=out,
     )
     ctx = contextlib.nullcontext(args.dir) if args.dir else tempfile.TemporaryDirectory(prefix="e2e-")
@@ -945,7 +969,7 @@ def main(argv: list[str] | None = None) -> int:
             f"p99 {host['fsync_p99_ms']} ms",
             file=out,
         )
-        bed = TestBed(directory, terminals=args.terminals, ledger=ledger)
+        bed = TestBed(directory, terminals=args.terminals, ledger=ledger, python=args.python, env=env)
         runs: list[RunResult] = []
         with bed:
             print(
