@@ -28,6 +28,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -65,6 +66,36 @@ DEFAULT_SETTINGS: dict[str, str] = {
     "log_min_messages": "warning",
     "logging_collector": "off",
 }
+
+
+#: Watches the process that started a cluster; if that process dies without stopping it (SIGKILL, a
+#: CI timeout), stops the server (SIGQUIT = immediate shutdown, then SIGKILL) and deletes the directory,
+#: so no orphan server keeps running on a shared machine. Polls twice a second; exits with the cluster.
+REAPER_SOURCE = r"""
+import os, shutil, signal, sys, time
+parent, root = int(sys.argv[1]), sys.argv[2]
+while True:
+    time.sleep(0.5)
+    if not os.path.isdir(root):
+        sys.exit(0)
+    try:
+        os.kill(parent, 0)
+    except ProcessLookupError:
+        break
+    except PermissionError:
+        pass
+try:
+    with open(os.path.join(root, "data", "postmaster.pid")) as fh:
+        pid = int(fh.readline())
+    os.kill(pid, signal.SIGQUIT)
+    for _ in range(100):
+        time.sleep(0.1)
+        os.kill(pid, 0)
+    os.kill(pid, signal.SIGKILL)
+except (OSError, ValueError):
+    pass
+shutil.rmtree(root, ignore_errors=True)
+"""
 
 
 class PgClusterError(RuntimeError):
@@ -115,6 +146,7 @@ class PgCluster:
         self._user = _run_as_user()
         self.root: Path | None = None
         self._started = False
+        self._reaper: subprocess.Popen[bytes] | None = None
 
     # -- paths -------------------------------------------------------------------------------------------
     @property
@@ -141,6 +173,13 @@ class PgCluster:
             return self
         self.root = Path(tempfile.mkdtemp(prefix="pgc-", dir=self._base_dir))
         try:
+            self._reaper = subprocess.Popen(
+                [sys.executable, "-c", REAPER_SOURCE, str(os.getpid()), str(self.root)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # a Ctrl-C to the test run must not kill the reaper first
+            )
             if len(str(self.root)) > MAX_SOCKET_DIR_CHARS:
                 raise PgClusterError(f"temp dir {self.root} too long for a unix socket path")
             if self._user is not None:
@@ -206,6 +245,10 @@ class PgCluster:
         finally:
             self._started = False
             shutil.rmtree(root, ignore_errors=True)
+            reaper, self._reaper = self._reaper, None
+            if reaper is not None:
+                reaper.kill()
+                reaper.wait()
 
     def __enter__(self) -> PgCluster:
         return self.start()

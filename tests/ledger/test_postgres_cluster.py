@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from tests import pgcluster
-from tests.pgcluster import PgCluster, PgClusterError
+from tests.pgcluster import PgCluster, PgClusterError, process_gone_within
 
 pytestmark = pytest.mark.postgres
 
@@ -69,3 +72,25 @@ def test_failed_start_leaves_nothing_behind() -> None:
         assert list(base.iterdir()) == []
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_cluster_of_a_killed_test_run_is_reaped() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    code = (
+        "import time\nfrom tests.pgcluster import PgCluster\n"
+        "c = PgCluster().start()\nprint(c.root, flush=True)\ntime.sleep(120)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=repo, env=env, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        root = Path(proc.stdout.readline().decode().strip())
+        pid = int((root / "data" / "postmaster.pid").read_text().split("\n", 1)[0])
+    finally:
+        proc.kill()  # the "test run" dies without stopping its cluster
+        proc.wait()
+    assert process_gone_within(pid, seconds=15.0), "orphaned PostgreSQL server still running"
+    deadline = time.monotonic() + 10.0
+    while root.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not root.exists()
