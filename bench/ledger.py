@@ -176,6 +176,7 @@ def main() -> int:
     ap.add_argument("--inflight", type=int, default=4_000, help="outcomes waiting for durability at once")
     ap.add_argument("--quick", action="store_true", help="a tenth of the entries (smoke run)")
     ap.add_argument("--no-postgres", action="store_true")
+    ap.add_argument("--no-sqlite", action="store_true", help="(then the last line is not SQLite's)")
     args = ap.parse_args()
     if args.quick:
         args.entries //= 10
@@ -190,14 +191,14 @@ def main() -> int:
         with PgCluster() as cluster:
             for w in windows:
                 dsn = cluster.create_database()
-                r = run(lambda dsn=dsn: PostgresBackend(dsn), n=args.pg_entries, window_ms=w,
+                r = run(lambda dsn=dsn: PostgresBackend(dsn, writer=True), n=args.pg_entries, window_ms=w,
                         max_batch=args.max_batch, inflight=args.inflight)  # fmt: skip
                 results.append({"backend": "postgres", **r})
                 print(f"  postgres window {w} ms: {r['entries_per_s']} entries/s", file=sys.stderr)
 
     with tempfile.TemporaryDirectory(prefix="ledger-bench-") as tmp:
         # The default configuration runs last so its line is the last one printed.
-        for w in [x for x in windows if x != default_window] + [default_window]:
+        for w in [] if args.no_sqlite else [x for x in windows if x != default_window] + [default_window]:
             path = os.path.join(tmp, f"ledger-{w}.db")
             r = run(lambda path=path: SqliteBackend(path), n=args.entries, window_ms=w,
                     max_batch=args.max_batch, inflight=args.inflight)  # fmt: skip
