@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -25,10 +25,12 @@ from switch.codec import keys as keymod
 from switch.config import SwitchConfig
 from switch.ledger import keys as ledger_keys
 from switch.ledger.writer import LedgerWriter
+from switch.merchant.model import RegistryError
 from switch.processing import events as ev
 from switch.routing.bins import BinTable
 from switch.routing.store_forward import StoreForward
 from switch.server.acquirer import AcquirerGroup, AcquirerLink
+from switch.server.admin.wiring import MerchantWiring
 from switch.server.armed import ArmedStore
 from switch.server.core import SwitchCore, TerminalKeys, wall_ms
 from switch.server.ledger_reader import LedgerReader
@@ -49,6 +51,7 @@ class SwitchPorts(msgspec.Struct):
 
     listeners: dict[str, int]
     metrics: int = 0
+    admin: int = 0
 
 
 def open_backend(config: SwitchConfig, *, create: bool = True) -> Any:
@@ -65,7 +68,12 @@ def open_backend(config: SwitchConfig, *, create: bool = True) -> Any:
 class Switch:
     """Everything a running switch holds; `serve` builds one."""
 
-    def __init__(self, config: SwitchConfig, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: SwitchConfig,
+        environ: Mapping[str, str] | None = None,
+        clock_ms: Callable[[], int] = wall_ms,
+    ) -> None:
         self.config = config
         self.metrics = Metrics()
         try:
@@ -77,11 +85,17 @@ class Switch:
             raise StartupError(str(exc)) from None
         self.writer = LedgerWriter(open_backend(config), signing_key=signing_key, config=config.ledger)
         self.reader = LedgerReader(open_backend(config, create=False))
+        try:  # merchant services: registry directory, rules, registry master keys (issue 6)
+            self.merchant = MerchantWiring(config, self.writer, kek, master, clock_ms)
+        except (keymod.KeyStoreError, RegistryError) as exc:
+            raise StartupError(f"merchant registry: {exc}") from None
         self.saf = StoreForward.open(config.store_forward, kek=kek)
         self.armed = ArmedStore(config.server.armed_path, kek=kek)
         self.rrns = RrnStore(config.server.rrn_path)
         self.router = BinTable.from_config(config.routing)
-        self.processor = make_processor(config, self.router, pan_key)
+        self.processor = make_processor(
+            config, self.router, pan_key, rules=self.merchant.rules, directory=self.merchant.directory
+        )
         self.metrics.export_processor_counters(self.processor.counters)
         self.core = SwitchCore(
             config,
@@ -93,7 +107,9 @@ class Switch:
             self.reader,
             TerminalKeys(master),
             self.metrics,
+            clock_ms=clock_ms,
         )
+        self.core.on_lifecycle = self.merchant.record
         rng = random.Random()
         for acq in config.acquirers:
             links = [AcquirerLink(acq, i, self.core, self.metrics, rng) for i in range(acq.connections)]
@@ -111,11 +127,13 @@ class Switch:
                 self.reader.close()
                 self.saf.close()
                 self.armed.close()
+                self.merchant.close()
 
     def recover(self) -> None:
         cfg = self.config
-        now = wall_ms()
+        now = self.core.now_ms()
         drafts = tuple(self.reader.recovery_drafts(now - cfg.server.recovery_window_ms))
+        self.merchant.recovered(drafts)
         armed = tuple(ev.ArmedReversal(a, r, f) for a, r, f in self.armed.all())
         queued = frozenset(
             item.fields.get("37", "") for item in self.saf.due(now + 10**12, 1_000_000) if item.mti == "0400"
@@ -152,6 +170,7 @@ class Switch:
                 metrics_port = await nursery.start(
                     serve_metrics, self.metrics, cfg.metrics.host, cfg.metrics.port
                 )
+            await self.merchant.start(nursery, core)  # lifecycle saves, registry poll, admin API
             ports = {}
             for listener in self.listeners:
                 ports[listener.config.name] = await nursery.start(listener.serve)
@@ -159,7 +178,7 @@ class Switch:
             nursery.start_soon(self._housekeeping)
             nursery.start_soon(core.saf_sender, cfg.server.saf_tick_ms, cfg.server.saf_max_items_per_tick)
             log.info("switch up: listeners %s, metrics port %s", ports, metrics_port or "off")
-            task_status.started(SwitchPorts(ports, metrics_port))
+            task_status.started(SwitchPorts(ports, metrics_port, self.merchant.api_port))
 
     async def _timer(self) -> None:
         tick_s = self.config.server.timer_tick_ms / 1000.0
@@ -179,10 +198,12 @@ async def serve(
     config: SwitchConfig,
     *,
     environ: Mapping[str, str] | None = None,
+    clock_ms: Callable[[], int] = wall_ms,
     task_status: trio.TaskStatus[SwitchPorts] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the switch until cancelled; reports SwitchPorts once it accepts traffic."""
-    switch = await trio.to_thread.run_sync(Switch, config, environ)
+    """Run the switch until cancelled; reports SwitchPorts once it accepts traffic. `clock_ms`: the
+    wall clock every part of the switch reads (tests move it to cross days and grace periods)."""
+    switch = await trio.to_thread.run_sync(Switch, config, environ, clock_ms)
     try:
         await switch.run(task_status=task_status)
     finally:

@@ -158,6 +158,8 @@ class SwitchCore:
             metrics.limit_hits.labels("server", "max_pending_durable_items"),
         )
         self.decisions_seen = 0
+        #: Where RecordLifecycle decisions go (switch.server.admin.wiring.MerchantWiring.record).
+        self.on_lifecycle: Callable[[d.RecordLifecycle], None] = lambda dec: None
         self.durable = DurableWriter(
             armed,
             saf,
@@ -398,6 +400,8 @@ class SwitchCore:
                 self.durable.reserve_rrns(dec.count, functools.partial(self._rrns_reserved, dec.count))
             elif isinstance(dec, d.SignOn):
                 self._sign_on(dec)
+            elif isinstance(dec, d.RecordLifecycle):
+                self.on_lifecycle(dec)  # merchant services save it in the registry
             elif isinstance(dec, d.SettlementReport):
                 log.info(
                     "settlement terminal %s merchant %s currency %s: %s",

@@ -28,7 +28,8 @@ class LedgerReader:
         return out
 
     def find_original(self, rrn: str | None, idempotency_key: str | None) -> list[EntryDraft]:
-        """Every entry with this RRN as rrn or original_rrn (for a key: that entry's RRN)."""
+        """Every entry with this RRN as rrn or original_rrn (for a key: that entry's RRN), plus its
+        merchant fee family (`<rrn>/fee`: the fee, its returns and reversals)."""
         b = self.backend
         if idempotency_key:
             found = b.find_idempotency([idempotency_key]).get(idempotency_key)
@@ -37,7 +38,7 @@ class LedgerReader:
             rrn = decode_draft(found[1]).rrn
         if not rrn:
             return []
-        return self._drafts_at([row.seq for row in b.txn_rows([rrn])])
+        return self._drafts_at([row.seq for row in b.txn_rows([rrn, f"{rrn}/fee"])])
 
     def recovery_drafts(self, since_ms: int) -> list[EntryDraft]:
         """Entries at or after `since_ms`, plus every entry of still-open holds, in sequence order."""
