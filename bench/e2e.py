@@ -847,7 +847,7 @@ def _start_profiler(bed: TestBed, seconds: float, out_path: Path) -> subprocess.
     return subprocess.Popen(
         [exe, "record", "--pid", str(bed.switch.popen.pid), "--duration", str(max(1, int(seconds))),
          "--rate", str(PROFILE_RATE_HZ), "--format", "raw", "--output", str(out_path), "--nonblocking",
-         "--threads"],
+         "--threads", "--gil"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
@@ -870,14 +870,16 @@ class Profile(msgspec.Struct):
     """py-spy's view of the switch during the max run."""
 
     seconds: float
-    #: (thread name, share of the run's wall time that thread was on a CPU or runnable, %)
+    #: (thread name, share of the run's wall time that thread held the GIL, %): py-spy --gil samples
+    #: only the thread running Python, so the shares add up to at most 100 (one core's worth).
     threads: list[tuple[str, float]]
     #: (function (file), self % of all samples, inclusive %), most self time first
     functions: list[tuple[str, float, float]]
 
 
 def profile_summary(path: Path, seconds: float, top: int = 25) -> Profile:
-    """Summarise py-spy's raw output (collapsed stacks, `--threads`: the first frame names the thread)."""
+    """Summarise py-spy's raw output (`--gil`: only the GIL holder is sampled; `--threads`: the first
+    frame names the thread)."""
     self_n: Counter[str] = Counter()
     incl_n: Counter[str] = Counter()
     by_thread: Counter[str] = Counter()
@@ -1044,7 +1046,7 @@ def _table(runs: list[RunResult], ledger: dict[str, Any], profile: Profile | Non
     )
     if profile is not None:
         print(f"\nswitch profile (py-spy {PROFILE_RATE_HZ} Hz, max run)", file=out)
-        print("  threads (% of the run's wall time on a CPU or runnable):", file=out)
+        print("  threads (% of the run's wall time holding the GIL, i.e. running Python):", file=out)
         for name, pct in profile.threads:
             print(f"    {pct:5.1f}  {name}", file=out)
         print("  self% incl% function (% of all samples)", file=out)
