@@ -840,8 +840,13 @@ def _read_line(p: subprocess.Popen, timeout_s: float) -> str:
 def _start_profiler(bed: TestBed, seconds: float, out_path: Path) -> subprocess.Popen | None:
     import shutil
 
-    exe = shutil.which("py-spy") or str(Path(bed.python).with_name("py-spy"))
-    if not Path(exe).exists() or bed.switch is None:
+    candidates = [
+        shutil.which("py-spy"),
+        Path(sys.executable).with_name("py-spy"),
+        Path(bed.python).with_name("py-spy"),
+    ]
+    exe = next((str(c) for c in candidates if c and Path(c).exists()), "")
+    if not exe or bed.switch is None:
         print("  (py-spy not found: pip install py-spy to profile)", file=sys.stderr)
         return None
     return subprocess.Popen(
