@@ -4,6 +4,7 @@ simulators over TCP on 127.0.0.1 port 0, on a fresh SQLite ledger in a temp dire
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -12,10 +13,15 @@ from typing import Any
 import msgspec
 import trio
 
+from switch.config import AdminConfig, MerchantServicesConfig
 from switch.server.app import SwitchPorts, serve
 from switch.server.testbed import TestTerminal, build
 from switch.sim.acquirer import AcquirerSim, AcquirerSimConfig
 from switch.sim.terminal import TerminalSim, TerminalSimConfig
+
+#: Admin API token of test switches (a throw-away value set in this process's environment).
+ADMIN_TOKEN = "e2e-admin-token"
+ADMIN_TOKEN_ENV = "SWITCH_E2E_ADMIN_TOKEN"
 
 #: Short deadlines so timeouts are tested in well under a second.
 FAST = {
@@ -70,10 +76,16 @@ async def running_switch(
     metrics_enabled: bool = False,
     wait_up: bool = True,
     extra_acquirers: dict[str, int] | None = None,
+    clock_ms: Callable[[], int] | None = None,
+    admin: bool = False,
+    merchant_services: dict[str, Any] | None = None,
     **build_kw: Any,
 ) -> AsyncIterator[Harness]:
     """`extra_acquirers`: configured acquirers with NO simulator (name -> position among acquirers),
-    i.e. hosts that are down: their port is one that was bound and closed, so connects are refused."""
+    i.e. hosts that are down: their port is one that was bound and closed, so connects are refused.
+    `clock_ms`: the switch's wall clock (move it to cross days); `admin`: serve the admin API on a free
+    port with the token ADMIN_TOKEN (Harness.ports.admin); `merchant_services`: MerchantServicesConfig
+    overrides."""
     sims = sims if sims is not None else {"alpha": {}, "beta": {}}
     async with trio.open_nursery() as nursery:
         running: dict[str, AcquirerSim] = {}
@@ -96,7 +108,16 @@ async def running_switch(
             metrics_enabled=metrics_enabled,
             **build_kw,
         )
-        switch_ports = await nursery.start(serve, config)
+        if admin or merchant_services:
+            os.environ[ADMIN_TOKEN_ENV] = ADMIN_TOKEN
+            config = msgspec.structs.replace(
+                config,
+                admin=AdminConfig(enabled=admin, port=0, token_env=ADMIN_TOKEN_ENV),
+                merchant_services=MerchantServicesConfig(**(merchant_services or {})),
+            )
+        switch_ports = await nursery.start(
+            functools.partial(serve, config, **({"clock_ms": clock_ms} if clock_ms else {}))
+        )
         h = Harness(config, terminals, switch_ports, running, tmp_path, nursery.cancel_scope)
         if wait_up:
             with trio.fail_after(5):
