@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import msgspec
 import trio
 
@@ -50,7 +51,7 @@ def test_run_without_kek_says_what_to_set(tmp_path: Path) -> None:
 async def test_sample_config_serves_its_demo_terminal(tmp_path: Path, monkeypatch=None) -> None:
     text = SAMPLE.read_text()
     env = _sample_env(text)
-    assert set(env) == {"SWITCH_KEK", "SWITCH_CHECKPOINT_KEY", "SWITCH_PAN_HASH_KEY"}
+    assert set(env) == {"SWITCH_KEK", "SWITCH_CHECKPOINT_KEY", "SWITCH_PAN_HASH_KEY", "SWITCH_ADMIN_TOKEN"}
     os.environ.update(env)
     try:
         cfg = load_config(SAMPLE)
@@ -67,6 +68,7 @@ async def test_sample_config_serves_its_demo_terminal(tmp_path: Path, monkeypatc
             data["server"]["armed_path"] = str(tmp_path / "armed.db")
             data["server"]["rrn_path"] = str(tmp_path / "rrn.hwm")
             data["metrics"]["port"] = 0
+            data["admin"]["port"] = 0
             cfg = msgspec.convert(data, type(cfg))
             ports = await nursery.start(serve, cfg)
             with trio.fail_after(5):
@@ -81,6 +83,16 @@ async def test_sample_config_serves_its_demo_terminal(tmp_path: Path, monkeypatc
             async with TerminalSim.connect(term_cfg) as term:
                 assert (await term.sign_on()).response_code == "00"
                 assert (await term.purchase(card(ALPHA_BIN, 1), 990)).response_code == "00"
+            # `switch run` serves the admin API: the demo terminal is in the registry, in service.
+            async with httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{ports.admin}",
+                headers={"Authorization": f"Bearer {env['SWITCH_ADMIN_TOKEN']}"},
+            ) as api:
+                r = await api.get("/terminals/TERM0001")
+                assert r.status_code == 200 and r.json()["state"] == "active", r.text
+                assert (
+                    await api.get("/terminals/TERM0001", headers={"Authorization": ""})
+                ).status_code == 401
             nursery.cancel_scope.cancel()
     finally:
         for k in env:

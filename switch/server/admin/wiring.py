@@ -24,6 +24,7 @@ processor are touched only on the trio thread.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -124,6 +125,14 @@ class MerchantWiring:
         self.dropped_events = 0
         self.saved_events = 0
         self.api_port = 0
+        self._api_token = ""
+        if config.admin.enabled:
+            from switch.server.admin.app import admin_token
+
+            try:
+                self._api_token = admin_token(config.admin)
+            except RuntimeError as exc:  # said at start-up, in one line, not from inside the nursery
+                raise RegistryError(str(exc)) from None
         # The switch's own registry connection (start-up, lifecycle saves, polling): one thread at a time.
         self.store = open_store(config)
         self.reader = LedgerReader(open_backend(config.ledger, create=False))
@@ -176,7 +185,9 @@ class MerchantWiring:
         if self.api_service is not None:
             from switch.server.admin.app import serve_admin
 
-            self.api_port = await nursery.start(serve_admin, self.config.admin, self.api_service)
+            self.api_port = await nursery.start(
+                functools.partial(serve_admin, self.config.admin, self.api_service, token=self._api_token)
+            )
 
     def close(self) -> None:
         for closeable in (self.api_store, self.api_reader, self.store, self.reader):
