@@ -59,6 +59,15 @@ class AcquirerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: Hex MAC key shared with the acquirer (empty: acquirer link is not MACed).
     mac_key_hex: str = ""
 
+    def __repr__(self) -> str:
+        # the link's MAC key must never reach a log line, an error or a traceback
+        hidden = {"mac_key_hex"} if self.mac_key_hex else set()
+        shown = ", ".join(
+            f"{name}={'<hidden>' if name in hidden else repr(getattr(self, name))}"
+            for name in self.__struct_fields__
+        )
+        return f"AcquirerConfig({shown})"
+
 
 class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One BIN range: a 6-11 digit PAN prefix routed to an acquirer (switch.routing)."""
@@ -202,6 +211,9 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: Armed reversals, releases and SAF items queued for the server's durable-writer thread at most;
     #: past it new acquirer requests are refused (91/96) until the disk catches up.
     max_pending_durable_items: int = 50_000
+    #: Run the ledger writer in a child process (the second core, no GIL shared with the trio thread);
+    #: false: a thread of the switch's process (same semantics, one process).
+    ledger_writer_process: bool = True
 
 
 class MerchantServicesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -18,6 +18,9 @@ PAN_FIELDS = frozenset({"2"})
 WIPED_FIELDS = frozenset({"35", "36", "45", "52", "53", "55", "64", "96", "128"})
 
 _DIGIT_RUN = re.compile(r"\d{12,19}")
+#: Track 2 as text: PAN, separator ("=", or "D" in BCD hex), then expiry, service code and discretionary
+#: data (which carries the CVV): the PAN part is masked, everything after the separator wiped.
+_TRACK2 = re.compile(r"(\d{12,19})[=Dd]\d[\dFf]*")
 
 
 def mask_pan(pan: str | bytes | None) -> str:
@@ -33,7 +36,8 @@ def mask_pan(pan: str | bytes | None) -> str:
 
 
 def scrub_text(text: str) -> str:
-    """Mask any run of 12-19 digits in free text (an error message quoting raw field data)."""
+    """Wipe track 2 and mask any run of 12-19 digits in free text (an error quoting raw field data)."""
+    text = _TRACK2.sub(lambda m: f"{mask_pan(m.group(1))}=[track 2 data wiped]", text)
     return _DIGIT_RUN.sub(lambda m: mask_pan(m.group(0)), text)
 
 
@@ -52,3 +56,18 @@ def mask_field(field: str, value: Any) -> Any:
 def mask_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of a decoded or to-be-encoded field dict safe to log."""
     return {k: mask_field(k, v) for k, v in fields.items()}
+
+
+def masked_repr(obj: Any) -> str:
+    """repr of a msgspec Struct that carries field dicts (events, decisions): every mapping attribute is
+    shown through mask_fields and every text through scrub_text. Use as ``__repr__ = masked_repr``;
+    msgspec's own repr would print the PAN, track 2 and PIN block of a request."""
+    parts = []
+    for name in getattr(obj, "__struct_fields__", ()):
+        value = getattr(obj, name)
+        if isinstance(value, Mapping):
+            value = mask_fields(value)
+        elif isinstance(value, str):
+            value = scrub_text(value)
+        parts.append(f"{name}={value!r}")
+    return f"{type(obj).__name__}({', '.join(parts)})"

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from switch.codec.masking import masked_repr
 from switch.ledger.model import EntryDraft
 
 Fields = dict[str, Any]
@@ -25,6 +26,8 @@ Fields = dict[str, Any]
 
 class SendToAcquirer(msgspec.Struct, frozen=True):
     """Send `fields` to `acquirer`; answer with AcquirerAnswered / AcquirerUnavailable / DeadlinePassed."""
+
+    __repr__ = masked_repr  # field dicts carry the PAN, track 2, PIN block
 
     txn_id: int
     acquirer: str
@@ -43,6 +46,8 @@ class Post(msgspec.Struct, frozen=True):
 class Reply(msgspec.Struct, frozen=True):
     """Encode, MAC and send `fields` to terminal connection `conn_id` (drop it if the connection closed)."""
 
+    __repr__ = masked_repr  # field dicts carry the PAN, track 2, PIN block
+
     conn_id: int
     fields: Fields
     txn_id: int = 0
@@ -51,6 +56,8 @@ class Reply(msgspec.Struct, frozen=True):
 class QueueReversal(msgspec.Struct, frozen=True):
     """Deliver this reversal (0400, repeated as 0401) through durable store-and-forward until answered;
     supersedes an armed reversal with the same (acquirer, rrn). Idempotent per (acquirer, rrn)."""
+
+    __repr__ = masked_repr  # field dicts carry the PAN, track 2, PIN block
 
     acquirer: str
     rrn: str
@@ -66,6 +73,8 @@ class ReleaseReversal(msgspec.Struct, frozen=True):
 
 class QueueAdvice(msgspec.Struct, frozen=True):
     """Deliver this advice (0120/0220) through store-and-forward. Idempotent per (acquirer, rrn)."""
+
+    __repr__ = masked_repr  # field dicts carry the PAN, track 2, PIN block
 
     acquirer: str
     rrn: str
@@ -92,6 +101,8 @@ class ReserveRrns(msgspec.Struct, frozen=True):
 class SignOn(msgspec.Struct, frozen=True):
     """Terminal sign-on or key change (0800, field 70 = 001/101): the server generates working keys
     under the terminal's master key, adds them (field 53/62/96 per profile) to `reply` and sends it."""
+
+    __repr__ = masked_repr  # field dicts carry the PAN, track 2, PIN block
 
     conn_id: int
     terminal_id: str

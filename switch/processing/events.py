@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 
+from switch.codec.masking import masked_repr
 from switch.ledger.model import Entry, EntryDraft
 
 Fields = dict[str, Any]
@@ -19,6 +20,8 @@ Fields = dict[str, Any]
 
 class TerminalRequest(msgspec.Struct, frozen=True):
     """A decoded, MAC-verified request from a terminal connection."""
+
+    __repr__ = masked_repr  # field dicts carry the PAN, track 2, PIN block
 
     conn_id: int
     profile: str
@@ -28,6 +31,8 @@ class TerminalRequest(msgspec.Struct, frozen=True):
 
 class AcquirerAnswered(msgspec.Struct, frozen=True):
     """The acquirer's answer to `SendToAcquirer(txn_id)`, already matched by the link."""
+
+    __repr__ = masked_repr  # field dicts carry the PAN, track 2, PIN block
 
     txn_id: int
     fields: Fields
@@ -41,6 +46,8 @@ class AcquirerUnavailable(msgspec.Struct, frozen=True):
     keeping the PIN block itself. A link that drops after the frame was written is not this event: the
     outcome is unknown, so the server lets the deadline pass (or sends `DeadlinePassed` early).
     """
+
+    __repr__ = masked_repr  # field dicts carry the PAN, track 2, PIN block
 
     txn_id: int
     fields: Fields
@@ -122,6 +129,8 @@ class Tick(msgspec.Struct, frozen=True):
 
 class ArmedReversal(msgspec.Struct, frozen=True):
     """A pre-stored reversal still armed in store-and-forward when the process stopped."""
+
+    __repr__ = masked_repr  # field dicts carry the PAN, track 2, PIN block
 
     acquirer: str
     rrn: str

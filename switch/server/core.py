@@ -425,7 +425,7 @@ class SwitchCore:
         event = dec.event
         level = getattr(logging, dec.level.upper(), logging.INFO)
         if log.isEnabledFor(level):
-            log.log(level, "%s: %s", event, dec.text)
+            log.log(level, "%s: %s", event, scrub_text(dec.text))  # the last gate before text
 
     def _sign_on(self, dec: d.SignOn) -> None:
         conn = self.conns.get(dec.conn_id)
@@ -572,17 +572,25 @@ class SwitchCore:
     # --- ledger -------------------------------------------------------------------------------------
     def _submit(self, posts: list[d.Post], now: int) -> None:
         t0 = time.perf_counter()
-        entries = 0
-        submit = self.writer.submit
-        for post in posts:
-            entries += len(post.drafts)
-            txn_id = post.txn_id
+        entries = sum(len(post.drafts) for post in posts)
+        submit_many = getattr(self.writer, "submit_many", None)
+        if submit_many is not None:  # the ledger process: one message for the whole batch
             try:
-                submit(post.drafts, _LedgerCallback(self._from_thread, txn_id, t0))
-            except Exception as exc:  # LedgerBusy, invalid draft: this txn fails
-                self.metrics.ledger_failures.inc()
-                log.error("ledger refused txn %d: %s", txn_id, exc)
-                self._events.append(ev.LedgerFailed(txn_id, str(exc), now))
+                submit_many([(p.drafts, _LedgerCallback(self._from_thread, p.txn_id, t0)) for p in posts])
+            except Exception as exc:  # LedgerUnavailable: every post of the batch fails
+                self.metrics.ledger_failures.inc(len(posts))
+                log.error("ledger refused %d posts: %s", len(posts), exc)
+                self._events.extend(ev.LedgerFailed(p.txn_id, str(exc), now) for p in posts)
+        else:
+            submit = self.writer.submit
+            for post in posts:
+                txn_id = post.txn_id
+                try:
+                    submit(post.drafts, _LedgerCallback(self._from_thread, txn_id, t0))
+                except Exception as exc:  # LedgerBusy, invalid draft: this txn fails
+                    self.metrics.ledger_failures.inc()
+                    log.error("ledger refused txn %d: %s", txn_id, exc)
+                    self._events.append(ev.LedgerFailed(txn_id, str(exc), now))
         self.metrics.ledger_batch.observe(entries)
 
     # --- store-and-forward --------------------------------------------------------------------------
