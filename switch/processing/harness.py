@@ -25,6 +25,7 @@ from switch.processing import (
     Processor,
     QueueAdvice,
     QueueReversal,
+    RecordLifecycle,
     Recovered,
     ReleaseReversal,
     Reply,
@@ -184,11 +185,12 @@ class Driver:
         rrn_start: int = 1,
         grant_rrns: bool = True,
         recover: Recovered | None = None,
+        directory: Any = None,
     ) -> None:
         self.config = config or make_config()
         self.proc = Processor(
             self.config,
-            directory=ConfigDirectory(self.config.terminals, self.config.merchants),
+            directory=directory or ConfigDirectory(self.config.terminals, self.config.merchants),
             router=router or PrefixRouter({"411111": "A", "555555": "C"}),
             pan_hasher=HmacPanHasher(b"k" * 32),
             rules=rules,
@@ -204,6 +206,7 @@ class Driver:
         self.reversals: list[QueueReversal] = []
         self.advices: list[QueueAdvice] = []
         self.logs: list[Log] = []
+        self.lifecycle: list[RecordLifecycle] = []
         self.pending_posts: list[Post] = []
         self.all: list[Any] = []
         recover = recover or Recovered(now_ms=self.now_ms)
@@ -250,6 +253,8 @@ class Driver:
                     self.advices.append(d)
                 elif isinstance(d, Log):
                     self.logs.append(d)
+                elif isinstance(d, RecordLifecycle):
+                    self.lifecycle.append(d)
         return produced
 
     def ledger_result(self, post: Post) -> LedgerCommitted | LedgerFailed:
