@@ -42,6 +42,10 @@ MAX_KILL_DELAY_S = 0.15
 #: Bounds on waiting for the writer process (it never needs more than a fraction of this).
 FIRST_ACK_TIMEOUT_S = 30.0
 EXIT_TIMEOUT_S = 10.0
+#: Writer load: outcomes in flight and the batch bound. Small batches mean many commits per round (more
+#: kill points between and inside commits) and a ledger that stays small enough to re-verify every round.
+INFLIGHT = 100
+MAX_BATCH = 100
 #: Outcomes of the previous round re-submitted around its last acknowledgement.
 RETRY_BEFORE, RETRY_AFTER = 20, 60
 
@@ -139,7 +143,8 @@ def _crash_rounds(kind: str, target: str, rounds: int, tmp: Path, seed: int) -> 
         where = f"{kind} seed {seed} round {round_no}"
         ack_path = tmp / f"acks-{round_no}.txt"
         argv = [sys.executable, str(CRASH_WRITER), "--backend", kind, "--target", target,
-                "--acks", str(ack_path), "--round", str(round_no)]  # fmt: skip
+                "--acks", str(ack_path), "--round", str(round_no), "--inflight", str(INFLIGHT),
+                "--max-batch", str(MAX_BATCH)]  # fmt: skip
         retry_keys: set[str] = set()
         prev = acks.max_index.get(round_no - 1)
         if prev is not None:
