@@ -26,6 +26,7 @@ import datetime as dt
 import itertools
 import random
 import socket
+import sys
 import time
 from typing import Any
 
@@ -87,11 +88,13 @@ class Fleet:
             kek = keymod.load_kek(self.config.keys)
             self.master = keymod.load_master_keys(self.config.terminals, kek)
         except (ConfigError, keymod.KeyStoreError) as exc:
-            raise SystemExit(f"locustfile: {exc}") from None
-        ports = dict(
-            (name.strip(), int(port))
-            for name, _, port in (p.partition("=") for p in options.switch_ports.split(",") if p)
-        )
+            raise ValueError(str(exc)) from None
+        ports: dict[str, int] = {}
+        for part in filter(None, (p.strip() for p in options.switch_ports.split(","))):
+            name, _, port = part.partition("=")
+            if not port.isdigit() or not 0 < int(port) < 65_536:
+                raise ValueError(f"--switch-ports: {part!r} is not listener=port")
+            ports[name.strip()] = int(port)
         self.listeners = {
             lc.profile: (
                 options.switch_host or lc.host,
@@ -104,7 +107,7 @@ class Fleet:
             t for t in self.config.terminals if t.id in self.master and t.profile in self.listeners
         ]
         if not self.terminals:
-            raise SystemExit("locustfile: the config has no terminal with a master key and a listener")
+            raise ValueError(f"{options.switch_config} has no terminal with a master key and a listener")
         self.cards = [card(r.prefix, n) for r in self.config.routing.routes for n in range(CARDS_PER_ROUTE)]
         if not self.cards:
             self.cards = [card("400000", n) for n in range(CARDS_PER_ROUTE)]
@@ -119,6 +122,20 @@ class Fleet:
 
 
 _fleet: Fleet | None = None
+
+
+@events.init.add_listener
+def _load_fleet(environment: Any, **_kw: Any) -> None:
+    """Load the config and keys once, at start: a bad option stops locust with one clear line instead
+    of every user failing."""
+    global _fleet
+    if environment.parsed_options is None:  # imported as a library (no command line)
+        return
+    try:
+        _fleet = Fleet(environment.parsed_options)
+    except ValueError as exc:
+        sys.stderr.write(f"locustfile: {exc}\n")
+        sys.exit(2)
 
 
 def fleet(environment: Any) -> Fleet:

@@ -72,3 +72,26 @@ def test_locust_reports_failures_it_cannot_hide(tmp_path: Path) -> None:
 def _failures(prefix: Path) -> list[dict[str, str]]:
     with open(f"{prefix}_failures.csv", newline="") as f:
         return list(csv.DictReader(f))
+
+
+def test_locust_refuses_bad_options_with_one_clear_line(tmp_path: Path) -> None:
+    import msgspec
+
+    from switch.server.testbed import build
+
+    config, _ = build(tmp_path, {"alpha": 6001, "beta": 6002}, terminals_per_listener=1)
+    path = tmp_path / "switch.toml"
+    path.write_text(e2e.toml_dumps(msgspec.to_builtins(config)))
+    for option, message in (
+        (["--mix", "purchase=x"], "--mix: 'purchase=x' is not kind=weight"),
+        (["--switch-ports", "ascii=port"], "--switch-ports: 'ascii=port' is not listener=port"),
+        (["--switch-config", str(tmp_path / "missing.toml")], "cannot read config"),
+    ):
+        argv = [
+            str(Path(sys.executable).with_name("locust")), "-f", str(ROOT / "bench" / "locustfile.py"),
+            "--headless", "-u", "1", "-t", "1s", "--skip-log-setup", "--switch-config", str(path), *option,
+        ]  # fmt: skip
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=LOCUST_TIMEOUT_S, check=False)
+        assert proc.returncode == 2, (option, proc.stderr[-2000:])
+        assert f"locustfile: {message}" in proc.stderr, (option, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr
