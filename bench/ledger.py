@@ -186,9 +186,14 @@ def main() -> int:
     results: list[dict[str, object]] = []
 
     if not args.no_postgres:
-        from tests.pgcluster import PgCluster
+        from tests.pgcluster import PgCluster, PgClusterError
 
-        with PgCluster() as cluster:
+        try:
+            cluster = PgCluster().start()
+        except PgClusterError as exc:
+            print(f"bench/ledger.py: no PostgreSQL ({exc}); --no-postgres skips it", file=sys.stderr)
+            return 2
+        with cluster:
             for w in windows:
                 dsn = cluster.create_database()
                 r = run(lambda dsn=dsn: PostgresBackend(dsn, writer=True), n=args.pg_entries, window_ms=w,
