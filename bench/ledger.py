@@ -173,7 +173,12 @@ def main() -> int:
     ap.add_argument("--entries", type=int, default=100_000, help="entries per SQLite run")
     ap.add_argument("--pg-entries", type=int, default=60_000, help="entries per PostgreSQL run")
     ap.add_argument("--max-batch", type=int, default=LedgerConfig().max_batch_entries)
-    ap.add_argument("--inflight", type=int, default=4_000, help="outcomes waiting for durability at once")
+    ap.add_argument(
+        "--inflight",
+        type=int,
+        default=2_000,
+        help="outcomes waiting for durability at once (default: two batches, one committing, one filling)",
+    )
     ap.add_argument("--quick", action="store_true", help="a tenth of the entries (smoke run)")
     ap.add_argument("--no-postgres", action="store_true")
     ap.add_argument("--no-sqlite", action="store_true", help="(then the last line is not SQLite's)")
