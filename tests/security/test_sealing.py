@@ -28,6 +28,7 @@ from switch.codec.sealing import (
 PAN = "4761739001010119"
 TRACK2 = PAN + "=25122011758928889"
 PIN_BLOCK = "0412AC89ABCDEF67"
+TRACK1 = f"B{PAN}^CARDHOLDER/TEST^2512201100000438000000"
 KEK = Kek(bytes.fromhex("000102030405060708090A0B0C0D0E0F101112131415161718191A1B1C1D1E1F"))  # TEST-ONLY
 CTX = row_context("test", "alpha", "000000000001")
 
@@ -42,6 +43,7 @@ def message() -> dict[str, str]:
         "35": TRACK2,
         "37": "000000000001",
         "41": "T0000001",
+        "45": TRACK1,
         "52": PIN_BLOCK,
         "55": "9F2608AABBCCDDEEFF0011",
         "64": "0011223344556677",
@@ -51,7 +53,8 @@ def message() -> dict[str, str]:
 def test_record_hides_the_pan_and_never_holds_wiped_fields() -> None:
     sealer = FieldSealer(KEK, "test")
     data = sealer.seal(message(), CTX)
-    for secret in (PAN, PAN[-10:], TRACK2, PIN_BLOCK, "2512", "9F2608AABBCCDDEEFF0011", "0011223344556677"):
+    secrets = (PAN, PAN[-10:], TRACK2, TRACK1, "CARDHOLDER", PIN_BLOCK, "2512", "9F2608AABBCCDDEEFF0011")
+    for secret in (*secrets, "0011223344556677"):
         assert secret.encode() not in data
     record = decode_record(data)
     assert set(record.clear) == {"t", "3", "4", "37", "41"}  # readable for operators
