@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -153,6 +154,17 @@ async def test_activation_mcc_check_and_status_through_the_api(tmp_path: Path) -
             kinds = {d.rrn: d.kind for d in mine(h)}
             assert kinds[wrong.rrn] is EntryKind.DECLINE and f"{wrong.rrn}/fee" not in kinds
             assert kinds[f"{right.rrn}/fee"] is EntryKind.FEE
+            # A change made with the CLI (another process) reaches the running switch.
+            cli = [sys.executable, "-m", "switch", "terminal-admin", "state", "--db", h.config.ledger.path]
+            await trio.run_process(
+                [*cli, "--id", TID, "--to", "deactivated", "--actor", "ops"], capture_stdout=True
+            )
+            await terminal_state(api, "deactivated")
+            with trio.fail_after(5):
+                while (gone := await term.purchase(card(ALPHA_BIN, 2), 300)).response_code == "00":
+                    await trio.sleep(0.05)
+            assert gone.response_code == "58"
+            assert "deactivated" in (await call(api, "GET", f"/transactions/{gone.rrn}"))["reason"]
 
 
 @trio_test

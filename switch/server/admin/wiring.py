@@ -122,6 +122,7 @@ class MerchantWiring:
         #: Lifecycle events per terminal queued but not saved yet: until they are, a terminal record
         #: read back from the registry is older than the rules' copy and must not replace it.
         self._unsaved: dict[str, int] = {}
+        self._db_lock = trio.Lock()  # the switch's registry connection serves one thread at a time
         self.dropped_events = 0
         self.saved_events = 0
         self.api_port = 0
@@ -220,9 +221,10 @@ class MerchantWiring:
         async for dec in self._recv:
             saved = None
             try:
-                saved = await trio.to_thread.run_sync(
-                    self.service.apply_lifecycle, dec.terminal_id, dec.event, dec.now_ms, dec.flow
-                )
+                async with self._db_lock:
+                    saved = await trio.to_thread.run_sync(
+                        self.service.apply_lifecycle, dec.terminal_id, dec.event, dec.now_ms, dec.flow
+                    )
                 self.saved_events += 1
             except (RegistryError, OSError) as exc:
                 log.error("lifecycle event %s of terminal %s not saved: %s", dec.event, dec.terminal_id, exc)
@@ -239,7 +241,8 @@ class MerchantWiring:
         while True:
             await trio.sleep(interval_s)
             try:
-                records = await trio.to_thread.run_sync(self._read_changes)
+                async with self._db_lock:
+                    records = await trio.to_thread.run_sync(self._read_changes)
             except Exception as exc:  # a database hiccup: try again next round
                 log.warning("registry poll failed: %s", exc)
                 continue
