@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import logging
 import random
 import socket
 import sys
@@ -38,6 +39,8 @@ from switch.codec.masking import scrub_text
 from switch.codec.wire import FramingError, MacFn, Wire, WireError, make_mac_fn
 from switch.config import ConfigError, SwitchConfig, load_config
 from switch.server.testbed import card
+
+log = logging.getLogger("locustfile")
 
 REQUEST_TYPE = "ISO8583"
 #: Weights of the mix; refund and void need an approved purchase of this User, else they buy instead.
@@ -216,6 +219,7 @@ class TerminalUser(User):
         terminal = self.fleet.take()
         if terminal is None:
             cause = f"more users than terminals ({len(self.fleet.terminals)}) in the config"
+            log.warning("user stopped: %s", cause)
             self._fire("sign_on", 0.0, 0, ExchangeError(cause))
             return  # the task stops this user (StopUser outside a task is logged as a crash)
         host, port, listener = self.fleet.listeners[terminal.profile]
@@ -227,11 +231,10 @@ class TerminalUser(User):
                 raise ExchangeError(f"response code {answer.get('39')}")
             mac_key = keymod.parse_signon_field(self.fleet.master[terminal.id].value, answer["62"]).mac_key
             self.client.mac = make_mac_fn(mac_key.value)
-        except ExchangeError as exc:
-            self._fire("sign_on", started, 0, exc)
-            return
-        except (OSError, KeyError, ValueError) as exc:  # connect refused, no field 62, key check failed
-            self._fire("sign_on", started, 0, ExchangeError(f"sign-on failed: {type(exc).__name__}"))
+        except (ExchangeError, OSError, KeyError, ValueError) as exc:  # refused, no field 62, bad KCV...
+            error = exc if isinstance(exc, ExchangeError) else ExchangeError(type(exc).__name__)
+            log.warning("terminal %s: sign-on failed, user stopped: %s", terminal.id, error)
+            self._fire("sign_on", started, 0, error)
             return
         self.signed_on = True
         self._fire("sign_on", started, size, None)

@@ -18,7 +18,7 @@ BENCH_TIMEOUT_S = 180
 def test_e2e_bench_runs_and_ends_with_its_json(tmp_path: Path) -> None:
     argv = [
         sys.executable, str(ROOT / "bench" / "e2e.py"),
-        "--seconds", "2", "--warmup-seconds", "0", "--terminals", "4", "--loadgens", "2", "--window", "4",
+        "--seconds", "1", "--warmup-seconds", "0", "--terminals", "4", "--loadgens", "2", "--window", "4",
         "--dir", str(tmp_path),
     ]  # fmt: skip
     proc = subprocess.run(
