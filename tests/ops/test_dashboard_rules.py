@@ -129,3 +129,13 @@ def test_example_prometheus_config_loads_the_rules() -> None:
     proc = promtool("check", "config", str(ALERTS.parent / "prometheus.yml"))
     assert proc.returncode == 0, _out(proc)
     assert f"{ALERTS.read_text().count('- alert: ')} rules found" in _out(proc)
+
+
+def test_a_missing_binary_fails_with_the_install_command() -> None:
+    """Without the Debian package the ops tests fail (never skip) and say how to install it."""
+    import pytest
+
+    from tests.ops.prom import binary
+
+    with pytest.raises(pytest.fail.Exception, match=r"scripts/system-deps\.sh"):
+        binary("promtool-that-is-not-installed")
