@@ -239,9 +239,11 @@ class TestBed:
         processing: dict[str, Any] | None = None,
         listener: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
+        packed: bool = False,
     ) -> None:
         self.directory = Path(directory)
         self.terminal_count = terminals
+        self.packed = packed
         self.python = python
         self.ledger = ledger or {}
         self.processing = processing or {}
@@ -252,7 +254,8 @@ class TestBed:
         self.config: Any = None
         self.terminals: list[Any] = []
         self.config_path = self.directory / "switch.toml"
-        self.port = 0
+        self.port = 0  # the first listener's (terminal_ascii)
+        self.ports: dict[str, int] = {}  # every listener's, by name
         self.metrics_port = 0
 
     def __enter__(self) -> TestBed:
@@ -290,16 +293,18 @@ class TestBed:
             self.directory,
             sim_ports,
             terminals_per_listener=self.terminal_count,
-            packed_listener=False,
+            packed_listener=self.packed,
             metrics_enabled=True,
             ledger=self.ledger,
             processing=self.processing,
         )
-        self.port, self.metrics_port = free_port(), free_port()
+        self.ports = {lc.name: free_port() for lc in config.listeners}
+        self.port, self.metrics_port = self.ports[config.listeners[0].name], free_port()
         config = msgspec.structs.replace(
             config,
             listeners=[
-                msgspec.structs.replace(lc, port=self.port, **self.listener) for lc in config.listeners
+                msgspec.structs.replace(lc, port=self.ports[lc.name], **self.listener)
+                for lc in config.listeners
             ],
             metrics=msgspec.structs.replace(config.metrics, port=self.metrics_port),
         )
@@ -308,7 +313,8 @@ class TestBed:
         self.switch = self._spawn(
             "switch", [self.python, "-m", "switch", "run", "--config", str(self.config_path)]
         )
-        _wait_port(self.port, self.switch, START_TIMEOUT_S)
+        for port in self.ports.values():
+            _wait_port(port, self.switch, START_TIMEOUT_S)
         self.wait_links_up()
 
     def wait_links_up(self, timeout_s: float = START_TIMEOUT_S) -> None:
@@ -423,7 +429,7 @@ def loadgen_main(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     kek = keymod.load_kek(config.keys)
     master = keymod.load_master_keys(config.terminals, kek)
-    listener = config.listeners[0]
+    listeners = {lc.profile: lc for lc in config.listeners}
     terms = config.terminals[args.first : args.first + args.count]
     rng = random.Random(args.seed)
     cards = [card(r.prefix, n) for r in config.routing.routes for n in range(200)]
@@ -431,6 +437,7 @@ def loadgen_main(args: argparse.Namespace) -> int:
     conns: list[_Conn] = []
     sel = selectors.DefaultSelector()
     for t in terms:
+        listener = listeners[t.profile]
         sock = socket.create_connection((listener.host, listener.port), timeout=10)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         wire = Wire(listener.profile, listener.framing, tpdu=listener.tpdu)
@@ -942,6 +949,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each measured run")
     parser.add_argument("--warmup-seconds", type=float, default=2.0)
     parser.add_argument("--terminals", type=int, default=16, help="terminals (one connection each)")
+    parser.add_argument(
+        "--packed", action="store_true", help="half the terminals on the packed (BCD + TPDU) listener"
+    )
     parser.add_argument("--loadgens", type=int, default=2, help="load-generator processes")
     parser.add_argument("--window", type=int, default=32, help="purchases in flight per terminal (max run)")
     parser.add_argument(
@@ -976,11 +986,15 @@ def main(argv: list[str] | None = None) -> int:
             f"p99 {host['fsync_p99_ms']} ms",
             file=out,
         )
-        bed = TestBed(directory, terminals=args.terminals, ledger=ledger, python=args.python, env=env)
+        per_listener = max(1, args.terminals // 2) if args.packed else args.terminals
+        bed = TestBed(
+            directory, terminals=per_listener, ledger=ledger, python=args.python, env=env, packed=args.packed
+        )
         runs: list[RunResult] = []
         with bed:
             print(
-                f"switch on 127.0.0.1:{bed.port}, metrics :{bed.metrics_port}, state in {directory}", file=out
+                f"switch on 127.0.0.1 {bed.ports}, metrics :{bed.metrics_port}, state in {directory}",
+                file=out,
             )
             if args.warmup_seconds > 0:
                 runs.append(run_load(bed, "warm-up", seconds=args.warmup_seconds, loadgens=args.loadgens,

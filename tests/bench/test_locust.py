@@ -32,7 +32,8 @@ def _locust(bed, run_s: int = RUN_S) -> subprocess.CompletedProcess:
 
 
 def test_locust_mix_against_a_running_switch(tmp_path: Path) -> None:
-    with e2e.TestBed(tmp_path, terminals=USERS) as bed:
+    # Half the terminals on each listener: the ASCII profile and the packed (BCD + TPDU) one.
+    with e2e.TestBed(tmp_path, terminals=USERS // 2, packed=True) as bed:
         proc = _locust(bed)
         metrics = e2e.scrape(bed.metrics_port)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -49,6 +50,10 @@ def test_locust_mix_against_a_running_switch(tmp_path: Path) -> None:
         ("switch_transactions_total", (("mti", "0200"), ("processing_code", "00"), ("response_code", "00")))
     ]
     assert approved == stats["purchase"]["num_requests"]
+    # Every terminal of the config signed on, so both profiles (users take terminals in config order).
+    assert {t.profile for t in bed.config.terminals} == {"terminal_ascii", "terminal_packed"}
+    assert len(bed.config.terminals) == USERS
+    assert metrics[("switch_sign_ons_total", ())] == USERS
 
 
 def test_locust_reports_failures_it_cannot_hide(tmp_path: Path) -> None:
