@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,7 +25,7 @@ import trio
 from switch.codec import keys as keymod
 from switch.config import SwitchConfig
 from switch.ledger import keys as ledger_keys
-from switch.ledger.writer import LedgerWriter
+from switch.ledger.writer import LedgerUnavailable, LedgerWriter
 from switch.merchant.model import RegistryError
 from switch.processing import events as ev
 from switch.routing.bins import BinTable
@@ -33,6 +34,7 @@ from switch.server.acquirer import AcquirerGroup, AcquirerLink
 from switch.server.admin.wiring import MerchantWiring
 from switch.server.armed import ArmedStore
 from switch.server.core import SwitchCore, TerminalKeys, wall_ms
+from switch.server.ledger_process import RemoteLedgerWriter
 from switch.server.ledger_reader import LedgerReader
 from switch.server.metrics import Metrics, serve_metrics
 from switch.server.processor_factory import make_processor
@@ -83,7 +85,14 @@ class Switch:
             pan_key = ledger_keys.load_pan_hash_key(config.ledger)
         except (keymod.KeyStoreError, ledger_keys.LedgerKeyError, ValueError) as exc:
             raise StartupError(str(exc)) from None
-        self.writer = LedgerWriter(open_backend(config), signing_key=signing_key, config=config.ledger)
+        self.writer: Any
+        if config.server.ledger_writer_process:  # its own process: the second core, no GIL sharing
+            try:
+                self.writer = RemoteLedgerWriter(config)
+            except LedgerUnavailable as exc:
+                raise StartupError(str(exc)) from None
+        else:
+            self.writer = LedgerWriter(open_backend(config), signing_key=signing_key, config=config.ledger)
         self.reader = LedgerReader(open_backend(config, create=False))
         try:  # merchant services: registry directory, rules, registry master keys (issue 6)
             self.merchant = MerchantWiring(config, self.writer, kek, master, clock_ms)
@@ -203,6 +212,8 @@ async def serve(
 ) -> None:
     """Run the switch until cancelled; reports SwitchPorts once it accepts traffic. `clock_ms`: the
     wall clock every part of the switch reads (tests move it to cross days and grace periods)."""
+    if config.server.gil_switch_interval_us > 0:
+        sys.setswitchinterval(config.server.gil_switch_interval_us / 1_000_000)
     switch = await trio.to_thread.run_sync(Switch, config, environ, clock_ms)
     try:
         await switch.run(task_status=task_status)
