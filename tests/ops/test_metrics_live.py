@@ -140,8 +140,15 @@ def _check_with_prometheus(directory: Path, metrics_port: int) -> None:
         assert wait_for(lambda: _scalar(prom.query(approved)), SCRAPE_WAIT_S, approved) == 4.0
         assert _scalar(prom.query('switch_transactions_total{response_code="61"}')) == 1.0
         assert _scalar(prom.query('switch_transactions_total{processing_code="31"}')) == 1.0
-        assert _scalar(prom.query("sum(switch_sign_ons_total)")) == 1.0
-        assert _scalar(prom.query('switch_terminal_latency_seconds_count{mti="0200"}')) == 6.0
+        assert _scalar(prom.query("sum(switch_sign_ons_total)")) == 2.0
+        assert _scalar(prom.query('switch_terminal_latency_seconds_count{mti="0200"}')) == 7.0
+        # The silent card: one timeout answered 68, one reversal queued and completed.
+        assert _scalar(prom.query('switch_transactions_total{response_code="68"}')) == 1.0
+        assert _scalar(prom.query('switch_acquirer_timeouts_total{acquirer="alpha"}')) == 1.0
+        assert _scalar(prom.query('switch_reversals_queued_total{acquirer="alpha"}')) == 1.0
+        completed = 'switch_reversals_completed_total{acquirer="alpha"}'
+        assert wait_for(lambda: _scalar(prom.query(completed)), SCRAPE_WAIT_S, completed) == 1.0
+        wait_for(lambda: _scalar(prom.query("switch_saf_depth")) == 0.0, SCRAPE_WAIT_S, "SAF depth 0")
         assert _scalar(prom.query('switch_acquirer_up{acquirer="alpha"}')) == 1.0
         assert _scalar(prom.query('switch_acquirer_links{acquirer="beta",state="up"}')) >= 1.0
         assert _scalar(prom.query('sum(switch_acquirer_latency_seconds_count{acquirer="alpha"})')) >= 5.0
@@ -168,8 +175,20 @@ def _check_with_prometheus(directory: Path, metrics_port: int) -> None:
             assert rule["state"] == "inactive", rule
 
 
+#: A card the simulated acquirer alpha never answers: the terminal hears 68, a reversal is queued and
+#: delivered by store-and-forward.
+SILENT_CARD = card(ALPHA_BIN, 999)
+
+
 @trio_test
 async def test_real_prometheus_scrapes_the_switch_and_reads_series_back(tmp_path: Path) -> None:
-    async with running_switch(tmp_path / "switch", sims=_sims(), metrics_enabled=True) as h:
+    sims = _sims()
+    sims["alpha"]["card_faults"] = {SILENT_CARD: "no_answer"}
+    async with running_switch(tmp_path / "switch", sims=sims, metrics_enabled=True) as h:
         await _mix(h, 0, first_card=1)
+        async with signed_on(h, 1) as term:
+            assert (await term.purchase(SILENT_CARD, 1_500)).response_code == "68"
+        with trio.fail_after(10):
+            while not h.sims["alpha"].records.reversals:  # store-and-forward delivered the 0400
+                await trio.sleep(0.02)
         await trio.to_thread.run_sync(_check_with_prometheus, tmp_path / "prometheus", h.ports.metrics)
