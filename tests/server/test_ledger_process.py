@@ -1,0 +1,118 @@
+"""The ledger writer in its own process (switch.server.ledger_process.RemoteLedgerWriter) keeps the
+in-process writer's contract: entries numbered and durable before on_done, idempotent repeats answered
+with the originals, rule and conflict errors delivered as their ledger classes, state kept across a
+restart, and a dead child never reported as success."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from switch.ledger.codec import decode_draft
+from switch.ledger.model import EntryKind, IdempotencyConflict
+from switch.ledger.rules import LedgerRejected
+from switch.ledger.sqlite import SqliteBackend
+from switch.ledger.writer import LedgerUnavailable
+from switch.server.ledger_process import RemoteLedgerWriter
+from switch.server.testbed import build
+from tests.ledger.drafts import draft
+
+
+@pytest.fixture
+def config(tmp_path: Path):
+    cfg, _ = build(tmp_path, {"alpha": 1}, packed_listener=False)
+    return cfg
+
+
+def _stored(config) -> list:
+    b = SqliteBackend(config.ledger.path, create=False)
+    try:
+        return [decode_draft(r.body) for r in b.iter_entry_rows(0)]
+    finally:
+        b.close()
+
+
+def test_entries_are_durable_numbered_and_repeats_return_the_originals(config) -> None:
+    w = RemoteLedgerWriter(config)
+    try:
+        first = w.append([draft("k1", EntryKind.PURCHASE, "000000000001", 500)], timeout_s=30)
+        second = w.append([draft("k2", EntryKind.PURCHASE, "000000000002", 700)], timeout_s=30)
+        assert [e.seq for e in first + second] == [0, 1]
+        assert second[0].draft.amount_minor == 700
+        # the same key and payload again: the original entry, nothing new written
+        again = w.append([draft("k1", EntryKind.PURCHASE, "000000000001", 500)], timeout_s=30)
+        assert [e.seq for e in again] == [0]
+        assert w.size == 2
+        # many submissions in one message, answered each on its own
+        done: list = []
+        finished = threading.Event()
+
+        def on_done(entries, error) -> None:
+            done.append((entries, error))
+            if len(done) == 3:
+                finished.set()
+
+        w.submit_many(
+            [([draft(f"m{i}", EntryKind.PURCHASE, f"00000000001{i}", 100 + i)], on_done) for i in range(3)]
+        )
+        assert finished.wait(30)
+        assert sorted(e[0][0].seq for e in done) == [2, 3, 4]
+    finally:
+        w.close(30)
+    assert [d.idempotency_key for d in _stored(config)] == ["k1", "k2", "m0", "m1", "m2"]
+
+
+def test_errors_arrive_as_their_ledger_classes(config) -> None:
+    w = RemoteLedgerWriter(config)
+    try:
+        w.append([draft("k1", EntryKind.PURCHASE, "000000000001", 500)], timeout_s=30)
+        with pytest.raises(IdempotencyConflict):  # same key, different payload
+            w.append([draft("k1", EntryKind.PURCHASE, "000000000001", 501)], timeout_s=30)
+        with pytest.raises(LedgerRejected):  # refund above the original
+            w.append(
+                [draft("r1", EntryKind.REFUND, "000000000009", 900, "000000000001")], timeout_s=30
+            )
+        ok = w.append([draft("k3", EntryKind.PURCHASE, "000000000003", 5)], timeout_s=30)
+        assert ok[0].seq == 1  # the failures wrote nothing
+    finally:
+        w.close(30)
+
+
+def test_a_restarted_process_continues_the_ledger(config) -> None:
+    w = RemoteLedgerWriter(config)
+    w.append([draft("k1", EntryKind.PURCHASE, "000000000001", 500)], timeout_s=30)
+    w.close(30)
+    w = RemoteLedgerWriter(config)
+    try:
+        assert w.size == 1
+        assert w.append([draft("k1", EntryKind.PURCHASE, "000000000001", 500)], timeout_s=30)[0].seq == 0
+        assert w.append([draft("k2", EntryKind.PURCHASE, "000000000002", 5)], timeout_s=30)[0].seq == 1
+    finally:
+        w.close(30)
+
+
+def test_a_dead_child_fails_pending_and_later_submissions(config) -> None:
+    w = RemoteLedgerWriter(config)
+    try:
+        w.append([draft("k1", EntryKind.PURCHASE, "000000000001", 500)], timeout_s=30)
+        w._proc.kill()
+        w._proc.join(10)
+        with pytest.raises(LedgerUnavailable):
+            w.append([draft("k2", EntryKind.PURCHASE, "000000000002", 5)], timeout_s=30)
+        with pytest.raises(LedgerUnavailable):
+            w.submit([draft("k3", EntryKind.PURCHASE, "000000000003", 5)], lambda e, err: None)
+    finally:
+        w.close(5)
+    assert [d.idempotency_key for d in _stored(config)] == ["k1"]
+
+
+def test_a_ledger_that_cannot_open_is_a_clear_start_error(config, tmp_path: Path) -> None:
+    import msgspec
+
+    bad = msgspec.structs.replace(
+        config, ledger=msgspec.structs.replace(config.ledger, checkpoint_key_file=str(tmp_path / "missing"))
+    )
+    with pytest.raises(LedgerUnavailable, match="ledger writer process"):
+        RemoteLedgerWriter(bad)
