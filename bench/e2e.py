@@ -62,6 +62,9 @@ DRAIN_TIMEOUT_S = 10.0
 #: Largest purchase amount (minor units) the load sends.
 MAX_AMOUNT_MINOR = 5_000
 TPDU = bytes.fromhex("6000030000")
+#: Issue 5's target on the 2-core machine: approved purchases/s at max, and p99 at half that rate.
+TARGET_AUTH_PER_S = 5_000
+TARGET_P99_MS_AT_HALF = 20.0
 
 
 # --- config files --------------------------------------------------------------------------------
@@ -1022,6 +1025,13 @@ def main(argv: list[str] | None = None) -> int:
         "offered_half_load_per_s": rate,
         "errors": errors,
         "ledger_verified": ledger_report["verified"],
+        "target": {
+            "auth_per_s": TARGET_AUTH_PER_S,
+            "p99_ms_at_half_load": TARGET_P99_MS_AT_HALF,
+            "met": best.approved_per_s >= TARGET_AUTH_PER_S
+            and half.p99_ms <= TARGET_P99_MS_AT_HALF
+            and half.offered_per_s >= TARGET_AUTH_PER_S / 2,
+        },
         "ledger_entries": ledger_report["entries"],
         "terminals": args.terminals,
         "loadgens": args.loadgens,
