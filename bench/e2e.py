@@ -806,13 +806,36 @@ def _hist(before: Samples, after: Samples, name: str, q: float | None) -> float:
     return lower
 
 
-def proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process and its threads so far (Linux /proc); 0 when gone."""
+def _stat(pid: int) -> list[str] | None:
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return None
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds so far of a process, its threads and its live descendants (e.g. the
+    switch's ledger-writer process), from Linux /proc; 0 when gone."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat(int(entry.name))
+            if fields is not None:
+                parents[int(entry.name)] = int(fields[1])
+    family = {pid}
+    grew = True
+    while grew:
+        grew = False
+        for child, parent in parents.items():
+            if parent in family and child not in family:
+                family.add(child)
+                grew = True
+    total = 0.0
+    for member in family:
+        fields = _stat(member)
+        if fields is not None:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def switch_view(before: Samples, after: Samples) -> dict[str, float]:
