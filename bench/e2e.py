@@ -885,7 +885,7 @@ def _start_profiler(bed: TestBed, seconds: float, out_path: Path) -> subprocess.
     return subprocess.Popen(
         [exe, "record", "--pid", str(bed.switch.popen.pid), "--duration", str(max(1, int(seconds))),
          "--rate", str(PROFILE_RATE_HZ), "--format", "raw", "--output", str(out_path), "--nonblocking",
-         "--threads", "--gil"],
+         "--threads", "--gil", "--subprocesses"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
@@ -908,15 +908,16 @@ class Profile(msgspec.Struct):
     """py-spy's view of the switch during the max run."""
 
     seconds: float
-    #: (thread name, share of the run's wall time that thread held the GIL, %): py-spy --gil samples
-    #: only the thread running Python, so the shares add up to at most 100 (one core's worth).
+    #: (process: thread, share of the run's wall time that thread held its process's GIL, %): py-spy
+    #: --gil samples only threads running Python, so each process's shares add up to at most 100.
     threads: list[tuple[str, float]]
     #: (function (file), self % of all samples, inclusive %), most self time first
     functions: list[tuple[str, float, float]]
 
 
 def profile_summary(path: Path, seconds: float, top: int = 25) -> Profile:
-    """Summarise py-spy's raw output (`--gil`: only the GIL holder is sampled; `--threads`: the first
+    """Summarise py-spy's raw output (`--gil`: only GIL holders are sampled; `--subprocesses`: leading
+    frames name the process, child processes such as the ledger writer included; `--threads`: the next
     frame names the thread)."""
     self_n: Counter[str] = Counter()
     incl_n: Counter[str] = Counter()
@@ -928,9 +929,13 @@ def profile_summary(path: Path, seconds: float, top: int = 25) -> Profile:
             continue
         n = int(count)
         total += n
-        parts = stack.split(";")
+        parts = _split_frames(stack)
+        process = "switch"
+        while parts and parts[0].startswith("process "):  # --subprocesses: the innermost names the process
+            process = "switch" if "switch run" in parts[0] else "child " + parts[0].split(":", 1)[0][8:]
+            parts = parts[1:]
         if parts and parts[0].startswith("thread ("):
-            by_thread[parts[0].split(": ", 1)[-1]] += n
+            by_thread[f"{process}: {parts[0].split(': ', 1)[-1]}"] += n
             parts = parts[1:]
         frames = [_frame_name(f) for f in parts]
         if not frames:
@@ -949,6 +954,18 @@ def profile_summary(path: Path, seconds: float, top: int = 25) -> Profile:
         if total
         else [],
     )
+
+
+def _split_frames(stack: str) -> list[str]:
+    """Split a collapsed stack on ';', except inside the quoted command line of a process frame (a
+    `python -c "a; b"` child has ';' in its name)."""
+    frames: list[str] = []
+    for piece in stack.split(";"):
+        if frames and frames[-1].count('"') % 2 == 1:
+            frames[-1] += ";" + piece
+        else:
+            frames.append(piece)
+    return frames
 
 
 def _frame_name(frame: str) -> str:
