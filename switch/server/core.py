@@ -276,14 +276,14 @@ class SwitchCore:
             return
         log.info("%s: format error in MTI %s (%s); answering 30", conn.peer, mti, scrub_text(str(exc)))
         conn.request_started()
-        self.metrics.inflight.inc()
+        self.metrics.inflight_count += 1
         fields = {"t": mti}
         conn.requests[(mti[:2], "")] = _Request(mti, "", time.perf_counter())
         self._answer(conn, _bare_answer(fields, "30"), mac=True)
 
     def _remember(self, conn: TerminalConnection, fields: dict, t0: float) -> None:
         mti = fields["t"]
-        self.metrics.inflight.inc()
+        self.metrics.inflight_count += 1
         conn.requests[(mti[:2], fields.get("11", ""))] = _Request(mti, fields.get("3", ""), t0)
 
     def _answer(
@@ -306,7 +306,7 @@ class SwitchCore:
         if req is None and fields.get("39") == "30":
             req = conn.requests.pop((mti[:2], ""), None)
         conn.send(wire.frame_reply(payload, conn.tpdu))
-        self.metrics.inflight.dec()
+        self.metrics.inflight_count -= 1
         if req is not None:
             self.metrics.answered(req.mti, req.pc, fields.get("39", ""), time.perf_counter() - req.t0)
 
@@ -375,7 +375,7 @@ class SwitchCore:
             if isinstance(dec, d.Reply):
                 conn = self.conns.get(dec.conn_id)
                 if conn is None or conn.closed:
-                    self.metrics.inflight.dec()
+                    self.metrics.inflight_count -= 1
                     continue
                 self._answer(conn, dec.fields)
             elif isinstance(dec, d.Post):
@@ -440,7 +440,7 @@ class SwitchCore:
             reply["62"] = field62
             self.metrics.sign_ons.inc()
         if conn is None or conn.closed:
-            self.metrics.inflight.dec()
+            self.metrics.inflight_count -= 1
             return
         self._answer(conn, reply, mac=old_mac is not None, mac_fn=old_mac)
 

@@ -9,7 +9,8 @@ come back whenever their entries are durable (any order); the writer sends every
 - max_connections: a connection beyond it is closed at once;
 - max_inflight_per_connection: the reader stops taking frames (frames already read wait in a backlog,
   the socket is not read) until answers free the window, so TCP pushes back on the terminal;
-- idle_timeout_ms: a connection with nothing in flight and no bytes for that long is closed;
+- idle_timeout_ms: a connection with nothing in flight and no bytes for that long is closed (by one
+  sweeper task per listener, not a deadline per read);
 - max_frame_bytes: a frame header above it is a framing error; the connection is closed (the stream
   cannot be resynchronised).
 """
@@ -62,6 +63,7 @@ class TerminalConnection:
         "config",
         "conn_id",
         "inflight",
+        "last_rx_s",
         "listener",
         "peer",
         "reader",
@@ -85,6 +87,7 @@ class TerminalConnection:
             self.config.framing, self.config.tpdu, self.config.max_frame_bytes, tpdu_id=None
         )
         self.inflight = 0
+        self.last_rx_s = time.monotonic()
         #: The core's record of each request in flight, by (MTI class, STAN): dropped with the connection.
         self.requests: dict[tuple[str, str], Any] = {}
         self.terminal_id: str | None = None
@@ -139,7 +142,6 @@ class TerminalConnection:
     async def _reader(self, handler: FrameHandler) -> None:
         cfg = self.config
         lst = self.listener
-        idle_s = cfg.idle_timeout_ms / 1000.0
         max_inflight = cfg.max_inflight_per_connection
         while not self._closed:
             if self._backlog:
@@ -152,17 +154,13 @@ class TerminalConnection:
                 take = [self._backlog.popleft() for _ in range(min(room, len(self._backlog)))]
                 handler.on_frames(self, take)
                 continue
-            data = b""
-            with trio.move_on_after(idle_s) as idle:
-                try:
-                    data = await self.stream.receive_some(RECEIVE_BYTES)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    return
-            if idle.cancelled_caught:
-                if self.inflight == 0:
-                    lst.idle_limit.hit(f"{self.peer} sent nothing for {cfg.idle_timeout_ms} ms; closing")
-                    return
-                continue
+            # No deadline per receive (a cancel scope per read costs more than parsing a frame): the
+            # listener's idle sweeper closes connections that stay quiet (TerminalListener._sweep_idle).
+            try:
+                data = await self.stream.receive_some(RECEIVE_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return
+            self.last_rx_s = time.monotonic()
             if not data:
                 return
             try:
@@ -245,7 +243,24 @@ class TerminalListener:
         async with trio.open_nursery() as nursery:
             for ln in listeners:
                 nursery.start_soon(self._accept_loop, ln, nursery)
+            nursery.start_soon(self._sweep_idle)
             task_status.started(self.port)
+
+    async def _sweep_idle(self) -> None:
+        """Close connections with nothing in flight that sent nothing for idle_timeout_ms (checked a few
+        times per timeout, at most once a second: a connection is closed at most 25% late)."""
+        idle_s = self.config.idle_timeout_ms / 1000.0
+        interval_s = min(1.0, idle_s / 4)
+        while True:
+            await trio.sleep(interval_s)
+            now = time.monotonic()
+            for conn in list(self.connections.values()):
+                if conn.inflight == 0 and not conn._backlog and now - conn.last_rx_s >= idle_s:
+                    if not conn.closed:
+                        self.idle_limit.hit(
+                            f"{conn.peer} sent nothing for {self.config.idle_timeout_ms} ms; closing"
+                        )
+                    conn.close_soon()
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         async with listener:
