@@ -88,7 +88,7 @@ class Switch:
         self.writer: Any
         if config.server.ledger_writer_process:  # its own process: the second core, no GIL sharing
             try:
-                self.writer = RemoteLedgerWriter(config)
+                self.writer = RemoteLedgerWriter(config, environ=environ)
             except LedgerUnavailable as exc:
                 raise StartupError(str(exc)) from None
         else:
@@ -171,6 +171,7 @@ class Switch:
         self.recover()
         await core.settle()
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(core.flusher)
             for group in core.groups.values():
                 for link in group.links:
                     nursery.start_soon(link.run, name=f"link {link.name}")

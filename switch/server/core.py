@@ -40,6 +40,7 @@ from switch.codec.masking import scrub_text
 from switch.codec.wire import MacFn, Wire, WireError, has_mac, make_mac_fn
 from switch.config import SwitchConfig
 from switch.ledger.model import Entry
+from switch.ledger.writer import LedgerBusy, LedgerUnavailable
 from switch.processing import decisions as d
 from switch.processing import events as ev
 from switch.routing.matching import Pending
@@ -149,6 +150,9 @@ class SwitchCore:
         self._done: list[Any] = []
         self._done_scheduled = False
         self._busy = False
+        self._flush_wake = trio.Event()
+        self._flush_wanted = False
+        self._flusher_running = False
         self._saf_wake = trio.Event()
         self._saf_completions: list[SafCompletion] = []
         self._busy_log = LimitLog(
@@ -167,6 +171,9 @@ class SwitchCore:
             self._durable_done,
             max_pending_items=config.server.max_pending_durable_items,
         )
+        #: Where arms and releases go: the ledger process keeps the armed store when the ledger runs
+        #: there (one message per batch for both); else the durable-writer thread.
+        self.arm_sink: Any = writer if hasattr(writer, "arm") else self.durable
 
     def bind_trio(self) -> None:
         """Call on the trio thread before any traffic: completions are delivered to this run."""
@@ -182,7 +189,7 @@ class SwitchCore:
         """Wait until every queued durable write is done and its events processed (start-up: the
         recovery's RRN block and re-queued reversals are in before the first request)."""
         with trio.fail_after(timeout_s):
-            while not self.durable.idle() or self._done_scheduled or self._events:
+            while not self.durable.idle() or self._done_scheduled or self._events or self._flush_wanted:
                 await trio.sleep(0.001)
 
     def wire_for(self, listener_name: str, profile: str, framing: str, tpdu: bool) -> Wire:
@@ -204,10 +211,44 @@ class SwitchCore:
             while True:
                 while self._events:
                     self._execute(self.processor.handle(self._events.popleft()))
+                if self._flusher_running:
+                    self._want_flush()
+                    break
                 if not self._flush():
                     break
         finally:
             self._busy = False
+
+    def _want_flush(self) -> None:
+        """Wake the flusher once for everything queued during this scheduling round."""
+        if not self._flush_wanted and (self._sends or self._saf_items or self._posts or self._releases):
+            self._flush_wanted = True
+            self._flush_wake.set()
+
+    async def flusher(self) -> None:
+        """Carry out the I/O of every batch processed in one trio scheduling round, together.
+
+        Each read (a terminal's frames, an acquirer's answers, a burst of ledger completions) is processed
+        at once, but its durable writes and link sends wait for this task, which trio runs after every
+        task already runnable: at moderate load, when each read carries one frame, the arms and posts of
+        all connections read in the same round become one durable-writer job and one ledger message
+        instead of one each (measured: a flush per read doubled the CPU per transaction at half load).
+        """
+        self._flusher_running = True
+        try:
+            while True:
+                await self._flush_wake.wait()
+                self._flush_wake = trio.Event()
+                self._flush_wanted = False
+                self._busy = True
+                try:
+                    while self._flush() or self._events:
+                        while self._events:
+                            self._execute(self.processor.handle(self._events.popleft()))
+                finally:
+                    self._busy = False
+        finally:
+            self._flusher_running = False
 
     # --- terminal side --------------------------------------------------------------------------------
     def on_frames(self, conn: TerminalConnection, frames: Sequence[Any]) -> None:
@@ -256,6 +297,9 @@ class SwitchCore:
             while True:
                 while self._events:
                     self._execute(self.processor.handle(self._events.popleft()))
+                if self._flusher_running:
+                    self._want_flush()
+                    break
                 if not self._flush():
                     break
         finally:
@@ -459,29 +503,38 @@ class SwitchCore:
             if armed:
                 arms = [(s.acquirer, s.fields.get("37", ""), s.reversal) for s in armed]
                 try:
-                    self.durable.arm(arms, now, functools.partial(self._armed, armed))
-                except DurableBusy as exc:  # not armed: must not send
+                    on_armed: Any = functools.partial(self._armed, armed)
+                    if self.arm_sink is not self.durable:  # called on the ledger's reader thread
+                        on_armed = _OnTrio(self._from_thread, on_armed)
+                    self.arm_sink.arm(arms, now, on_armed)
+                except (DurableBusy, LedgerBusy, LedgerUnavailable) as exc:  # not armed: must not send
                     self._busy_log.hit(f"cannot arm pre-stored reversals: {exc}")
                     for s in armed:
                         self._events.append(ev.AcquirerUnavailable(s.txn_id, s.fields, now, "arming refused"))
             self._send_now([s for s in sends if s.reversal is None], now)
         items, self._saf_items = self._saf_items, []
         if items:
+            # The armed copies of queued reversals are released once the items are stored (callback).
             self.durable.append_saf(
                 [
                     (acq, mti, fields, f"{'reversal' if mti == '0400' else 'advice'}:{acq}:{rrn}")
                     for acq, mti, fields, rrn in items
                 ],
                 now,
-                [(acq, rrn) for acq, mti, _, rrn in items if mti == "0400"],
-                functools.partial(self._saf_stored, len(items)),
+                [],
+                functools.partial(
+                    self._saf_stored, len(items), [(acq, rrn) for acq, mti, _, rrn in items if mti == "0400"]
+                ),
             )
         releases, self._releases = self._releases, []
         if releases:
-            self.durable.release(releases)
+            self.arm_sink.release(releases)
         posts, self._posts = self._posts, []
         if posts:
             self._submit(posts, now)
+        flush = getattr(self.writer, "flush", None)
+        if flush is not None:  # the ledger process: this batch's arms, releases and posts, one message
+            flush()
         return bool(self._events)
 
     def _send_now(self, sends: Sequence[d.SendToAcquirer], now: int) -> None:
@@ -508,10 +561,13 @@ class SwitchCore:
             return
         self._send_now(sends, now)
 
-    def _saf_stored(self, count: int, error: BaseException | None, _: Any) -> None:
-        if error is not None:
+    def _saf_stored(
+        self, count: int, release: list[tuple[str, str]], error: BaseException | None, _: Any
+    ) -> None:
+        if error is not None:  # the armed copies stay: start-up recovery fires them
             log.error("store-and-forward append failed for %d items: %s", count, error)
             return
+        self._releases.extend(release)
         self._saf_wake.set()
 
     def _rrns_reserved(self, count: int, error: BaseException | None, start: Any) -> None:
@@ -650,6 +706,19 @@ class SwitchCore:
         _, item_id, acquirer, mti, rrn = ctx
         self._saf_completions.append((item_id, acquirer, mti, rrn, fields.get("39", ""), now))
         self._saf_wake.set()
+
+
+class _OnTrio:
+    """A (error, value) callback called on another thread, run on the trio thread instead."""
+
+    __slots__ = ("callback", "post")
+
+    def __init__(self, post: Callable[[Any], None], callback: Callable[[Any, Any], None]) -> None:
+        self.post = post
+        self.callback = callback
+
+    def __call__(self, error: BaseException | None, value: Any) -> None:
+        self.post([(self.callback, error, value)])
 
 
 class _LedgerCallback:

@@ -17,6 +17,12 @@ each `on_done` with rebuilt `Entry` objects (the child sends sequence numbers, a
 ledger returned different ones, i.e. originals of an idempotent repeat) or with the error rebuilt as
 its ledger class (IdempotencyConflict, LedgerRejected subclasses, LedgerBusy...).
 
+The child also keeps the armed-reversal store (switch.server.armed): the core's arms and releases ride
+in the same message as its ledger posts (`arm`, `release`, then `flush`), a thread of the child writes
+them in group commits (one fsync per group, in order) and the answer comes back with the ledger's.
+So the switch's process does no armed-reversal I/O, sealing or thread hand-off at all; it only reads
+the store at start-up (recovery), before the child writes.
+
 Failure: if the child dies, every pending submission fails with LedgerUnavailable and so does every
 later one (the processor answers 96; nothing is reported durable that was not). The child stops, after
 committing what it has, when the switch closes it or when its pipe reaches end of file (the switch died).
@@ -29,7 +35,7 @@ import itertools
 import logging
 import multiprocessing
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -44,6 +50,8 @@ from switch.ledger.model import Entry, EntryDraft
 log = logging.getLogger(__name__)
 
 OnDone = Callable[[list[Entry] | None, BaseException | None], None]
+#: An arm job's callback: (error or None, None) -- switch.server.durable's shape.
+ArmDone = Callable[[BaseException | None, Any], None]
 
 #: Longest wait for the child to open the ledger and report its size.
 START_TIMEOUT_S = 60.0
@@ -54,6 +62,11 @@ MAX_RESULTS_PER_MESSAGE = 4_096
 # --- messages ---------------------------------------------------------------------------------------------
 class Submit(msgspec.Struct, tag="s", array_like=True):
     items: list[tuple[int, list[EntryDraft]]]
+    #: Armed reversals to store durably before answering `arm_id`: (acquirer, rrn, fields, now_ms).
+    arms: list[tuple[str, str, dict[str, Any], int]] = []
+    arm_id: int = 0
+    #: Armed reversals to delete (after `arms`, in the same transaction).
+    releases: list[tuple[str, str]] = []
 
 
 class Close(msgspec.Struct, tag="c", array_like=True):
@@ -72,6 +85,8 @@ class Result(msgspec.Struct, array_like=True):
 class Results(msgspec.Struct, tag="r", array_like=True):
     done: list[Result]
     size: int
+    #: Arm jobs finished: (arm_id, error text or "").
+    armed: list[tuple[int, str]] = []
 
 
 class Ready(msgspec.Struct, tag="ready", array_like=True):
@@ -125,12 +140,24 @@ def _rebuild_error(name: str, text: str) -> BaseException:
 class RemoteLedgerWriter:
     """A LedgerWriter running in a child process. Thread-safe; `submit_many` sends one message."""
 
-    def __init__(self, config: SwitchConfig, *, start_timeout_s: float = START_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        config: SwitchConfig,
+        *,
+        environ: Mapping[str, str] | None = None,
+        start_timeout_s: float = START_TIMEOUT_S,
+    ) -> None:
+        self.max_pending_arms = config.server.max_pending_durable_items
+        self._arms_in_flight = 0
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe(duplex=True)
+        # The child opens the armed-reversal store under the KEK: hand it the one variable it reads
+        # when the switch was given its own environment (tests); otherwise it inherits ours.
+        kek_env = config.keys.kek_env
+        env = {kek_env: environ[kek_env]} if environ is not None and kek_env in environ else None
         self._proc = ctx.Process(
             target=child_main,
-            args=(child_conn, msgspec.msgpack.encode(config)),
+            args=(child_conn, msgspec.msgpack.encode(config), env),
             name="ledger-writer",
             daemon=True,
         )
@@ -139,6 +166,12 @@ class RemoteLedgerWriter:
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._pending: dict[int, tuple[Sequence[EntryDraft], OnDone]] = {}
+        self._arm_pending: dict[int, ArmDone] = {}
+        # Queued for the next message (flush): submissions, arms (one job), releases.
+        self._out_items: list[tuple[int, list[EntryDraft]]] = []
+        self._out_arms: list[tuple[str, str, dict[str, Any], int]] = []
+        self._out_arm_done: list[ArmDone] = []
+        self._out_releases: list[tuple[str, str]] = []
         self._ids = itertools.count(1)
         self._failure: str | None = None
         self._closed = threading.Event()
@@ -173,13 +206,12 @@ class RemoteLedgerWriter:
 
     def submit(self, drafts: Sequence[EntryDraft], on_done: OnDone) -> None:
         self.submit_many([(drafts, on_done)])
+        self.flush()
 
     def submit_many(self, subs: Sequence[tuple[Sequence[EntryDraft], OnDone]]) -> None:
-        """Queue several outcomes in one message; each `on_done` is called from the reader thread once
-        its entries are durable (or failed). Raises LedgerUnavailable once the child is gone."""
-        if not subs:
-            return
-        items: list[tuple[int, list[EntryDraft]]] = []
+        """Queue several outcomes for the next `flush` (one message); each `on_done` is called from the
+        reader thread once its entries are durable (or failed). Raises LedgerUnavailable once the child
+        is gone."""
         with self._lock:
             if self._failure is not None:
                 raise ledger_writer.LedgerUnavailable(self._failure)
@@ -188,13 +220,56 @@ class RemoteLedgerWriter:
                     raise ValueError("submit needs at least one draft")
                 sub_id = next(self._ids)
                 self._pending[sub_id] = (drafts, on_done)
-                items.append((sub_id, list(drafts)))
-        data = _encoder.encode(Submit(items))
-        try:
-            with self._send_lock:
-                self._conn.send_bytes(data)
-        except (OSError, ValueError) as exc:
-            self._fail(f"ledger writer process unreachable: {exc}")
+                self._out_items.append((sub_id, list(drafts)))
+
+    # --- armed reversals (switch.server.durable's arm/release, kept in this process's child) -------
+    def arm(
+        self, items: Sequence[tuple[str, str, Mapping[str, Any] | None]], now_ms: int, on_done: ArmDone
+    ) -> None:
+        """Queue armed reversals for the next `flush`; `on_done(error, None)` once they are durable.
+        All arms of one flush are one job (one fsync in the child). Past `max_pending_arms` arms not
+        yet durable, raises LedgerBusy (the request is then not sent)."""
+        rows = [(acq, rrn, dict(f), now_ms) for acq, rrn, f in items if f is not None]
+        with self._lock:
+            if self._failure is not None:
+                raise ledger_writer.LedgerUnavailable(self._failure)
+            if self._arms_in_flight + len(rows) > self.max_pending_arms:
+                raise ledger_writer.LedgerBusy(
+                    f"{self._arms_in_flight} armed reversals not yet durable "
+                    f"(server.max_pending_durable_items={self.max_pending_arms})"
+                )
+            self._arms_in_flight += len(rows)
+            self._out_arms.extend(rows)
+            self._out_arm_done.append(_Counted(self, len(rows), on_done))
+
+    def release(self, items: Sequence[tuple[str, str]]) -> None:
+        """Queue deletions of armed reversals for the next `flush` (no answer: a lost release leaves a
+        spurious armed row that start-up recovery resolves against the ledger)."""
+        with self._lock:
+            if self._failure is None:
+                self._out_releases.extend((acq, rrn) for acq, rrn in items)
+
+    def flush(self) -> None:
+        """Send everything queued since the last flush as one message."""
+        with self._send_lock:
+            with self._lock:
+                if not (self._out_items or self._out_arm_done or self._out_releases):
+                    return
+                arm_id = 0
+                if self._out_arm_done:
+                    arm_id = next(self._ids)
+                    done = self._out_arm_done
+                    self._arm_pending[arm_id] = done[0] if len(done) == 1 else _all_of(done)
+                msg = Submit(self._out_items, self._out_arms, arm_id, self._out_releases)
+                self._out_items, self._out_arms, self._out_arm_done, self._out_releases = [], [], [], []
+                failure = self._failure
+            if failure is None:
+                try:
+                    self._conn.send_bytes(_encoder.encode(msg))
+                    return
+                except (OSError, ValueError) as exc:
+                    failure = f"ledger writer process unreachable: {exc}"
+        self._fail(failure)
 
     def append(self, drafts: Sequence[EntryDraft], timeout_s: float | None = None) -> list[Entry]:
         """Blocking submit: the committed entries, or the error (LedgerTimeout after `timeout_s`)."""
@@ -215,6 +290,7 @@ class RemoteLedgerWriter:
 
     def close(self, timeout_s: float | None = 60.0) -> None:
         """Let the child commit what it has and write its final checkpoint, then stop it."""
+        self.flush()
         if self._proc.is_alive() and self._failure is None:
             try:
                 with self._send_lock:
@@ -242,9 +318,15 @@ class RemoteLedgerWriter:
             if self._failure is None:
                 self._failure = reason
             pending, self._pending = self._pending, {}
+            arms, self._arm_pending = self._arm_pending, {}
         error = ledger_writer.LedgerUnavailable(reason)
         for _drafts, on_done in pending.values():
             _call(on_done, None, error)
+        for arm_done in arms.values():
+            try:
+                arm_done(error, None)
+            except Exception:
+                log.exception("arm completion callback failed")
 
     def _read_loop(self) -> None:
         conn = self._conn
@@ -263,10 +345,23 @@ class RemoteLedgerWriter:
                 continue
             if isinstance(msg, Results):
                 self._size = max(self._size, msg.size)
+                if msg.armed:
+                    self._deliver_armed(msg.armed)
                 self._deliver(msg.done)
             elif isinstance(msg, Closed):
                 self._size = max(self._size, msg.size)
                 self._closed.set()
+
+    def _deliver_armed(self, armed: list[tuple[int, str]]) -> None:
+        with self._lock:
+            found = [(self._arm_pending.pop(arm_id, None), error) for arm_id, error in armed]
+        for arm_done, error in found:
+            if arm_done is None:
+                continue
+            try:
+                arm_done(RuntimeError(error) if error else None, None)
+            except Exception:
+                log.exception("arm completion callback failed")
 
     def _deliver(self, done: list[Result]) -> None:
         with self._lock:
@@ -282,6 +377,30 @@ class RemoteLedgerWriter:
                 _call(on_done, [Entry(seq=s, draft=d) for s, d in zip(r.seqs, ds)], None)
 
 
+class _Counted:
+    """An arm job's callback that also returns its arms to the in-flight budget."""
+
+    __slots__ = ("n", "on_done", "owner")
+
+    def __init__(self, owner: RemoteLedgerWriter, n: int, on_done: ArmDone) -> None:
+        self.owner = owner
+        self.n = n
+        self.on_done = on_done
+
+    def __call__(self, error: BaseException | None, value: Any) -> None:
+        with self.owner._lock:
+            self.owner._arms_in_flight -= self.n
+        self.on_done(error, value)
+
+
+def _all_of(callbacks: list[ArmDone]) -> ArmDone:
+    def call(error: BaseException | None, value: Any) -> None:
+        for cb in callbacks:
+            cb(error, value)
+
+    return call
+
+
 def _call(on_done: OnDone, entries: list[Entry] | None, error: BaseException | None) -> None:
     try:
         on_done(entries, error)
@@ -290,33 +409,72 @@ def _call(on_done: OnDone, entries: list[Entry] | None, error: BaseException | N
 
 
 # --- the child process ------------------------------------------------------------------------------------
-def child_main(conn: Any, config_bytes: bytes) -> None:
-    """Entry point of the ledger process: open the writer, serve submissions until Close or EOF."""
+def child_main(conn: Any, config_bytes: bytes, environ: dict[str, str] | None = None) -> None:
+    """Entry point of the ledger process: open the writer and the armed-reversal store, serve
+    submissions until Close or EOF."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s ledger-process %(message)s")
     try:
+        from switch.codec import keys as keymod
         from switch.ledger.factory import open_writer
+        from switch.server.armed import ArmedStore
 
         config = msgspec.msgpack.decode(config_bytes, type=SwitchConfig)
+        armed = ArmedStore(config.server.armed_path, kek=keymod.load_kek(config.keys, environ))
         writer = open_writer(config.ledger)
     except BaseException as exc:  # report why, so the switch's start-up error says it
         conn.send_bytes(_encoder.encode(Failed(f"{type(exc).__name__}: {exc}")))
         return
     conn.send_bytes(_encoder.encode(Ready(writer.size)))
-    _Child(conn, writer).serve()
+    try:
+        _Child(conn, writer, armed).serve()
+    finally:
+        armed.close()
 
 
 class _Child:
-    def __init__(self, conn: Any, writer: ledger_writer.LedgerWriter) -> None:
+    def __init__(self, conn: Any, writer: ledger_writer.LedgerWriter, armed: Any) -> None:
         self.conn = conn
         self.writer = writer
+        self.armed = armed
         self._cond = threading.Condition()
         self._out: list[Result] = []
+        self._out_armed: list[tuple[int, str]] = []
         self._stop = False
         self._send_lock = threading.Lock()
         self._sender = threading.Thread(target=self._send_loop, name="ledger-results", daemon=True)
+        self._arm_cond = threading.Condition()
+        self._arm_jobs: list[Submit] = []
+        self._arm_stop = False
+        self._armer = threading.Thread(target=self._arm_loop, name="armed-writer", daemon=True)
+
+    def _arm_loop(self) -> None:
+        """Armed reversals: everything queued meanwhile in one transaction (one fsync), in order."""
+        while True:
+            with self._arm_cond:
+                while not self._arm_jobs and not self._arm_stop:
+                    self._arm_cond.wait()
+                if not self._arm_jobs:
+                    return
+                jobs, self._arm_jobs = self._arm_jobs, []
+            ops: list[tuple[bool, Any]] = []
+            for job in jobs:
+                ops.extend((True, arm) for arm in job.arms)
+                ops.extend((False, rel) for rel in job.releases)
+            error = ""
+            try:
+                self.armed.apply(ops)
+            except Exception as exc:  # ArmedStoreError: these arms are not durable
+                error = f"{type(exc).__name__}: {exc}"
+                log.error("armed reversals not written: %s", error)
+            done = [(job.arm_id, error) for job in jobs if job.arm_id]
+            if done:
+                with self._cond:
+                    self._out_armed.extend(done)
+                    self._cond.notify()
 
     def serve(self) -> None:
         self._sender.start()
+        self._armer.start()
         timeout_s: float | None = 60.0
         while True:
             try:
@@ -326,11 +484,19 @@ class _Child:
             if isinstance(msg, Close):
                 timeout_s = msg.timeout_s
                 break
+            if msg.arm_id or msg.releases:
+                with self._arm_cond:
+                    self._arm_jobs.append(msg)
+                    self._arm_cond.notify()
             for sub_id, drafts in msg.items:
                 try:
                     self.writer.submit(drafts, self._on_done(sub_id, drafts))
                 except Exception as exc:  # LedgerBusy, malformed or unbalanced drafts
                     self._put(Result(sub_id, [], None, type(exc).__name__, str(exc)))
+        with self._arm_cond:
+            self._arm_stop = True
+            self._arm_cond.notify()
+        self._armer.join()
         self.writer.close(timeout_s)
         with self._cond:
             self._stop = True
@@ -364,14 +530,15 @@ class _Child:
     def _send_loop(self) -> None:
         while True:
             with self._cond:
-                while not self._out and not self._stop:
+                while not self._out and not self._out_armed and not self._stop:
                     self._cond.wait()
-                if not self._out and self._stop:
+                if not self._out and not self._out_armed and self._stop:
                     return
                 out = self._out[:MAX_RESULTS_PER_MESSAGE]
                 del self._out[:MAX_RESULTS_PER_MESSAGE]
+                armed, self._out_armed = self._out_armed, []
             try:
                 with self._send_lock:
-                    self.conn.send_bytes(_encoder.encode(Results(out, self.writer.size)))
+                    self.conn.send_bytes(_encoder.encode(Results(out, self.writer.size, armed)))
             except (OSError, ValueError):
                 return  # the switch is gone; the writer still commits what it has

@@ -57,6 +57,7 @@ def test_entries_are_durable_numbered_and_repeats_return_the_originals(config) -
         w.submit_many(
             [([draft(f"m{i}", EntryKind.PURCHASE, f"00000000001{i}", 100 + i)], on_done) for i in range(3)]
         )
+        w.flush()  # one message for the three
         assert finished.wait(30)
         assert sorted(e[0][0].seq for e in done) == [2, 3, 4]
     finally:
@@ -71,9 +72,7 @@ def test_errors_arrive_as_their_ledger_classes(config) -> None:
         with pytest.raises(IdempotencyConflict):  # same key, different payload
             w.append([draft("k1", EntryKind.PURCHASE, "000000000001", 501)], timeout_s=30)
         with pytest.raises(LedgerRejected):  # refund above the original
-            w.append(
-                [draft("r1", EntryKind.REFUND, "000000000009", 900, "000000000001")], timeout_s=30
-            )
+            w.append([draft("r1", EntryKind.REFUND, "000000000009", 900, "000000000001")], timeout_s=30)
         ok = w.append([draft("k3", EntryKind.PURCHASE, "000000000003", 5)], timeout_s=30)
         assert ok[0].seq == 1  # the failures wrote nothing
     finally:
@@ -116,3 +115,30 @@ def test_a_ledger_that_cannot_open_is_a_clear_start_error(config, tmp_path: Path
     )
     with pytest.raises(LedgerUnavailable, match="ledger writer process"):
         RemoteLedgerWriter(bad)
+
+
+def test_arms_are_durable_in_the_child_before_their_callback(config) -> None:
+    from switch.codec import keys as keymod
+    from switch.server.armed import ArmedStore
+
+    w = RemoteLedgerWriter(config)
+    try:
+        got: list = []
+        armed = threading.Event()
+        reversal = {"t": "0400", "2": "4000000000000002", "37": "000000000001", "52": "AB" * 8}
+        w.arm(
+            [("alpha", "000000000001", reversal), ("alpha", "000000000002", reversal)],
+            5,
+            lambda e, v: (got.append(e), armed.set()),
+        )
+        w.release([("alpha", "000000000002")])
+        w.flush()
+        assert armed.wait(30) and got == [None]
+        store = ArmedStore(config.server.armed_path, kek=keymod.load_kek(config.keys))
+        try:
+            rows = store.all()
+        finally:
+            store.close()
+        assert [(r[1], "52" in r[2]) for r in rows] == [("000000000001", False)]
+    finally:
+        w.close(30)
