@@ -298,13 +298,15 @@ class TerminalSim:
         fields.setdefault("41", self.config.terminal_id)
         fields.setdefault("42", self.config.merchant_id)
         key = fields["11"]
-        if key in self._waiting:
-            raise TerminalError(f"STAN {key} is already in flight on this terminal")
         try:
             data = self.wire.frame(self.wire.encode(fields, self.mac_fn, wrong_mac=self.wrong_mac), self.tpdu)
         except WireError as exc:
             raise TerminalError(f"cannot encode {fields.get('t')}: {exc}") from None
         async with self._slots:
+            # Checked here, with no await before the registration: two exchanges of one STAN that both
+            # waited for a slot must not both register (the second would steal the first's answer).
+            if key in self._waiting:
+                raise TerminalError(f"STAN {key} is already in flight on this terminal")
             event = trio.Event()
             box: list[dict[str, Any]] = []
             self._waiting[key] = (event, box)
