@@ -27,6 +27,9 @@ Failure: if the child dies, every pending submission fails with LedgerUnavailabl
 later one (the processor answers 96; nothing is reported durable that was not). The child stops, after
 committing what it has, when the switch closes it or when its pipe reaches end of file (the switch died).
 The child is started with the "spawn" method: the switch has threads, and fork would copy their locks.
+Spawn re-imports the parent's main module in the child, so a script that embeds the switch
+(`serve(config)`) must keep its top-level code under `if __name__ == "__main__":` (`switch run`,
+`python -m switch` and pytest are fine); otherwise set `server.ledger_writer_process = false`.
 """
 
 from __future__ import annotations
