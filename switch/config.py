@@ -217,6 +217,12 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: sys.setswitchinterval for the switch's process, in microseconds (0: Python's default, 5,000).
     #: Smaller lets the durable-writer thread retake the GIL sooner after each SQLite step.
     gil_switch_interval_us: int = 0
+    #: Garbage collector (switch.server.gcpolicy): young-generation threshold (0: Python's 700), how
+    #: often survivors are frozen out of later collections (0: never), and how often everything is
+    #: unfrozen and collected in one full pass (0: never; frozen cyclic garbage is kept until then).
+    gc_young_threshold: int = 2_000
+    gc_freeze_interval_ms: int = 1_000
+    gc_full_interval_s: int = 900
 
 
 class MerchantServicesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -30,6 +30,7 @@ from switch.merchant.model import RegistryError
 from switch.processing import events as ev
 from switch.routing.bins import BinTable
 from switch.routing.store_forward import StoreForward
+from switch.server import gcpolicy
 from switch.server.acquirer import AcquirerGroup, AcquirerLink
 from switch.server.admin.wiring import MerchantWiring
 from switch.server.armed import ArmedStore
@@ -77,6 +78,7 @@ class Switch:
         clock_ms: Callable[[], int] = wall_ms,
     ) -> None:
         self.config = config
+        self.manage_gc = False
         self.metrics = Metrics()
         try:
             kek = keymod.load_kek(config.keys, environ)
@@ -186,6 +188,8 @@ class Switch:
                 ports[listener.config.name] = await nursery.start(listener.serve)
             nursery.start_soon(self._timer)
             nursery.start_soon(self._housekeeping)
+            if self.manage_gc:
+                nursery.start_soon(gcpolicy.run, cfg.server)
             nursery.start_soon(core.saf_sender, cfg.server.saf_tick_ms, cfg.server.saf_max_items_per_tick)
             log.info("switch up: listeners %s, metrics port %s", ports, metrics_port or "off")
             task_status.started(SwitchPorts(ports, metrics_port, self.merchant.api_port))
@@ -209,13 +213,18 @@ async def serve(
     *,
     environ: Mapping[str, str] | None = None,
     clock_ms: Callable[[], int] = wall_ms,
+    manage_gc: bool = False,
     task_status: trio.TaskStatus[SwitchPorts] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the switch until cancelled; reports SwitchPorts once it accepts traffic. `clock_ms`: the
-    wall clock every part of the switch reads (tests move it to cross days and grace periods)."""
+    wall clock every part of the switch reads (tests move it to cross days and grace periods).
+    `manage_gc`: the switch owns the process (`switch run`): apply switch.server.gcpolicy."""
     if config.server.gil_switch_interval_us > 0:
         sys.setswitchinterval(config.server.gil_switch_interval_us / 1_000_000)
+    if manage_gc:
+        gcpolicy.apply_thresholds(config.server)
     switch = await trio.to_thread.run_sync(Switch, config, environ, clock_ms)
+    switch.manage_gc = manage_gc
     try:
         await switch.run(task_status=task_status)
     finally:
