@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 import time
 
 import trio
@@ -55,3 +56,25 @@ async def run(config: ServerConfig) -> None:
             took_ms = (time.perf_counter() - t0) * 1e3
             log.info("full garbage collection: %d unreachable objects, %.0f ms", found, took_ms)
         gc.freeze()
+
+
+def run_in_thread(config: ServerConfig, stop: threading.Event) -> threading.Thread | None:
+    """The same policy for a process without trio (the ledger process): a daemon thread until `stop`."""
+    if config.gc_freeze_interval_ms <= 0:
+        return None
+
+    def loop() -> None:
+        gc.freeze()
+        interval_s = config.gc_freeze_interval_ms / 1000.0
+        full_every_s = config.gc_full_interval_s
+        next_full = time.monotonic() + full_every_s if full_every_s > 0 else float("inf")
+        while not stop.wait(interval_s):
+            if time.monotonic() >= next_full:
+                next_full = time.monotonic() + full_every_s
+                gc.unfreeze()
+                gc.collect()
+            gc.freeze()
+
+    thread = threading.Thread(target=loop, name="gc-policy", daemon=True)
+    thread.start()
+    return thread

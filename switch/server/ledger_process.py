@@ -428,9 +428,16 @@ def child_main(conn: Any, config_bytes: bytes, environ: dict[str, str] | None = 
         conn.send_bytes(_encoder.encode(Failed(f"{type(exc).__name__}: {exc}")))
         return
     conn.send_bytes(_encoder.encode(Ready(writer.size)))
+    # This process is the ledger's alone: no long collector pauses in the middle of a group commit.
+    from switch.server import gcpolicy
+
+    gcpolicy.apply_thresholds(config.server)
+    stop_gc = threading.Event()
+    gcpolicy.run_in_thread(config.server, stop_gc)
     try:
         _Child(conn, writer, armed).serve()
     finally:
+        stop_gc.set()
         armed.close()
 
 
