@@ -58,8 +58,14 @@ class LinkOwner(Protocol):
     def on_link_state(self, link: AcquirerLink) -> None: ...
 
 
+_tt_cache: list = [-1, ""]  # (UTC second, field 7 text): strftime once a second, not per request
+
+
 def _transmission_time() -> str:
-    return time.strftime("%m%d%H%M%S", time.gmtime())
+    now = int(time.time())
+    if now != _tt_cache[0]:
+        _tt_cache[0], _tt_cache[1] = now, time.strftime("%m%d%H%M%S", time.gmtime(now))
+    return _tt_cache[1]
 
 
 class AcquirerLink:
