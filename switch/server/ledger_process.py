@@ -34,9 +34,11 @@ Spawn re-imports the parent's main module in the child, so a script that embeds 
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import multiprocessing
+import signal
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -166,6 +168,7 @@ class RemoteLedgerWriter:
         )
         self._proc.start()
         child_conn.close()
+        atexit.register(self._at_exit)
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._pending: dict[int, tuple[Sequence[EntryDraft], OnDone]] = {}
@@ -307,14 +310,23 @@ class RemoteLedgerWriter:
             self._kill()
         self._fail("ledger writer is closed")
         self._conn.close()
+        atexit.unregister(self._at_exit)
 
     # --- internals -----------------------------------------------------------------------------------
     def _kill(self) -> None:
-        self._proc.terminate()
+        self._proc.kill()  # the child ignores SIGTERM (see child_main)
         self._proc.join(5)
+
+    def _at_exit(self) -> None:
+        """Interpreter exit without close(): end of file tells the child to commit and stop (else
+        multiprocessing's exit hook would wait for a child that ignores SIGTERM)."""
+        try:
+            self._conn.close()
+        except OSError:
+            pass
+        self._proc.join(30)
         if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(5)
+            self._kill()
 
     def _fail(self, reason: str) -> None:
         with self._lock:
@@ -416,6 +428,11 @@ def child_main(conn: Any, config_bytes: bytes, environ: dict[str, str] | None = 
     """Entry point of the ledger process: open the writer and the armed-reversal store, serve
     submissions until Close or EOF."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s ledger-process %(message)s")
+    # Ctrl-C and a service manager's SIGTERM reach the whole process group: the switch shuts down in
+    # order and closes this process (Close, or end of file if it died), which commits what is queued
+    # and writes the final checkpoint. Dying on the signal itself would skip both.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         from switch.codec import keys as keymod
         from switch.ledger.factory import open_writer

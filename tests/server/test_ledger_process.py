@@ -142,3 +142,44 @@ def test_arms_are_durable_in_the_child_before_their_callback(config) -> None:
         assert [(r[1], "52" in r[2]) for r in rows] == [("000000000001", False)]
     finally:
         w.close(30)
+
+
+def test_signals_to_the_process_group_leave_the_child_to_the_switch(config) -> None:
+    import os
+    import signal
+
+    w = RemoteLedgerWriter(config)
+    try:
+        os.kill(w._proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
+        os.kill(w._proc.pid, signal.SIGTERM)  # and so does a service manager's stop
+        assert w.append([draft("k1", EntryKind.PURCHASE, "000000000001", 500)], timeout_s=30)[0].seq == 0
+    finally:
+        w.close(30)
+    assert w._proc.exitcode == 0
+
+
+def test_exit_without_close_commits_what_was_submitted(config, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import msgspec
+
+    cfg_file = tmp_path / "cfg.msgpack"
+    cfg_file.write_bytes(msgspec.msgpack.encode(config))
+    script = (
+        "import msgspec, sys\n"
+        "from switch.config import SwitchConfig\n"
+        "from switch.server.ledger_process import RemoteLedgerWriter\n"
+        "from tests.ledger.drafts import draft\n"
+        "from switch.ledger.model import EntryKind\n"
+        "if __name__ == '__main__':\n"
+        "    cfg = msgspec.msgpack.decode(open(sys.argv[1], 'rb').read(), type=SwitchConfig)\n"
+        "    w = RemoteLedgerWriter(cfg)\n"
+        "    w.submit([draft('late', EntryKind.PURCHASE, '000000000009', 5)], lambda e, err: None)\n"
+    )  # no close(), no wait: the interpreter exits with the submission queued
+    root = Path(__file__).resolve().parents[2]
+    p = subprocess.run(
+        [sys.executable, "-c", script, str(cfg_file)], cwd=root, capture_output=True, text=True, timeout=60
+    )
+    assert p.returncode == 0, p.stderr
+    assert [d.idempotency_key for d in _stored(config)] == ["late"]
