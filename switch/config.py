@@ -223,6 +223,8 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     gc_young_threshold: int = 2_000
     gc_freeze_interval_ms: int = 1_000
     gc_full_interval_s: int = 900
+    #: Ledger reads (FindOriginal) queued for the lookup thread at most; beyond it they run inline.
+    max_pending_lookups: int = 10_000
 
 
 class MerchantServicesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

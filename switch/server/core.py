@@ -50,6 +50,7 @@ from switch.server.armed import ArmedStore
 from switch.server.durable import DurableBusy, DurableWriter
 from switch.server.ledger_reader import LedgerReader
 from switch.server.limits import LimitLog
+from switch.server.lookups import LookupThread
 from switch.server.metrics import Metrics
 from switch.server.rrn_store import RrnStore
 from switch.server.terminal import TerminalConnection
@@ -174,15 +175,19 @@ class SwitchCore:
         #: Where arms and releases go: the ledger process keeps the armed store when the ledger runs
         #: there (one message per batch for both); else the durable-writer thread.
         self.arm_sink: Any = writer if hasattr(writer, "arm") else self.durable
+        self.lookups = LookupThread(self._durable_done, max_pending=config.server.max_pending_lookups)
 
     def bind_trio(self) -> None:
         """Call on the trio thread before any traffic: completions are delivered to this run."""
         self._token = trio.lowlevel.current_trio_token()
         if not self.durable._thread.is_alive():
             self.durable.start()
+        if not self.lookups.running:
+            self.lookups.start()
 
     def close(self, timeout_s: float | None = 30.0) -> None:
         """Stop the durable writer after it wrote what is queued (its callbacks are then dropped)."""
+        self.lookups.close(timeout_s)
         self.durable.close(timeout_s)
 
     async def settle(self, timeout_s: float = SETTLE_TIMEOUT_S) -> None:
@@ -438,8 +443,15 @@ class SwitchCore:
             elif isinstance(dec, d.ReleaseReversal):
                 self._releases.append((dec.acquirer, dec.rrn))
             elif isinstance(dec, d.FindOriginal):
-                drafts = self.reader.find_original(dec.rrn, dec.idempotency_key)
-                self._events.append(ev.OriginalFound(dec.txn_id, tuple(drafts), self.now_ms()))
+                found = functools.partial(self._original_found, dec.txn_id)
+                args = (dec.rrn, dec.idempotency_key)
+                if not (self.lookups.running and self.lookups.submit(self.reader.find_original, args, found)):
+                    # no lookup thread (start-up) or max_pending reads queued: read here, in order
+                    try:
+                        drafts, error = self.reader.find_original(*args), None
+                    except Exception as exc:
+                        drafts, error = [], exc
+                    found(error, drafts)
             elif isinstance(dec, d.ReserveRrns):
                 self.durable.reserve_rrns(dec.count, functools.partial(self._rrns_reserved, dec.count))
             elif isinstance(dec, d.SignOn):
@@ -569,6 +581,12 @@ class SwitchCore:
             return
         self._releases.extend(release)
         self._saf_wake.set()
+
+    def _original_found(self, txn_id: int, error: BaseException | None, drafts: Any) -> None:
+        if error is not None:  # answered as "not found": the processor declines the request
+            log.error("original lookup for txn %d failed: %s", txn_id, scrub_text(str(error)))
+            drafts = []
+        self._events.append(ev.OriginalFound(txn_id, tuple(drafts or ()), self.now_ms()))
 
     def _rrns_reserved(self, count: int, error: BaseException | None, start: Any) -> None:
         if error is not None:

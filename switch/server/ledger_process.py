@@ -8,14 +8,15 @@ VM, its group commits took 20-80 ms (waiting for the GIL at every retake, a GIL 
 where the disk needed 0.2-5 ms, and its Python work was ~10% of the trio thread's budget. In a child
 process it runs on the other core with a GIL to itself.
 
-Protocol (msgspec msgpack over a multiprocessing Pipe): the switch sends `Submit` batches -- one per
-flush of the core, each holding every outcome of that batch (`submit_many`) -- and the child hands each
-submission to a real LedgerWriter (same batching, rules, idempotency, durability), gathers completions
-as the writer reports them and sends them back as `Results`, several per message. A submission's answer
-is durable before it is sent, exactly as with the in-process writer; the switch's reader thread calls
-each `on_done` with rebuilt `Entry` objects (the child sends sequence numbers, and drafts only when the
-ledger returned different ones, i.e. originals of an idempotent repeat) or with the error rebuilt as
-its ledger class (IdempotencyConflict, LedgerRejected subclasses, LedgerBusy...).
+Protocol (msgspec msgpack in multiprocessing.connection frames over a socketpair): the switch sends
+`Submit` batches -- one per flush of the core, each holding every outcome of that batch (`submit_many`)
+-- and the child hands each submission to a real LedgerWriter (same batching, rules, idempotency,
+durability), gathers completions as the writer reports them and sends them back as `Results`, several
+per message. A submission's answer is durable before it is sent, exactly as with the in-process writer;
+the switch's reader thread calls each `on_done` with rebuilt `Entry` objects (the child sends sequence
+numbers, and drafts only when the ledger returned different ones, i.e. originals of an idempotent
+repeat) or with the error rebuilt as its ledger class (IdempotencyConflict, LedgerRejected subclasses,
+LedgerBusy...).
 
 The child also keeps the armed-reversal store (switch.server.armed): the core's arms and releases ride
 in the same message as its ledger posts (`arm`, `release`, then `flush`), a thread of the child writes
@@ -26,10 +27,9 @@ the store at start-up (recovery), before the child writes.
 Failure: if the child dies, every pending submission fails with LedgerUnavailable and so does every
 later one (the processor answers 96; nothing is reported durable that was not). The child stops, after
 committing what it has, when the switch closes it or when its pipe reaches end of file (the switch died).
-The child is started with the "spawn" method: the switch has threads, and fork would copy their locks.
-Spawn re-imports the parent's main module in the child, so a script that embeds the switch
-(`serve(config)`) must keep its top-level code under `if __name__ == "__main__":` (`switch run`,
-`python -m switch` and pytest are fine); otherwise set `server.ledger_writer_process = false`.
+The child is a fresh interpreter (`python -m switch.server.ledger_process <fd>`, its end of a socketpair
+passed as that fd; the config comes as the first message): the switch has threads, so fork would copy
+their locks, and multiprocessing's spawn would re-import the embedding program's main module.
 """
 
 from __future__ import annotations
@@ -37,10 +37,14 @@ from __future__ import annotations
 import atexit
 import itertools
 import logging
-import multiprocessing
+import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from multiprocessing.connection import Connection
 from typing import Any
 
 import msgspec
@@ -154,20 +158,26 @@ class RemoteLedgerWriter:
     ) -> None:
         self.max_pending_arms = config.server.max_pending_durable_items
         self._arms_in_flight = 0
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, child_conn = ctx.Pipe(duplex=True)
+        ours, theirs = socket.socketpair()
         # The child opens the armed-reversal store under the KEK: hand it the one variable it reads
         # when the switch was given its own environment (tests); otherwise it inherits ours.
+        env = dict(os.environ)
         kek_env = config.keys.kek_env
-        env = {kek_env: environ[kek_env]} if environ is not None and kek_env in environ else None
-        self._proc = ctx.Process(
-            target=child_main,
-            args=(child_conn, msgspec.msgpack.encode(config), env),
-            name="ledger-writer",
-            daemon=True,
-        )
-        self._proc.start()
-        child_conn.close()
+        if environ is not None and kek_env in environ:
+            env[kek_env] = environ[kek_env]
+        try:
+            self._proc = _Proc(
+                subprocess.Popen(
+                    [sys.executable, "-m", "switch.server.ledger_process", str(theirs.fileno())],
+                    pass_fds=(theirs.fileno(),),
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                )
+            )
+        finally:
+            theirs.close()
+        self._conn = Connection(ours.detach())
+        self._conn.send_bytes(msgspec.msgpack.encode(config))
         atexit.register(self._at_exit)
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
@@ -318,8 +328,8 @@ class RemoteLedgerWriter:
         self._proc.join(5)
 
     def _at_exit(self) -> None:
-        """Interpreter exit without close(): end of file tells the child to commit and stop (else
-        multiprocessing's exit hook would wait for a child that ignores SIGTERM)."""
+        """Interpreter exit without close(): end of file tells the child to commit what it has and stop
+        (it ignores SIGTERM), and we wait for that rather than leave it behind."""
         try:
             self._conn.close()
         except OSError:
@@ -424,6 +434,31 @@ def _call(on_done: OnDone, entries: list[Entry] | None, error: BaseException | N
 
 
 # --- the child process ------------------------------------------------------------------------------------
+class _Proc:
+    """The child as the rest of this module sees it (Popen with a multiprocessing.Process-like face)."""
+
+    def __init__(self, popen: subprocess.Popen) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.popen.poll()
+
+    def is_alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def join(self, timeout_s: float | None = None) -> None:
+        try:
+            self.popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+
+
 def child_main(conn: Any, config_bytes: bytes, environ: dict[str, str] | None = None) -> None:
     """Entry point of the ledger process: open the writer and the armed-reversal store, serve
     submissions until Close or EOF."""
@@ -569,3 +604,14 @@ class _Child:
                     self.conn.send_bytes(_encoder.encode(Results(out, self.writer.size, armed)))
             except (OSError, ValueError):
                 return  # the switch is gone; the writer still commits what it has
+
+
+def _main(argv: list[str]) -> int:
+    """`python -m switch.server.ledger_process <fd>`: the child's command line (started by the switch)."""
+    conn = Connection(int(argv[1]))
+    child_main(conn, conn.recv_bytes())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv))

@@ -1,8 +1,8 @@
 """Reads the server needs from the ledger: originals (FindOriginal) and the start-up state (Recovered).
 
 A second connection to the ledger database (SQLite WAL readers never block the writer thread). Reads
-are small indexed lookups, done synchronously on the trio thread: an original lookup is the rare path
-(voids/refunds/reversals of transactions no longer cached by the processor).
+are small indexed lookups: the start-up state on the trio thread before traffic, originals on the
+lookup thread (switch.server.lookups) -- one user at a time, never concurrently.
 """
 
 from __future__ import annotations
