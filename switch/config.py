@@ -254,6 +254,20 @@ class MerchantServicesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=
     #: Terminal lifecycle events (sign-on, activation, suspension) waiting to be saved in the registry;
     #: past it new ones are logged and dropped (the running switch keeps them in memory).
     max_pending_lifecycle_events: int = 10_000
+    #: How often a running switch evaluates undecided terminal deposits and posts the refund or keep
+    #: once decided (switch.server.merchant_schedule); 0 turns the schedule off (API/CLI only).
+    deposit_check_interval_s: int = 900
+    #: Terminals whose deposit is evaluated against the ledger per scheduled pass (the rest wait for
+    #: the next pass, oldest registrations first).
+    max_deposit_checks_per_pass: int = 1_000
+    #: Refusals answered before the processing core (a registered terminal that never signed on gets
+    #: 58 with no ledger entry) kept in memory for the admin API: per terminal, and terminals tracked.
+    max_refusals_per_terminal: int = 20
+    max_refusal_terminals: int = 10_000
+    #: The merchant commands forward posting operations to a running switch's admin API: how long
+    #: they wait for it to answer the probe, and for the operation itself.
+    cli_api_probe_timeout_ms: int = 1_000
+    cli_api_timeout_s: int = 60
 
 
 class SwitchConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -116,6 +116,20 @@ def admit(t: Terminal, flow: str, now_ms: int, grace_days: int) -> MerchantDecli
     return None
 
 
+def refuse_without_keys(t: Terminal | None) -> MerchantDecline | None:
+    """The lifecycle's answer for a request from a terminal that has no working (MAC) key, before the
+    MAC check: a registered terminal that never signed on may only sign on, so anything else is 58
+    with the reason (not A0: its key is missing because it never signed on, not because the message
+    was tampered with). None for everything else (unknown terminals, or ones that signed on before a
+    restart and must sign on again: the server's A0 stands)."""
+    if t is None or t.state is not S.REGISTERED or t.signed_on_at_ms is not None:
+        return None
+    return MerchantDecline(
+        codes.NOT_PERMITTED_TERMINAL,
+        f"terminal {t.id} is registered but has not signed on: only sign-on is allowed until activation",
+    )
+
+
 def on_sign_on(t: Terminal, now_ms: int) -> Terminal | None:
     """Record the first sign-on (None if nothing changes). Deactivated terminals are refused by
     `sign_on_allowed` before this is called."""

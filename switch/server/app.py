@@ -24,6 +24,7 @@ import trio
 
 from switch.codec import keys as keymod
 from switch.config import SwitchConfig
+from switch.ledger import factory as ledger_factory
 from switch.ledger import keys as ledger_keys
 from switch.ledger.writer import LedgerUnavailable, LedgerWriter
 from switch.merchant.model import RegistryError
@@ -94,7 +95,12 @@ class Switch:
             except LedgerUnavailable as exc:
                 raise StartupError(str(exc)) from None
         else:
-            self.writer = LedgerWriter(open_backend(config), signing_key=signing_key, config=config.ledger)
+            # writer=True: the single-writer lock (SQLite: switch.ledger.writer_lock), as in the process
+            self.writer = LedgerWriter(
+                ledger_factory.open_backend(config.ledger, writer=True),
+                signing_key=signing_key,
+                config=config.ledger,
+            )
         self.reader = LedgerReader(open_backend(config, create=False))
         try:  # merchant services: registry directory, rules, registry master keys (issue 6)
             self.merchant = MerchantWiring(config, self.writer, kek, master, clock_ms)
@@ -121,6 +127,7 @@ class Switch:
             clock_ms=clock_ms,
         )
         self.core.on_lifecycle = self.merchant.record
+        self.core.refuse_unkeyed = self.merchant.refuse_unkeyed  # 58 before A0: never signed on
         rng = random.Random()
         for acq in config.acquirers:
             links = [AcquirerLink(acq, i, self.core, self.metrics, rng) for i in range(acq.connections)]

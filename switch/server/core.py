@@ -165,6 +165,9 @@ class SwitchCore:
         self.decisions_seen = 0
         #: Where RecordLifecycle decisions go (switch.server.admin.wiring.MerchantWiring.record).
         self.on_lifecycle: Callable[[d.RecordLifecycle], None] = lambda dec: None
+        #: Merchant services' answer for a request of a terminal WITHOUT working keys (no MAC key yet):
+        #: a response code (58 for a registered terminal that never signed on) or None (A0 as before).
+        self.refuse_unkeyed: Callable[[dict, int], str | None] = lambda fields, now_ms: None
         self.durable = DurableWriter(
             armed,
             saf,
@@ -290,6 +293,14 @@ class SwitchCore:
                     network and (code70 in SIGN_ON_CODES or (code70 == ECHO_CODE and not has_mac(fields)))
                 ):
                     mac_fn = self.keys.mac_fn(tid)
+                    # No working key: the terminal lifecycle speaks first (issue 6: a registered terminal
+                    # that never signed on gets 58, not A0). Unmaced (no key), nothing posted; merchant
+                    # services log and record the reason. Unknown terminals keep A0 below.
+                    if mac_fn is None and (code := self.refuse_unkeyed(fields, now)) is not None:
+                        conn.request_started()
+                        self._remember(conn, fields, t0)
+                        self._answer(conn, _bare_answer(fields, code), mac=False)
+                        continue
                     if mac_fn is None or not has_mac(fields) or not wire.verify(payload, mac_fn):
                         self.metrics.mac_failures.labels("terminal").inc()
                         conn.request_started()

@@ -278,3 +278,27 @@ async def test_expiry_renewal_cutover_settlement_and_reconciliation(tmp_path: Pa
             # Settled: nothing is owed any more, so a refund is over the unsettled balance.
             assert (await call(api, "GET", f"/transactions/{again.rrn}"))["settled"]
             assert (await term.refund(again, 100)).response_code == "51"
+
+
+@trio_test
+async def test_registered_terminal_that_never_signed_on_gets_58_over_tcp(tmp_path: Path) -> None:
+    async with running_switch(tmp_path, **SWITCH) as h, admin_api(h) as api:
+        cfg = await onboard(h, api)
+        before = len(mine(h))
+        async with TerminalSim.connect(cfg) as term:
+            # No sign-on yet, so no MAC key: the lifecycle answers 58 (not A0), unMACed, nothing posted.
+            refused = await term.purchase(card(ALPHA_BIN, 6), 700)
+            assert refused.response_code == "58" and "64" not in refused.answer
+            assert len(mine(h)) == before
+            (seen,) = await call(api, "GET", f"/terminals/{TID}/refusals")
+            assert (seen["stan"], seen["response_code"]) == (refused.stan, "58")
+            assert "has not signed on" in seen["reason"]
+            # Sign-on is what it may do; then its test purchase is processed as before.
+            assert (await term.sign_on()).response_code == "00"
+            assert (await term.purchase(card(ALPHA_BIN, 6), 100)).response_code == "00"
+        # A terminal the registry does not know keeps its answer: A0 (no key, nothing to consult).
+        stranger = TerminalSimConfig(port=cfg.port, terminal_id="NOBODY01", merchant_id=SHOP)
+        async with TerminalSim.connect(stranger) as term:
+            assert (await term.purchase(card(ALPHA_BIN, 6), 700)).response_code == "A0"
+        missing = await api.get("/terminals/NOBODY01/refusals")
+        assert missing.status_code == 404

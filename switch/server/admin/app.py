@@ -47,6 +47,7 @@ from switch.merchant.model import (
     TerminalKey,
     TerminalState,
 )
+from switch.merchant.refusals import Refusal, RefusalLog
 from switch.merchant.service import MerchantService, NotFound
 from switch.merchant.store import Cutover, RegistryConflict
 from switch.merchant.subscription import RenewalRefused
@@ -96,7 +97,7 @@ class CutoverOut(msgspec.Struct, frozen=True):
 BODY_TYPES: tuple[Any, ...] = (
     Error, MerchantIn, MerchantPatch, Merchant, Contract, TerminalIn, Terminal, StateChange, TerminalKey,
     Renewal, CancelRenewal, DepositEvaluation, settlement.TxnStatus, settlement.MerchantSettlement,
-    settlement.TerminalTotals, settlement.Reconciliation, CutoverOut, AuditRecord,
+    settlement.TerminalTotals, settlement.Reconciliation, CutoverOut, AuditRecord, Refusal,
 )  # fmt: skip
 
 #: (method, path, summary, request body type, response type) for the OpenAPI description.
@@ -118,6 +119,13 @@ OPERATIONS: list[tuple[str, str, str, Any, Any]] = [
     ("get", "/terminals", "List terminals (?merchant_id=)", None, list[Terminal]),
     ("post", "/terminals", "Register a terminal (charges deposit and first period)", TerminalIn, Terminal),
     ("get", "/terminals/{tid}", "One terminal with its lifecycle state", None, Terminal),
+    (
+        "get",
+        "/terminals/{tid}/refusals",
+        "Recent requests refused before processing (e.g. 58: never signed on); newest last",
+        None,
+        list[Refusal],
+    ),
     ("post", "/terminals/{tid}/state", "Lifecycle transition (deactivate, return)", StateChange, Terminal),
     ("post", "/terminals/{tid}/renew", "Pay one subscription period", None, Renewal),
     ("get", "/terminals/{tid}/renewals", "Renewals of a terminal", None, list[Renewal]),
@@ -205,8 +213,14 @@ def _error(status: int, text: str) -> Response:
     return _json(Error(text), status)
 
 
-def build_app(service: MerchantService, token: str, cfg: MerchantServicesConfig | None = None) -> Starlette:
-    """The ASGI app. `token`: the bearer token (non-empty)."""
+def build_app(
+    service: MerchantService,
+    token: str,
+    cfg: MerchantServicesConfig | None = None,
+    refusals: RefusalLog | None = None,
+) -> Starlette:
+    """The ASGI app. `token`: the bearer token (non-empty). `refusals`: the running switch's record of
+    requests refused before processing (none outside a switch)."""
     if not token:
         raise ValueError("admin API needs a non-empty token")
     limits = cfg or service.cfg
@@ -315,6 +329,11 @@ def build_app(service: MerchantService, token: str, cfg: MerchantServicesConfig 
     async def get_terminal(r: Request, a: str) -> Any:
         return (await call(lambda: svc.terminal(r.path_params["tid"])))[0]
 
+    async def get_refusals(r: Request, a: str) -> Any:
+        tid = r.path_params["tid"]
+        await call(lambda: svc.terminal(tid))  # 404 for a terminal the registry does not know
+        return refusals.of(tid) if refusals is not None else []
+
     async def set_state(r: Request, a: str) -> Any:
         s = await body(r, StateChange)
         return await call(lambda: svc.set_state(r.path_params["tid"], s.state, a, s.reason))
@@ -377,6 +396,7 @@ def build_app(service: MerchantService, token: str, cfg: MerchantServicesConfig 
         ("put", "/contracts/{cid}"): put_contract, ("get", "/contracts/{cid}"): get_contract,
         ("get", "/terminals"): list_terminals, ("post", "/terminals"): register,
         ("get", "/terminals/{tid}"): get_terminal, ("post", "/terminals/{tid}/state"): set_state,
+        ("get", "/terminals/{tid}/refusals"): get_refusals,
         ("post", "/terminals/{tid}/renew"): renew, ("get", "/terminals/{tid}/renewals"): renewals,
         ("post", "/terminals/{tid}/renewals/cancel"): cancel,
         ("get", "/terminals/{tid}/deposit"): deposit_eval,
@@ -410,6 +430,7 @@ async def serve_admin(
     service: MerchantService,
     *,
     token: str | None = None,
+    refusals: RefusalLog | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the admin API until cancelled; `task_status.started(port)` once listening (port 0 binds a
@@ -417,7 +438,7 @@ async def serve_admin(
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
-    app = build_app(service, token if token is not None else admin_token(config))
+    app = build_app(service, token if token is not None else admin_token(config), refusals=refusals)
     hc = Config()
     hc.bind = [f"{config.host}:{config.port}"]
     hc.accesslog = None

@@ -39,7 +39,9 @@ from switch.ledger.model import Entry, EntryDraft
 from switch.ledger.queries import LedgerReader
 from switch.merchant.directory import RegistryDirectory
 from switch.merchant.ledger_view import refunds_by_day, unsettled_balances
+from switch.merchant.lifecycle import refuse_without_keys
 from switch.merchant.model import Contract, Merchant, RegistryError, Terminal, TerminalKey
+from switch.merchant.refusals import Refusal, RefusalLog
 from switch.merchant.rules import MerchantRules
 from switch.merchant.service import MerchantService
 from switch.merchant.store import KINDS, RegistryStore
@@ -123,6 +125,8 @@ class MerchantWiring:
         #: read back from the registry is older than the rules' copy and must not replace it.
         self._unsaved: dict[str, int] = {}
         self._db_lock = trio.Lock()  # the switch's registry connection serves one thread at a time
+        #: Refusals answered before the core (no ledger entry): shown by GET /terminals/{tid}/refusals.
+        self.refusals = RefusalLog(self.cfg.max_refusals_per_terminal, self.cfg.max_refusal_terminals)
         self.dropped_events = 0
         self.saved_events = 0
         self.api_port = 0
@@ -187,7 +191,13 @@ class MerchantWiring:
             from switch.server.admin.app import serve_admin
 
             self.api_port = await nursery.start(
-                functools.partial(serve_admin, self.config.admin, self.api_service, token=self._api_token)
+                functools.partial(
+                    serve_admin,
+                    self.config.admin,
+                    self.api_service,
+                    token=self._api_token,
+                    refusals=self.refusals,
+                )
             )
 
     def close(self) -> None:
@@ -199,6 +209,28 @@ class MerchantWiring:
                     log.warning("closing %s: %s", type(closeable).__name__, exc)
 
     # --- core -> registry ------------------------------------------------------------------------
+    def refuse_unkeyed(self, fields: dict[str, str], now_ms: int) -> str | None:
+        """The server core's hook for a request of a terminal with no working key (trio thread): the
+        response code the lifecycle gives it (58: registered, never signed on), or None (A0 stands).
+        The refusal is logged (rate-limited per terminal) and kept for the admin API."""
+        tid = fields.get("41", "")
+        decline = refuse_without_keys(self.rules.terminals.get(tid) if tid else None)
+        if decline is None:
+            return None
+        r = Refusal(
+            terminal_id=tid,
+            at_ms=now_ms,
+            mti=fields.get("t", "")[:4],
+            stan=fields.get("11", "")[:6],
+            response_code=decline.code,
+            reason=decline.reason,
+        )
+        skipped = self.refusals.add(r)
+        if skipped is not None:
+            more = f" ({skipped} more since the last line)" if skipped else ""
+            log.warning("terminal %s MTI %s refused %s: %s%s", tid, r.mti, r.response_code, r.reason, more)
+        return decline.code
+
     def record(self, dec: RecordLifecycle) -> None:
         """Called by the server core (trio thread) for each RecordLifecycle decision."""
         log.info("terminal %s lifecycle %s: %s", dec.terminal_id, dec.event, dec.reason)
