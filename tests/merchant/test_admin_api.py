@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from functools import partial
-from pathlib import Path
 
 import httpx
 import msgspec
@@ -14,13 +13,12 @@ from starlette.testclient import TestClient
 
 from switch.config import AdminConfig, MerchantServicesConfig
 from switch.ledger.queries import LedgerReader
-from switch.ledger.sqlite import SqliteBackend
 from switch.ledger.writer import LedgerWriter
 from switch.merchant.model import DAY_MS
 from switch.merchant.service import MerchantService
-from switch.merchant.store import RegistryStore
 from switch.server.admin import build_app, serve_admin
 from switch.server.admin.app import OPERATIONS
+from tests.merchant.conftest import RegistryDb
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}", "X-Actor": "alice"}
@@ -28,11 +26,11 @@ T0 = 1_700_000_000_000 - (1_700_000_000_000 % DAY_MS)
 
 
 @pytest.fixture
-def service(tmp_path: Path) -> Iterator[MerchantService]:
-    db = tmp_path / "ledger.db"
-    writer = LedgerWriter(SqliteBackend(db), signing_key=None)
-    reader = LedgerReader(SqliteBackend(db))
-    store = RegistryStore.open_sqlite(db)
+def service(registry_db: RegistryDb) -> Iterator[MerchantService]:
+    """Once per backend (SQLite, PostgreSQL)."""
+    writer = LedgerWriter(registry_db.open_backend(), signing_key=None)
+    reader = LedgerReader(registry_db.open_backend())
+    store = registry_db.open_store()
     yield MerchantService(
         store, reader, writer, MerchantServicesConfig(max_admin_body_bytes=4096), lambda: T0
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from switch.cli import main
+from tests.merchant.conftest import RegistryDb
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -17,15 +18,19 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 
 def test_cli_register_renew_report_and_refusals(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    registry_db: RegistryDb,
 ) -> None:
     monkeypatch.setenv("SWITCH_CHECKPOINT_KEY", "11" * 32)
-    db = str(tmp_path / "ledger.db")
+    db = registry_db.where
+    opt = "--dsn" if registry_db.name == "postgres" else "--db"
     code, out, _ = run(
         capsys,
         "merchant",
         "add",
-        "--db",
+        opt,
         db,
         "--actor",
         "ops",
@@ -40,7 +45,7 @@ def test_cli_register_renew_report_and_refusals(
     )
     assert code == 0 and json.loads(out)["mcc"] == "5411"
     code, _, err = run(
-        capsys, "merchant", "add", "--db", db, "--id", "M2", "--name", "X", "--mcc", "5", "--currency", "978"
+        capsys, "merchant", "add", opt, db, "--id", "M2", "--name", "X", "--mcc", "5", "--currency", "978"
     )
     assert code == 1 and "mcc must be 4 digits" in err
     contract = tmp_path / "c1.json"
@@ -55,16 +60,16 @@ def test_cli_register_renew_report_and_refusals(
             }
         )
     )
-    assert run(capsys, "merchant", "contract", "--db", db, str(contract))[0] == 0
-    code, out, _ = run(capsys, "terminal-admin", "register", "--db", db, "--id", "T1", "--merchant", "M1")
+    assert run(capsys, "merchant", "contract", opt, db, str(contract))[0] == 0
+    code, out, _ = run(capsys, "terminal-admin", "register", opt, db, "--id", "T1", "--merchant", "M1")
     assert code == 0 and json.loads(out)["state"] == "registered"
-    code, out, _ = run(capsys, "terminal-admin", "renew", "--db", db, "--id", "T1")
+    code, out, _ = run(capsys, "terminal-admin", "renew", opt, db, "--id", "T1")
     assert code == 0 and json.loads(out)["amount_minor"] == 700
-    code, _, err = run(capsys, "terminal-admin", "state", "--db", db, "--id", "T1", "--to", "returned")
+    code, _, err = run(capsys, "terminal-admin", "state", opt, db, "--id", "T1", "--to", "returned")
     assert code == 1 and "registered -> returned" in err
-    code, out, _ = run(capsys, "settlement", "report", "--db", db, "--format", "csv")
+    code, out, _ = run(capsys, "settlement", "report", opt, db, "--format", "csv")
     assert code == 0 and out.splitlines()[1].split(",")[:2] == ["M1", "978"]
-    code, out, _ = run(capsys, "txn", "status", "--db", db, "--rrn", "000000000009")
+    code, out, _ = run(capsys, "txn", "status", opt, db, "--rrn", "000000000009")
     assert code == 0 and json.loads(out)["state"] == "pending"
-    code, out, _ = run(capsys, "merchant", "audit", "--db", db, "--kind", "merchant")
+    code, out, _ = run(capsys, "merchant", "audit", opt, db, "--kind", "merchant")
     assert code == 0 and json.loads(out)[0]["actor"] == "ops"

@@ -1,12 +1,13 @@
-"""Registry (validation, audit, versions) and the services over a real SQLite ledger: deposits,
-renewals, status, cutover and settlement report, terminal reconciliation."""
+"""Registry (validation, audit, versions) and the services over a real ledger, on SQLite and on
+PostgreSQL: deposits, renewals, status, cutover and settlement report, terminal reconciliation."""
 
 from __future__ import annotations
 
 import csv
 import io
+import uuid
 from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -14,14 +15,14 @@ import pytest
 from switch.config import MerchantServicesConfig
 from switch.ledger.model import EntryDraft, EntryKind, Posting, Side, accounts
 from switch.ledger.queries import LedgerReader
-from switch.ledger.sqlite import SqliteBackend
 from switch.ledger.writer import LedgerWriter
 from switch.merchant import settlement
 from switch.merchant.model import DAY_MS, Contract, Merchant, Rate, RegistryError, TerminalKey, TerminalState
 from switch.merchant.rules import MerchantRules
 from switch.merchant.service import MerchantService
-from switch.merchant.store import RegistryConflict, RegistryStore
+from switch.merchant.store import RegistryConflict
 from switch.merchant.subscription import RenewalRefused
+from tests.merchant.conftest import RegistryDb
 
 T0 = 1_700_000_000_000 - (1_700_000_000_000 % DAY_MS)
 
@@ -35,12 +36,12 @@ class Clock:
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> Iterator[tuple[MerchantService, Clock, LedgerWriter]]:
-    db = tmp_path / "ledger.db"
+def env(registry_db: RegistryDb) -> Iterator[tuple[MerchantService, Clock, LedgerWriter]]:
+    """A service on a fresh ledger + registry, once per backend (SQLite, PostgreSQL)."""
     clock = Clock()
-    writer = LedgerWriter(SqliteBackend(db), signing_key=None, clock_ms=clock)
-    reader = LedgerReader(SqliteBackend(db))
-    store = RegistryStore.open_sqlite(db)
+    writer = LedgerWriter(registry_db.open_backend(), signing_key=None, clock_ms=clock)
+    reader = LedgerReader(registry_db.open_backend())
+    store = registry_db.open_store()
     svc = MerchantService(store, reader, writer, MerchantServicesConfig(), clock)
     svc.create_merchant(Merchant(id="M1", name="Corner Shop", mcc="5411", currency="978"), "alice")
     svc.put_contract(
@@ -250,3 +251,38 @@ def test_status_cutover_settlement_report_and_reconciliation(
     assert svc.report(cut.to_seq) == report
     again, rows2 = svc.cutover("ops")  # nothing new: no double settlement
     assert rows2 == [] and again.from_seq == cut.to_seq
+
+
+def test_status_by_stan_on_a_postgres_database_with_a_linguistic_collation(pg_cluster: Any) -> None:
+    """Under a collation that ignores punctuation ('/' in the keys), a byte-prefix range on the
+    database's own order misses the terminal's entries; the registry must still find them."""
+    import psycopg
+
+    name = f"icu_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_cluster.dsn(), autocommit=True) as conn:
+        conn.execute(
+            f"CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu "
+            "ICU_LOCALE 'en-US-u-ka-shifted' LOCALE 'C.UTF-8'"
+        )
+    try:
+        db = RegistryDb("postgres", pg_cluster.dsn(name))
+        clock = Clock()
+        writer = LedgerWriter(db.open_backend(), signing_key=None, clock_ms=clock)
+        reader, store = LedgerReader(db.open_backend()), db.open_store()
+        try:
+            svc = MerchantService(store, reader, writer, MerchantServicesConfig(), clock)
+            svc.create_merchant(Merchant(id="M1", name="Shop", mcc="5411", currency="978"), "alice")
+            svc.put_contract(
+                Contract(id="c1", merchant_id="M1", currency="978", rates={"default": Rate()}), "a"
+            )
+            svc.register_terminal("T1", "M1", "bob")
+            sale(writer, "000000000001", 100, T0 + 1, stan="000002")
+            sale(writer, "000000000002", 200, T0 + 2, stan="000001")
+            assert [s.rrn for s in svc.status_by_stan("T1", "000002")] == ["000000000001"]
+            assert [s.rrn for s in svc.status_by_stan("T1", "000001")] == ["000000000002"]
+        finally:
+            writer.close()
+            reader.close()
+            store.close()
+    finally:
+        pg_cluster.drop_database(name)
