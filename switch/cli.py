@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "switch.commands.acquirer",
     "switch.commands.ledger",
     "switch.commands.merchant",
+    "switch.commands.keys",
 )
 
 

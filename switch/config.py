@@ -56,8 +56,19 @@ class AcquirerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     backup: str | None = None
     #: Stand-in: approve below this amount while the acquirer is down (0 disables stand-in).
     stand_in_floor_minor: int = 0
-    #: Hex MAC key shared with the acquirer (empty: acquirer link is not MACed).
+    #: The links' MAC key (double-length DES) sealed under the KEK, hex: `switch keys seal --acquirer`
+    #: makes it (switch.codec.keys). Empty: the acquirer links are not MACed.
+    mac_key_sealed_hex: str = ""
+    #: Refused when set: the MAC key in clear. Kept only so an old config fails with a message that
+    #: says how to seal the key, instead of "unknown field".
     mac_key_hex: str = ""
+
+    def __post_init__(self) -> None:
+        if self.mac_key_hex:
+            raise ValueError(
+                f"acquirer {self.name!r}: mac_key_hex holds the link MAC key in clear, which is refused; "
+                "seal it under the KEK with `switch keys seal --acquirer NAME` and set mac_key_sealed_hex"
+            )
 
     def __repr__(self) -> str:
         # the link's MAC key must never reach a log line, an error or a traceback
@@ -122,6 +133,11 @@ class KeysConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     kek_env: str = "SWITCH_KEK"
     kek_file: str = ""
+    #: KEK rotation: previous KEKs, accepted only to open what they sealed (master keys, link MAC keys,
+    #: store-and-forward and armed-reversal records) until `switch keys reseal` has re-sealed it all
+    #: under the current KEK. Each entry names an environment variable / a 0600 file with one KEK.
+    previous_kek_envs: list[str] = []
+    previous_kek_files: list[str] = []
 
 
 class MerchantConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

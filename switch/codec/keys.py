@@ -9,6 +9,10 @@ Key hierarchy (as on CUP-style bank-card POS terminals)
   Stored in the config as `master_key_encrypted_hex`, sealed under the KEK with AES-GCM:
   version 0x01 (1) || nonce (12) || ciphertext || tag (16), hex. The associated data binds the terminal
   id, so a sealed key copied to another terminal's entry does not open.
+- Acquirer link MAC keys: one double-length DES key per acquirer (ANSI X9.19 retail MAC on its links),
+  stored as `AcquirerConfig.mac_key_sealed_hex`, sealed like a TMK but with its own associated-data
+  prefix bound to the acquirer's name (a TMK or another acquirer's value pasted in its place does not
+  open). The clear form is refused by the config.
 - Working keys: a PIN key and a MAC key (double-length 3DES, odd parity), fresh at every sign-on,
   sent to the terminal encrypted under its TMK with 3DES-ECB.
 
@@ -19,6 +23,10 @@ Field 62 of the 0810 sign-on answer (40 bytes, binary; pyiso8583 shows it as 80 
     offset 36  KCV(MAC key)         4 bytes
 The check values are computed over the clear keys; the terminal (and `parse_signon_field`) decrypts
 each key and refuses it when its check value differs: a wrong TMK or a damaged message never installs.
+
+KEK rotation: `KeysConfig.previous_kek_envs/_files` give KEKs that only open (`Kek.previous`);
+`Kek.reseal`/`reseal_link_mac_key` rewrite a value sealed under one of them under the current KEK, and
+`switch keys reseal` does that for every store (docs/operations.md has the procedure).
 
 Hygiene: key bytes never appear in a repr, an error or a log line. Containers hold keys as `SecretKey`,
 whose repr shows its length and check value only, and which refuses to be pickled.
@@ -41,7 +49,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from switch.config import KeysConfig, TerminalConfig
+from switch.config import AcquirerConfig, KeysConfig, TerminalConfig
 
 #: Working keys (PIN and MAC) are double-length 3DES keys.
 WORKING_KEY_BYTES: Final = 16
@@ -56,6 +64,9 @@ SEALED_VERSION: Final = 1
 SEALED_NONCE_BYTES: Final = 12
 SEALED_TAG_BYTES: Final = 16
 _AAD_PREFIX: Final = b"switch.tmk.v1:"
+_LINK_AAD_PREFIX: Final = b"switch.linkmac.v1:"
+#: Acquirer link MAC keys are double-length DES keys (ANSI X9.19 retail MAC).
+LINK_MAC_KEY_BYTES: Final = 16
 #: HKDF info prefix of data keys; the purpose (say "saf") follows, so each store has its own keys.
 _DEK_INFO_PREFIX: Final = b"switch.dek.v1:"
 #: Data keys are AES-256.
@@ -251,57 +262,135 @@ def parse_signon_field(tmk: KeyMaterial, field: bytes | str) -> WorkingKeys:
 
 
 class Kek:
-    """The AES key-encryption key: seals and opens terminal master keys, and derives data keys."""
+    """The AES key-encryption key: seals and opens stored keys, and derives data keys.
 
-    __slots__ = ("_aead", "_kcv", "_secret")
+    A Kek may carry `previous` KEKs (KEK rotation): they only open what was sealed under them; every
+    new seal, re-seal and derived data key uses this one. Sealed keys carry no KEK identifier, so
+    opening tries this KEK first and then each previous one (AES-GCM tells a wrong key by its tag).
+    """
 
-    def __init__(self, key: bytes) -> None:
+    __slots__ = ("_aead", "_kcv", "_previous", "_secret")
+
+    def __init__(self, key: bytes, previous: Iterable[Kek] = ()) -> None:
         if len(key) not in (16, 24, 32):
             raise KeyStoreError(f"KEK must be 16, 24 or 32 bytes (AES), got {len(key)}")
         self._aead = AESGCM(bytes(key))
         self._secret = SecretKey(key)
         zero = Cipher(algorithms.AES(bytes(key)), modes.ECB()).encryptor().update(bytes(16))
         self._kcv = zero[:KCV_BYTES].hex().upper()
+        kept: dict[str, Kek] = {}
+        for old in previous:
+            if not isinstance(old, Kek):
+                raise TypeError(f"previous KEKs must be Kek objects, got {type(old).__name__}")
+            if old.check_value != self._kcv:  # the current KEK listed again as previous: ignore it
+                kept.setdefault(old.check_value, old._alone())
+        self._previous: tuple[Kek, ...] = tuple(kept.values())
+
+    def _alone(self) -> Kek:
+        return self if not self._previous else Kek(self._secret.value)
 
     @property
     def check_value(self) -> str:
         """AES check value (first 3 bytes of AES(0^128)) so operators can tell KEKs apart."""
         return self._kcv
 
+    @property
+    def previous(self) -> tuple[Kek, ...]:
+        """KEKs accepted only for opening (rotation in progress); empty in normal operation."""
+        return self._previous
+
+    def with_previous(self, previous: Iterable[Kek]) -> Kek:
+        """This KEK, also opening what the `previous` KEKs sealed."""
+        return Kek(self._secret.value, previous)
+
     def __repr__(self) -> str:
-        return f"Kek(<hidden>, kcv={self._kcv})"
+        old = f", previous={[k.check_value for k in self._previous]}" if self._previous else ""
+        return f"Kek(<hidden>, kcv={self._kcv}{old})"
 
     def __reduce__(self) -> Any:
         raise TypeError("keys cannot be pickled")
+
+    # --- sealed keys: version 0x01 || nonce (12) || AES-GCM(key) || tag (16), hex -----------------
+    def _seal(self, aad: bytes, clear: bytes) -> str:
+        nonce = os.urandom(SEALED_NONCE_BYTES)
+        sealed = self._aead.encrypt(nonce, clear, aad)
+        return (bytes([SEALED_VERSION]) + nonce + sealed).hex().upper()
+
+    def _open(self, aad: bytes, sealed_hex: str, what: str, why: str) -> tuple[SecretKey, Kek]:
+        """The clear key and the KEK (this one or a previous one) that opened it."""
+        try:
+            blob = bytes.fromhex(sealed_hex)
+        except ValueError:
+            raise KeyStoreError(f"{what} is not hex") from None
+        if len(blob) < 1 + SEALED_NONCE_BYTES + SEALED_TAG_BYTES + 16 or blob[0] != SEALED_VERSION:
+            raise KeyStoreError(f"{what} is not a sealed key of version {SEALED_VERSION}")
+        nonce, sealed = blob[1 : 1 + SEALED_NONCE_BYTES], blob[1 + SEALED_NONCE_BYTES :]
+        for kek in (self, *self._previous):
+            try:
+                return SecretKey(kek._aead.decrypt(nonce, sealed, aad)), kek
+            except InvalidTag:
+                continue
+        tried = ", ".join((self._kcv, *(k.check_value for k in self._previous)))
+        plural = "s" if self._previous else ""
+        raise KeyStoreError(
+            f"{what} does not open under the KEK{plural} with check value{plural} {tried} "
+            f"(wrong KEK, altered value, or {why})"
+        )
 
     def seal(self, terminal_id: str, tmk: KeyMaterial) -> str:
         """Sealed, hex form of a terminal master key (TerminalConfig.master_key_encrypted_hex)."""
         clear = _raw(tmk, "master key")
         if len(clear) not in (16, 24):
             raise ValueError(f"master key must be a 16 or 24-byte 3DES key, got {len(clear)} bytes")
-        nonce = os.urandom(SEALED_NONCE_BYTES)
-        sealed = self._aead.encrypt(nonce, clear, _AAD_PREFIX + terminal_id.encode())
-        return (bytes([SEALED_VERSION]) + nonce + sealed).hex().upper()
+        return self._seal(_AAD_PREFIX + terminal_id.encode(), clear)
 
     def open(self, terminal_id: str, sealed_hex: str) -> SecretKey:
-        """The master key of `terminal_id`; KeyStoreError if it does not open under this KEK."""
-        try:
-            blob = bytes.fromhex(sealed_hex)
-        except ValueError:
-            raise KeyStoreError(f"master key of terminal {terminal_id!r} is not hex") from None
-        if len(blob) < 1 + SEALED_NONCE_BYTES + SEALED_TAG_BYTES + 16 or blob[0] != SEALED_VERSION:
-            raise KeyStoreError(
-                f"master key of terminal {terminal_id!r} is not a sealed key of version {SEALED_VERSION}"
+        """The master key of `terminal_id`; KeyStoreError if it does not open under this KEK (or a
+        previous one)."""
+        return self._open(
+            _AAD_PREFIX + terminal_id.encode(),
+            sealed_hex,
+            f"master key of terminal {terminal_id!r}",
+            "a value sealed for another terminal",
+        )[0]
+
+    def reseal(self, terminal_id: str, sealed_hex: str) -> str | None:
+        """The master key sealed under this KEK when it was sealed under a previous one; None when it
+        already is under this KEK (nothing to rewrite). KeyStoreError if it does not open at all."""
+        aad = _AAD_PREFIX + terminal_id.encode()
+        what = f"master key of terminal {terminal_id!r}"
+        key, kek = self._open(aad, sealed_hex, what, "a value sealed for another terminal")
+        return None if kek is self else self._seal(aad, key.value)
+
+    def seal_link_mac_key(self, acquirer: str, key: KeyMaterial) -> str:
+        """Sealed, hex form of an acquirer link's MAC key (AcquirerConfig.mac_key_sealed_hex). The
+        associated data binds the acquirer's name and a purpose of its own, so neither another link's
+        value nor a terminal master key pasted in its place opens."""
+        clear = _raw(key, "link MAC key")
+        if len(clear) != LINK_MAC_KEY_BYTES:
+            raise ValueError(
+                f"link MAC key must be {LINK_MAC_KEY_BYTES} bytes (double-length DES), got {len(clear)}"
             )
-        nonce, sealed = blob[1 : 1 + SEALED_NONCE_BYTES], blob[1 + SEALED_NONCE_BYTES :]
-        try:
-            clear = self._aead.decrypt(nonce, sealed, _AAD_PREFIX + terminal_id.encode())
-        except InvalidTag:
-            raise KeyStoreError(
-                f"master key of terminal {terminal_id!r} does not open under the KEK with check value "
-                f"{self._kcv} (wrong KEK, altered value, or a value sealed for another terminal)"
-            ) from None
-        return SecretKey(clear)
+        return self._seal(_LINK_AAD_PREFIX + acquirer.encode(), clear)
+
+    def open_link_mac_key(self, acquirer: str, sealed_hex: str) -> SecretKey:
+        """The MAC key of acquirer `acquirer`'s links; KeyStoreError if it does not open."""
+        key = self._open(
+            _LINK_AAD_PREFIX + acquirer.encode(),
+            sealed_hex,
+            f"link MAC key of acquirer {acquirer!r}",
+            "a value sealed for another acquirer",
+        )[0]
+        if len(key) != LINK_MAC_KEY_BYTES:
+            raise KeyStoreError(f"link MAC key of acquirer {acquirer!r} is not {LINK_MAC_KEY_BYTES} bytes")
+        return key
+
+    def reseal_link_mac_key(self, acquirer: str, sealed_hex: str) -> str | None:
+        """As `reseal`, for a link MAC key."""
+        aad = _LINK_AAD_PREFIX + acquirer.encode()
+        what = f"link MAC key of acquirer {acquirer!r}"
+        key, kek = self._open(aad, sealed_hex, what, "a value sealed for another acquirer")
+        return None if kek is self else self._seal(aad, key.value)
 
     def derive_data_key(self, purpose: str, key_id: bytes) -> SecretKey:
         """The AES-256 data key `key_id` of `purpose`: HKDF-SHA256 with the KEK as input key material,
@@ -338,29 +427,53 @@ def _parse_kek_text(text: str, where: str) -> Kek:
     return Kek(key)
 
 
+def _read_kek_file(file: str) -> Kek:
+    path = Path(file)
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text(encoding="ascii")
+    except OSError as exc:
+        raise KeyStoreError(f"cannot read KEK file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise KeyStoreError(f"KEK file {path} is not hex text") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyStoreError(
+            f"KEK file {path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); chmod 600 it"
+        )
+    return _parse_kek_text(text, f"file {path}")
+
+
+def _read_kek_env(name: str, env: Mapping[str, str], hint: str) -> Kek:
+    text = env.get(name, "")
+    if not text:
+        raise KeyStoreError(f"no KEK: set the environment variable {name}{hint}")
+    return _parse_kek_text(text, f"environment variable {name}")
+
+
 def load_kek(config: KeysConfig, environ: Mapping[str, str] | None = None) -> Kek:
     """The KEK from KeysConfig.kek_file when set (which must not be readable by group or others),
-    otherwise from the environment variable KeysConfig.kek_env. Errors name the source, never the key."""
-    if config.kek_file:
-        path = Path(config.kek_file)
-        try:
-            mode = path.stat().st_mode
-            text = path.read_text(encoding="ascii")
-        except OSError as exc:
-            raise KeyStoreError(f"cannot read KEK file {path}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise KeyStoreError(f"KEK file {path} is not hex text") from None
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise KeyStoreError(
-                f"KEK file {path} is accessible by group or others "
-                f"(mode {stat.S_IMODE(mode):04o}); chmod 600 it"
-            )
-        return _parse_kek_text(text, f"file {path}")
+    otherwise from the environment variable KeysConfig.kek_env; with the previous KEKs of
+    `previous_kek_envs`/`previous_kek_files` (rotation) attached for opening only. Every configured
+    previous KEK must be present: a rotation half set up fails at start, not at the first old record.
+    Errors name the source, never the key."""
     env = os.environ if environ is None else environ
-    text = env.get(config.kek_env, "")
-    if not text:
-        raise KeyStoreError(f"no KEK: set the environment variable {config.kek_env} or keys.kek_file")
-    return _parse_kek_text(text, f"environment variable {config.kek_env}")
+    if config.kek_file:
+        current = _read_kek_file(config.kek_file)
+    else:
+        current = _read_kek_env(config.kek_env, env, " or keys.kek_file")
+    previous = [_read_kek_env(name, env, " (keys.previous_kek_envs)") for name in config.previous_kek_envs]
+    previous += [_read_kek_file(file) for file in config.previous_kek_files]
+    return current.with_previous(previous) if previous else current
+
+
+def load_link_mac_keys(acquirers: Iterable[AcquirerConfig], kek: Kek) -> dict[str, SecretKey]:
+    """Open the sealed MAC key of every acquirer that has one (acquirers without one are left out:
+    their links are not MACed). Any key that does not open stops the load, as for master keys."""
+    return {
+        acq.name: kek.open_link_mac_key(acq.name, acq.mac_key_sealed_hex)
+        for acq in acquirers
+        if acq.mac_key_sealed_hex
+    }
 
 
 def load_master_keys(terminals: Iterable[TerminalConfig], kek: Kek) -> dict[str, SecretKey]:

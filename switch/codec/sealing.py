@@ -134,7 +134,8 @@ def strip_sealed(data: bytes) -> bytes:
 class FieldSealer:
     """Seals and opens the sensitive fields of field dicts for one purpose (one store).
 
-    `kek` derives the keys new records are sealed under; `previous` KEKs only open (KEK rotation).
+    `kek` derives the keys new records are sealed under; `previous` KEKs, and those `kek` carries
+    (`Kek.previous`), only open (KEK rotation).
     `token_bytes` draws key ids; it must be a CSPRNG (two sealers drawing the same key id would reuse
     nonces), so only a test that checks the key-id rotation itself passes another one.
     """
@@ -170,7 +171,9 @@ class FieldSealer:
         self._purpose = purpose.encode()
         self._sealing_kek = kek
         self._keks: dict[bytes, Kek] = {}
-        for k in (*previous, kek):  # the sealing KEK wins a (1 in 2**24) check-value clash
+        # previous KEKs: given here, or attached to `kek` (switch.codec.keys.load_kek during a rotation);
+        # the sealing KEK wins a (1 in 2**24) check-value clash
+        for k in (*previous, *kek.previous, kek):
             self._keks[bytes.fromhex(k.check_value)] = k
         self._max_seals = max_seals_per_key
         self._token_bytes = token_bytes

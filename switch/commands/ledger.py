@@ -80,8 +80,16 @@ def register(subparsers: Any) -> None:
     h = cmd("holds", _holds, "open pre-authorisation holds")
     h.add_argument("--placed-before-ms", type=int)
     cmd("rebuild-check", _rebuild, "refold the log and compare balances and rules")
-    k = sub.add_parser("keygen", help="print a new Ed25519 checkpoint key (seed and public key, hex)")
-    k.set_defaults(handler=_keygen)
+    k = sub.add_parser(
+        "keygen",
+        help="write a new Ed25519 checkpoint signing key to a 0600 file; print its public key",
+        description="Write a new Ed25519 checkpoint signing seed (64 hex digits) to OUT, created with mode "
+        "0600, and print the public key and the path. The seed is never printed: point "
+        "ledger.checkpoint_key_file at OUT (or load the file into $SWITCH_CHECKPOINT_KEY).",
+    )
+    k.add_argument("--out", required=True, help="file to create for the signing seed (mode 0600)")
+    k.add_argument("--force", action="store_true", help="replace OUT if it exists (the old key is lost)")
+    k.set_defaults(handler=_guard(_keygen))
 
 
 # --- helpers ------------------------------------------------------------------------------------------
@@ -342,12 +350,14 @@ def _rebuild(args: argparse.Namespace) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    key = Ed25519PrivateKey.generate()
+    """The seed goes to a 0600 file only: printed, it would live on in scroll-back and shell logs."""
     from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
+    from switch.commands.secret_files import write_secret_file
+
+    key = Ed25519PrivateKey.generate()
     seed = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
-    print(f"private seed (keep secret, e.g. in $SWITCH_CHECKPOINT_KEY): {seed.hex()}")
-    print(
-        f"public key (for `switch ledger verify --public-key`):       {public_bytes(key.public_key()).hex()}"
-    )
+    path = write_secret_file(args.out, seed.hex() + "\n", force=args.force)
+    print(f"checkpoint signing key written to {path} (mode 0600); set ledger.checkpoint_key_file to it")
+    print(f"public key (for `switch ledger verify --public-key`): {public_bytes(key.public_key()).hex()}")
     return 0

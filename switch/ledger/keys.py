@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import stat
 import struct
 from pathlib import Path
 
@@ -31,9 +32,15 @@ def _read_hex(env: str, file: str, what: str) -> bytes | None:
     text = None
     if file:
         try:
+            mode = Path(file).stat().st_mode
             text = Path(file).read_text()
         except OSError as exc:
             raise LedgerKeyError(f"cannot read {what} file {file}: {exc.strerror}") from None
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):  # as for the KEK file: a key others can read is spent
+            raise LedgerKeyError(
+                f"{what} file {file} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); "
+                "chmod 600 it"
+            )
     elif env and env in os.environ:
         text = os.environ[env]
     if text is None:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import trio
 
 from switch.codec.framing import FramingError
+from switch.codec.keys import SecretKey
 from switch.codec.wire import MacFn, Wire, WireError, make_mac_fn
 from switch.config import AcquirerConfig
 from switch.routing.link_state import (
@@ -78,16 +79,16 @@ class AcquirerLink:
         owner: LinkOwner,
         metrics: Metrics,
         rng: random.Random | None = None,
+        mac_key: SecretKey | None = None,
     ) -> None:
+        """`mac_key`: the link MAC key opened from config.mac_key_sealed_hex (None: not MACed)."""
         self.config = config
         self.index = index
         self.name = f"{config.name}#{index}"
         self.owner = owner
         self.metrics = metrics
         self.wire = Wire(config.profile, config.framing)
-        self.mac_fn: MacFn | None = (
-            make_mac_fn(bytes.fromhex(config.mac_key_hex)) if config.mac_key_hex else None
-        )
+        self.mac_fn: MacFn | None = make_mac_fn(mac_key.value) if mac_key is not None else None
         # STAN ranges per link start apart so a log reader can tell links apart.
         self.matcher: LinkMatcher[Any] = LinkMatcher.from_config(config, stan_start=1 + index * 100_000)
         self.ls = LinkState.from_config(config, index, rng or random.Random())

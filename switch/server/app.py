@@ -84,6 +84,7 @@ class Switch:
         try:
             kek = keymod.load_kek(config.keys, environ)
             master = keymod.load_master_keys(config.terminals, kek)
+            link_keys = keymod.load_link_mac_keys(config.acquirers, kek)
             signing_key = ledger_keys.load_signing_key(config.ledger)
             pan_key = ledger_keys.load_pan_hash_key(config.ledger)
         except (keymod.KeyStoreError, ledger_keys.LedgerKeyError, ValueError) as exc:
@@ -130,7 +131,8 @@ class Switch:
         self.core.refuse_unkeyed = self.merchant.refuse_unkeyed  # 58 before A0: never signed on
         rng = random.Random()
         for acq in config.acquirers:
-            links = [AcquirerLink(acq, i, self.core, self.metrics, rng) for i in range(acq.connections)]
+            key = link_keys.get(acq.name)
+            links = [AcquirerLink(acq, i, self.core, self.metrics, rng, key) for i in range(acq.connections)]
             self.core.groups[acq.name] = AcquirerGroup(acq, links)
             self.metrics.set_link_states(acq.name, {"disconnected": acq.connections})
         self.listeners = [TerminalListener(lc, self.core, self.metrics) for lc in config.listeners]

@@ -106,6 +106,8 @@ def build(
     for name in names:
         kw = dict(acquirer or {})
         kw.update((acquirer_overrides or {}).get(name, {}))
+        if kw.get("mac_key_hex"):  # a TEST link key given in clear is stored the operator's way: sealed
+            kw["mac_key_sealed_hex"] = kek.seal_link_mac_key(name, bytes.fromhex(kw.pop("mac_key_hex")))
         acqs.append(AcquirerConfig(name=name, port=acquirer_ports[name], **kw))
     routes = [RouteConfig(prefix=ALPHA_BIN, acquirer=names[0])]
     if len(names) > 1:

@@ -1,7 +1,7 @@
 """Card data and keys never reach text: the reprs of the processing core's events and decisions (which
 carry whole field dicts), the server's log gate for the core's Log decisions, free-text scrubbing of
-track 2, and the reprs of everything that holds a key (including the acquirer link's MAC key in the
-config). Each test here was written for a leak found by reading the code (see the audit in the
+track 2, and the reprs of everything that holds a key (and the refusal of an acquirer link's MAC key
+in clear in the config). Each test here was written for a leak found by reading the code (see the audit in the
 commit message)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from switch.codec.keys import Kek, SecretKey, WorkingKeys
 from switch.codec.mac import DesMacKey, RetailMacKey
 from switch.codec.masking import masked_repr, scrub_text
 from switch.codec.sealing import FieldSealer
-from switch.config import AcquirerConfig, SwitchConfig
+from switch.config import AcquirerConfig, ConfigError, load_config
 from switch.processing import decisions as d
 from switch.processing import events as ev
 from switch.processing.ports import HmacPanHasher
@@ -117,10 +117,14 @@ def test_key_holders_never_show_key_bytes() -> None:
                 assert key.hex() not in text.lower(), f"key bytes in {text!r}"
 
 
-def test_acquirer_mac_key_in_the_config_is_hidden_from_reprs() -> None:
+def test_acquirer_mac_key_in_clear_is_refused_without_quoting_it(tmp_path: Any) -> None:
     key_hex = "0123456789ABCDEFFEDCBA9876543210"
-    acq = AcquirerConfig(name="alpha", mac_key_hex=key_hex)
-    for text in [*renderings(acq), repr(SwitchConfig(acquirers=[acq]))]:
-        assert key_hex not in text.upper() and "mac_key_hex=<hidden>" in text
-    assert acq.mac_key_hex == key_hex  # still there for the link that needs it
-    assert "mac_key_hex=''" in repr(AcquirerConfig(name="beta"))  # an empty key is shown as empty
+    with pytest.raises(ValueError, match="in clear, which is refused") as info:
+        AcquirerConfig(name="alpha", mac_key_hex=key_hex)
+    assert key_hex not in str(info.value).upper()
+    path = tmp_path / "switch.toml"
+    path.write_text(f'[[acquirers]]\nname = "alpha"\nmac_key_hex = "{key_hex}"\n')
+    with pytest.raises(ConfigError, match="switch keys seal --acquirer") as loaded:
+        load_config(path)
+    assert key_hex not in str(loaded.value).upper()
+    assert "mac_key_hex=''" in repr(AcquirerConfig(name="beta"))  # an empty setting is shown as empty
