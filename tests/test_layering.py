@@ -14,7 +14,7 @@ ALLOWED: dict[str, set[str]] = {
     "config": set(),
     "_speedups": set(),
     "codec": {"config", "_speedups"},
-    "ledger": {"config"},
+    "ledger": {"config", "_speedups"},
     "routing": {"config", "codec"},
     "processing": {"config", "codec", "routing", "ledger", "merchant"},
     "merchant": {"config", "codec", "ledger"},

@@ -44,6 +44,9 @@ REFUND_OF: dict[EntryKind, frozenset[EntryKind]] = {
     K.SUBSCRIPTION_REFUND: frozenset({K.SUBSCRIPTION}),
 }
 NEEDS_ORIGINAL = HOLD_ACTIONS | REFUND_OF.keys() | {K.VOID, K.REVERSAL}
+#: Kinds that start a transaction without naming an original (hold, purchase, fee...): the common case,
+#: which `Book.apply` handles first and without the general dispatch.
+PLAIN_STARTING_KINDS = STARTING_KINDS - NEEDS_ORIGINAL
 
 #: Rounds of family expansion when loading (sale -> refund -> refund reversal is 3).
 MAX_FAMILY_ROUNDS = 8
@@ -165,6 +168,18 @@ class Book:
     def apply(
         self, seq: int, kind: EntryKind, rrn: str, original_rrn: str, amount: int, currency: str
     ) -> None:
+        if kind in PLAIN_STARTING_KINDS:  # the general path below, for these kinds only
+            if amount <= 0:
+                raise RuleViolation(f"a {kind} entry needs a positive amount")
+            txns = self.by_rrn.get(rrn)
+            if txns is None:
+                txns = self.by_rrn[rrn] = []
+            elif any(t.kind is kind for t in txns):
+                raise DuplicateTransaction(f"rrn {rrn!r} already has a {kind} entry")
+            txns.append(Txn(seq, kind, rrn, amount, currency))
+            if self._undo is not None:
+                self._undo.append(txns.pop)
+            return
         if kind not in STARTING_KINDS and kind not in NEEDS_ORIGINAL:
             return
         if kind in NEEDS_ORIGINAL and not original_rrn:

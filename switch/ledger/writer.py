@@ -31,16 +31,20 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from switch.config import LedgerConfig
 from switch.ledger.backend import NODE_MIN_LEVEL, BatchRows, LedgerBackend
-from switch.ledger.codec import ENTRY_FORMAT, decode_draft, prepare
+from switch.ledger import fast
+from switch.ledger.codec import ENTRY_FORMAT
 from switch.ledger.keys import sign_checkpoint
 from switch.ledger.merkle import Frontier
-from switch.ledger.model import Entry, EntryDraft, EntryKind, IdempotencyConflict, Posting, Side
+from switch.ledger.model import Entry, EntryDraft, IdempotencyConflict, Side
 from switch.ledger.rules import STARTING_KINDS, Book, LedgerCorrupt, LedgerRejected, family_rows
 from switch.ledger.tree import StoredTree
 
 log = logging.getLogger(__name__)
 
 OnDone = Callable[[list[Entry] | None, BaseException | None], None]
+#: One batch's answers to one `submit_many` caller: (token, entries or None, error or None) each.
+BatchResult = list[tuple[object, list[Entry] | None, BaseException | None]]
+OnBatch = Callable[[BatchResult], None]
 
 _HEADER = struct.Struct(">BQ")
 #: Current balances kept in memory by the writer (cleared, then reloaded on demand, past this).
@@ -65,22 +69,25 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _normal(d: EntryDraft) -> bool:
-    """True if the draft already holds the exact types decoding would give (the common case)."""
-    return (
-        type(d.kind) is EntryKind
-        and type(d.postings) is tuple
-        and all(type(p.side) is Side and type(p) is Posting for p in d.postings)
-    )
-
-
 class _Submission:
-    __slots__ = ("bodies", "drafts", "entries", "error", "on_done")
+    """One outcome in the queue. Answered through `on_done` (submit) or, with the other submissions
+    of its caller in the same batch, through `on_batch` with its `token` (submit_many)."""
 
-    def __init__(self, drafts: Sequence[EntryDraft], bodies: list[bytes], on_done: OnDone) -> None:
+    __slots__ = ("bodies", "drafts", "entries", "error", "on_batch", "on_done", "token")
+
+    def __init__(
+        self,
+        drafts: Sequence[EntryDraft],
+        bodies: list[bytes],
+        on_done: OnDone | None,
+        on_batch: OnBatch | None = None,
+        token: object = None,
+    ) -> None:
         self.drafts = drafts
         self.bodies = bodies
         self.on_done = on_done
+        self.on_batch = on_batch
+        self.token = token
         self.entries: list[Entry] | None = None
         self.error: BaseException | None = None
 
@@ -133,21 +140,11 @@ class LedgerWriter:
     def submit(self, drafts: Sequence[EntryDraft], on_done: OnDone) -> None:
         """Queue one outcome's drafts; `on_done` is called from the writer thread once they are durable
         (or failed). Raises at once for malformed/unbalanced drafts, LedgerBusy, LedgerUnavailable."""
-        n = len(drafts)
-        if n == 0:
-            raise ValueError("submit needs at least one draft")
-        if n > self._max_batch:
-            raise ValueError(f"{n} drafts in one submission exceed max_batch_entries={self._max_batch}")
-        bodies = [prepare(d) for d in drafts]
-        if not all(_normal(d) for d in drafts):  # e.g. kind given as a plain str: use the validated form
-            drafts = [d if _normal(d) else decode_draft(b) for d, b in zip(drafts, bodies)]
-        sub = _Submission(drafts, bodies, on_done)
+        sub = self._validated(drafts, on_done, None, None)
         with self._cond:
-            if self._failure is not None:
-                raise LedgerUnavailable(f"ledger writer stopped: {self._failure}")
-            if self._closing:
-                raise LedgerUnavailable("ledger writer is closed")
+            self._check_open()
             queued = self._queued_entries
+            n = len(sub.drafts)
             if queued + n > self._max_queue:
                 raise LedgerBusy(
                     f"ledger queue full ({queued} entries queued, max_queue_entries={self._max_queue})"
@@ -156,6 +153,64 @@ class LedgerWriter:
             self._queued_entries = queued + n
             if queued == 0 or queued + n >= self._max_batch:
                 self._cond.notify()
+
+    def submit_many(
+        self, items: Sequence[tuple[object, Sequence[EntryDraft]]], on_batch: OnBatch
+    ) -> list[tuple[object, BaseException]]:
+        """Queue several outcomes (token, drafts) under one lock; `on_batch` is called from the writer
+        thread ONCE per batch with the answers of this call's outcomes in that batch, each
+        (token, entries, None) once durable or (token, None, error). Outcomes refused at once
+        (malformed, unbalanced, LedgerBusy) are returned as (token, error) and never reach `on_batch`;
+        LedgerUnavailable is raised for all of them. Why: per outcome, a callback and a lock round
+        cost more than the outcome's share of the commit."""
+        refused: list[tuple[object, BaseException]] = []
+        subs: list[_Submission] = []
+        for token, drafts in items:
+            try:
+                subs.append(self._validated(drafts, None, on_batch, token))
+            except (ValueError, TypeError) as exc:  # InvalidDraft, UnbalancedEntry, sizes
+                refused.append((token, exc))
+        if not subs:
+            return refused
+        with self._cond:
+            self._check_open()
+            queued = start = self._queued_entries
+            queue, max_queue = self._queue, self._max_queue
+            for sub in subs:
+                n = len(sub.drafts)
+                if queued + n > max_queue:
+                    refused.append((sub.token, LedgerBusy(
+                        f"ledger queue full ({queued} entries queued, max_queue_entries={max_queue})"
+                    )))  # fmt: skip
+                    continue
+                queue.append(sub)
+                queued += n
+            self._queued_entries = queued
+            if queued > start and (start == 0 or queued >= self._max_batch):
+                self._cond.notify()
+        return refused
+
+    def _validated(
+        self,
+        drafts: Sequence[EntryDraft],
+        on_done: OnDone | None,
+        on_batch: OnBatch | None,
+        token: object,
+    ) -> _Submission:
+        n = len(drafts)
+        if n == 0:
+            raise ValueError("submit needs at least one draft")
+        if n > self._max_batch:
+            raise ValueError(f"{n} drafts in one submission exceed max_batch_entries={self._max_batch}")
+        held, bodies = fast.prepare_all(drafts)
+        return _Submission(held, bodies, on_done, on_batch, token)
+
+    def _check_open(self) -> None:
+        """Under self._cond: raise LedgerUnavailable once stopped or closing."""
+        if self._failure is not None:
+            raise LedgerUnavailable(f"ledger writer stopped: {self._failure}")
+        if self._closing:
+            raise LedgerUnavailable("ledger writer is closed")
 
     def append(self, drafts: Sequence[EntryDraft], timeout_s: float | None = None) -> list[Entry]:
         """Blocking submit: the committed entries (originals for idempotent repeats), or the error."""
@@ -268,7 +323,9 @@ class LedgerWriter:
 
         seq = self._frontier.size
         new: list[tuple[int, EntryDraft, bytes]] = []
-        batch_keys: dict[str, tuple[int, bytes]] = {}
+        # Keys seen: the stored ones, then this batch's (a repeat inside one batch returns the first).
+        batch_keys: dict[str, tuple[int, bytes]] = existing
+        apply = book.apply
         for sub in subs:
             start_seq, start_new = seq, len(new)
             added: list[str] = []
@@ -277,7 +334,7 @@ class LedgerWriter:
             try:
                 for d, body in zip(sub.drafts, sub.bodies):
                     key = d.idempotency_key
-                    hit = existing.get(key) or batch_keys.get(key)
+                    hit = batch_keys.get(key)
                     if hit is not None:
                         if hit[1] != body:
                             raise IdempotencyConflict(
@@ -285,7 +342,7 @@ class LedgerWriter:
                             )
                         out.append(Entry(seq=hit[0], draft=d))
                         continue
-                    book.apply(seq, d.kind, d.rrn, d.original_rrn, d.amount_minor, d.currency)
+                    apply(seq, d.kind, d.rrn, d.original_rrn, d.amount_minor, d.currency)
                     batch_keys[key] = (seq, body)
                     added.append(key)
                     out.append(Entry(seq=seq, draft=d))
@@ -323,33 +380,14 @@ class LedgerWriter:
     ) -> tuple[BatchRows, dict[tuple[str, str], int]]:
         """Entry, node and balance rows of the accepted drafts, and the new balances; advances
         `frontier`. Touches no writer state, so a failed commit leaves nothing to undo."""
-        header = _HEADER.pack
-        sha = _sha256
-        append_leaf = frontier.append
         nodes: list[tuple[int, int, bytes]] = []
         entries: list[tuple[object, ...]] = []
-        cache = self._balances
         running: dict[tuple[str, str], int] = {}
         first_seq: dict[tuple[str, str], int] = {}
         last_seq: dict[tuple[str, str], int] = {}
-        for seq, d, body in new:
-            leaf = sha(b"\x00" + header(ENTRY_FORMAT, seq) + body).digest()
-            append_leaf(leaf, nodes)
-            entries.append(
-                (seq, d.idempotency_key, d.kind.value, d.rrn, d.original_rrn, d.at_ms, d.merchant_id,
-                 d.amount_minor, d.currency, body, leaf)
-            )  # fmt: skip
-            for p in d.postings:
-                k = (p.account, p.currency)
-                bal = running.get(k)
-                if bal is None:
-                    bal = cache.get(k)
-                    if bal is None:
-                        row = self._backend.balance_at_or_before(k[0], k[1], None)
-                        bal = 0 if row is None else row.balance_minor
-                    first_seq[k] = seq
-                running[k] = bal + (p.amount_minor if p.side is _DEBIT else -p.amount_minor)
-                last_seq[k] = seq
+        build = fast.build_rows_ext() or _build_rows_py
+        build(frontier, new, entries, nodes, running, first_seq, last_seq, self._balances,
+              self._stored_balance)  # fmt: skip
         size = frontier.size
         root = frontier.root()
         now_ms = self._clock_ms()
@@ -364,12 +402,30 @@ class LedgerWriter:
             checkpoint=checkpoint,
         ), running
 
+    def _stored_balance(self, account: str, currency: str) -> int:
+        row = self._backend.balance_at_or_before(account, currency, None)
+        return 0 if row is None else row.balance_minor
+
     def _answer(self, subs: list[_Submission]) -> None:
+        """Call each submission's on_done, and each submit_many caller's on_batch once."""
+        batches: dict[int, tuple[OnBatch, BatchResult]] = {}
         for sub in subs:
+            if sub.on_done is not None:
+                try:
+                    sub.on_done(sub.entries, sub.error)
+                except Exception:
+                    log.exception("ledger on_done callback raised; ignored")
+                continue
+            assert sub.on_batch is not None
+            group = batches.get(id(sub.on_batch))
+            if group is None:
+                group = batches[id(sub.on_batch)] = (sub.on_batch, [])
+            group[1].append((sub.token, sub.entries, sub.error))
+        for on_batch, results in batches.values():
             try:
-                sub.on_done(sub.entries, sub.error)
+                on_batch(results)
             except Exception:
-                log.exception("ledger on_done callback raised; ignored")
+                log.exception("ledger on_batch callback raised; ignored")
 
     def _fail_batch(self, subs: list[_Submission], exc: BaseException) -> None:
         """The batch is not (known to be) durable: fail every caller that has no rule error of its own,
@@ -404,3 +460,41 @@ class LedgerWriter:
             sign_checkpoint(self._key, size, self._frontier.root(), self._clock_ms())
         )
         self._checkpointed_size = size
+
+
+def _build_rows_py(
+    frontier: Frontier,
+    new: list[tuple[int, EntryDraft, bytes]],
+    entries: list[tuple[object, ...]],
+    nodes: list[tuple[int, int, bytes]],
+    running: dict[tuple[str, str], int],
+    first_seq: dict[tuple[str, str], int],
+    last_seq: dict[tuple[str, str], int],
+    cache: dict[tuple[str, str], int],
+    load_balance: Callable[[str, str], int],
+) -> None:
+    """The reference of switch._speedups.ledger.build_rows: for each (seq, draft, body) append its
+    entries row, append its leaf to `frontier` (closed subtrees at level >= min_level go to `nodes`)
+    and fold its postings into `running` (starting from `cache`, else the stored balance)."""
+    header = _HEADER.pack
+    sha = _sha256
+    append_leaf = frontier.append
+    for seq, d, body in new:
+        if seq != frontier.size:
+            raise ValueError(f"entry seq {seq} is not the next leaf index {frontier.size}")
+        leaf = sha(b"\x00" + header(ENTRY_FORMAT, seq) + body).digest()
+        append_leaf(leaf, nodes)
+        entries.append(
+            (seq, d.idempotency_key, d.kind.value, d.rrn, d.original_rrn, d.at_ms, d.merchant_id,
+             d.amount_minor, d.currency, body, leaf)
+        )  # fmt: skip
+        for p in d.postings:
+            k = (p.account, p.currency)
+            bal = running.get(k)
+            if bal is None:
+                bal = cache.get(k)
+                if bal is None:
+                    bal = load_balance(p.account, p.currency)
+                first_seq[k] = seq
+            running[k] = bal + (p.amount_minor if p.side is _DEBIT else -p.amount_minor)
+            last_seq[k] = seq
