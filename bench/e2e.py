@@ -243,8 +243,10 @@ class TestBed:
         listener: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
         packed: bool = False,
+        server: dict[str, Any] | None = None,
     ) -> None:
         self.directory = Path(directory)
+        self.server = server or {}
         self.terminal_count = terminals
         self.packed = packed
         self.python = python
@@ -301,6 +303,10 @@ class TestBed:
             ledger=self.ledger,
             processing=self.processing,
         )
+        if self.server:
+            config = msgspec.structs.replace(
+                config, server=msgspec.structs.replace(config.server, **self.server)
+            )
         self.ports = {lc.name: free_port() for lc in config.listeners}
         self.port, self.metrics_port = self.ports[config.listeners[0].name], free_port()
         config = msgspec.structs.replace(
@@ -375,7 +381,20 @@ class TestBed:
 
 # --- the load generator (runs in its own process: `e2e.py loadgen`) ---------------------------------
 class _Conn:
-    __slots__ = ("mac", "mid", "out", "pending", "reader", "sock", "stan", "tid", "tpdu", "wire")
+    __slots__ = (
+        "mac",
+        "mid",
+        "out",
+        "pending",
+        "reader",
+        "sock",
+        "stan",
+        "tid",
+        "tpdu",
+        "traced",
+        "unflushed",
+        "wire",
+    )
 
     def __init__(self, sock: socket.socket, wire: Any, tpdu: bytes | None, tid: str, mid: str, reader: Any):
         self.sock = sock
@@ -388,6 +407,9 @@ class _Conn:
         self.stan = 0
         self.out = bytearray()
         self.mac: Any = None  # MacFn of the sign-on's working key
+        #: --trace: STAN -> [scheduled, built, flushed] (perf_counter); STANs built and not yet flushed.
+        self.traced: dict[str, list[float]] = {}
+        self.unflushed: list[str] = []
 
 
 def _sign_on(conn: _Conn, tmk: bytes, timeout_s: float) -> None:
@@ -476,6 +498,8 @@ def loadgen_main(args: argparse.Namespace) -> int:
     n_conns = len(conns)
     rr = 0
     answered_at_progress = 0
+    tracing = bool(args.trace)
+    trace: list[list[Any]] = []  # [terminal id, STAN, scheduled, built, flushed, arrived] per approval
 
     def purchase(conn: _Conn, scheduled: float) -> None:
         nonlocal sent, stamp_second, f12, f13
@@ -502,6 +526,9 @@ def loadgen_main(args: argparse.Namespace) -> int:
         }
         conn.out += conn.wire.frame(conn.wire.encode(fields, conn.mac), conn.tpdu)
         conn.pending[stan] = scheduled
+        if tracing:
+            conn.traced[stan] = [scheduled, clock(), 0.0]
+            conn.unflushed.append(stan)
         sent += 1
 
     def flush(conn: _Conn) -> None:
@@ -511,6 +538,11 @@ def loadgen_main(args: argparse.Namespace) -> int:
             except BlockingIOError:
                 return
             del conn.out[:n]
+            if tracing and not conn.out:
+                at = clock()
+                for stan in conn.unflushed:
+                    conn.traced[stan][2] = at
+                conn.unflushed.clear()
 
     while True:
         now = clock()
@@ -581,6 +613,9 @@ def loadgen_main(args: argparse.Namespace) -> int:
                     errors[f"response code {code}"] += 1
                 else:
                     latencies.append((arrived - scheduled) * 1000.0)
+                    if tracing:
+                        st = conn.traced.pop(fields["11"])
+                        trace.append([conn.tid, fields["11"], *st, arrived])
         # (the closed loop refills at the top of the next turn, in one batch per connection)
         if now >= next_progress:
             answered = sum(codes.values())
@@ -600,6 +635,8 @@ def loadgen_main(args: argparse.Namespace) -> int:
     cpu_s = time.process_time() - cpu0
     for conn in conns:
         conn.sock.close()
+    if tracing:
+        Path(args.trace).write_text(json.dumps(trace, separators=(",", ":")))
     _emit(
         {
             "result": {
@@ -658,6 +695,7 @@ def run_load(
     stan_base: int = 0,
     out: TextIO = sys.stderr,
     profile_to: Path | None = None,
+    trace_to: Path | None = None,
 ) -> RunResult:
     """Start `loadgens` load-generator processes over the bed's terminals, run them together for
     `seconds`, show progress once a second, and merge their results."""
@@ -675,6 +713,8 @@ def run_load(
                 "--window", str(window), "--rate", str(rate / loadgens if rate else 0),
                 "--stan-base", str(stan_base), "--seed", str(i),
             ]  # fmt: skip
+            if trace_to is not None:
+                argv += ["--trace", f"{trace_to}.{i}.json"]
             first += count
             procs.append(
                 subprocess.Popen(
@@ -989,6 +1029,7 @@ def main(argv: list[str] | None = None) -> int:
     lg.add_argument("--rate", type=float, default=0.0)
     lg.add_argument("--stan-base", type=int, default=0)
     lg.add_argument("--seed", type=int, default=0)
+    lg.add_argument("--trace", default="", help="write [tid, STAN, scheduled, built, flushed, arrived] here")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each measured run")
     parser.add_argument("--warmup-seconds", type=float, default=2.0)
     parser.add_argument("--terminals", type=int, default=16, help="terminals (one connection each)")
@@ -1002,6 +1043,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dir", default="", help="state directory (default: a temporary one, deleted)")
     parser.add_argument("--profile", action="store_true", help="py-spy the switch during the max run")
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="stage timestamps of every purchase of the fixed run (switch.server.stagetrace): where it waits",
+    )
     parser.add_argument("--batch-window-ms", type=float, default=None, help="ledger group-commit window")
     parser.add_argument(
         "--python", default=sys.executable, help="interpreter of every process (e.g. /usr/bin/python3.11)"
@@ -1030,8 +1076,15 @@ def main(argv: list[str] | None = None) -> int:
             file=out,
         )
         per_listener = max(1, args.terminals // 2) if args.packed else args.terminals
+        stage_trace = directory / "stages.json"
         bed = TestBed(
-            directory, terminals=per_listener, ledger=ledger, python=args.python, env=env, packed=args.packed
+            directory,
+            terminals=per_listener,
+            ledger=ledger,
+            python=args.python,
+            env=env,
+            packed=args.packed,
+            server={"stage_trace_path": str(stage_trace)} if args.trace else None,
         )
         runs: list[RunResult] = []
         with bed:
@@ -1047,14 +1100,22 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(best)
             rate = args.rate or max(1.0, round(best.approved_per_s / 2))
             half = run_load(bed, "fixed", seconds=args.seconds, loadgens=args.loadgens, window=args.window,
-                            rate=rate, stan_base=300_000, out=out)  # fmt: skip
+                            rate=rate, stan_base=300_000, out=out,
+                            trace_to=directory / "loadgen-trace" if args.trace else None)  # fmt: skip
             runs.append(half)
         approved_total = sum(r.approved for r in runs)
         ledger_report = bed.ledger_report(approved_total)
         profile = (
             profile_summary(profile_path, best.seconds) if profile_path and profile_path.exists() else None
         )
+        breakdown = (
+            trace_breakdown(stage_trace, sorted(directory.glob("loadgen-trace.*.json")))
+            if args.trace
+            else None
+        )
     _table(runs, ledger_report, profile, out)
+    if breakdown is not None:
+        print_breakdown(breakdown, out)
     errors = sum(sum(r.errors.values()) for r in runs)
     result = {
         "auth_per_s": best.approved_per_s,
@@ -1079,8 +1140,77 @@ def main(argv: list[str] | None = None) -> int:
         "interpreter": interp,
         "machine": host,
     }
+    if breakdown is not None:
+        result["stage_trace"] = breakdown
     print(json.dumps(result), flush=True)
     return 0 if errors == 0 and ledger_report["verified"] else 1
+
+
+#: Hops of a traced purchase: (name, from stage, to stage). Stages "scheduled", "built", "flushed" and
+#: "arrived" are the load generator's; the rest the switch's (switch.server.stagetrace).
+TRACE_HOPS = (
+    ("loadgen lag (built - scheduled)", "scheduled", "built"),
+    ("loadgen send", "built", "flushed"),
+    ("kernel + trio until read", "flushed", "read"),
+    ("decode, MAC, process request", "read", "decided"),
+    ("wait for the flusher (arm)", "decided", "arm_flushed"),
+    ("ledger process: arm durable", "arm_flushed", "arm_back"),
+    ("arm result to trio thread", "arm_back", "armed"),
+    ("to link queue", "armed", "link_queued"),
+    ("link writer", "link_queued", "link_written"),
+    ("acquirer round trip", "link_written", "answer_read"),
+    ("process answer + flusher (post)", "answer_read", "post_flushed"),
+    ("ledger process: commit durable", "post_flushed", "commit_back"),
+    ("commit result to trio thread", "commit_back", "committed"),
+    ("process commit, encode reply", "committed", "reply_queued"),
+    ("connection writer", "reply_queued", "written"),
+    ("kernel + loadgen until read", "written", "arrived"),
+)
+
+
+def trace_breakdown(switch_trace: Path, loadgen_traces: list[Path]) -> dict[str, Any]:
+    """Join the switch's stage trace with the load generators' stamps by (terminal id, STAN); per hop,
+    the median over all purchases and the mean over the slowest 1% (by scheduled -> arrived)."""
+    data = json.loads(switch_trace.read_text())
+    stages = list(data["stages"])
+    ours = {(t[0], t[1]): t[3:] for t in data["txns"]}
+    names = ["scheduled", "built", "flushed", *stages, "arrived"]
+    rows: list[list[float]] = []
+    for path in loadgen_traces:
+        for tid, stan, scheduled, built, flushed, arrived in json.loads(path.read_text()):
+            st = ours.get((tid, stan))
+            if st is not None and all(st):
+                rows.append([scheduled, built, flushed, *st, arrived])
+    if not rows:
+        return {"joined": 0}
+    idx = {n: i for i, n in enumerate(names)}
+    rows.sort(key=lambda r: r[-1] - r[0])
+    slow = rows[-max(1, len(rows) // 100) :]
+    out: dict[str, Any] = {"joined": len(rows), "hops": []}
+    for name, a, b in TRACE_HOPS:
+        ia, ib = idx[a], idx[b]
+        all_ms = sorted((r[ib] - r[ia]) * 1000.0 for r in rows)
+        slow_ms = [(r[ib] - r[ia]) * 1000.0 for r in slow]
+        out["hops"].append(
+            (name, round(percentile(all_ms, 0.5), 3), round(sum(all_ms) / len(all_ms), 3),
+             round(sum(slow_ms) / len(slow_ms), 3))
+        )  # fmt: skip
+    total = sorted((r[-1] - r[0]) * 1000.0 for r in rows)
+    out["total"] = (round(percentile(total, 0.5), 3), round(sum(total) / len(total), 3),
+                    round(sum((r[-1] - r[0]) * 1000.0 for r in slow) / len(slow), 3))  # fmt: skip
+    return out
+
+
+def print_breakdown(bd: dict[str, Any], out: TextIO) -> None:
+    if not bd.get("joined"):
+        print("\nstage trace: no purchase joined", file=out)
+        return
+    print(f"\nwhere a purchase waits (fixed run, {bd['joined']} purchases traced; ms)", file=out)
+    print(f"  {'hop':<36}{'median':>9}{'mean':>9}{'slowest 1% mean':>17}", file=out)
+    for name, p50, mean, slow in bd["hops"]:
+        print(f"  {name:<36}{p50:>9.3f}{mean:>9.3f}{slow:>17.3f}", file=out)
+    p50, mean, slow = bd["total"]
+    print(f"  {'total (scheduled -> arrived)':<36}{p50:>9.3f}{mean:>9.3f}{slow:>17.3f}", file=out)
 
 
 def _table(runs: list[RunResult], ledger: dict[str, Any], profile: Profile | None, out: TextIO) -> None:

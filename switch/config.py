@@ -241,6 +241,11 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     gc_full_interval_s: int = 900
     #: Ledger reads (FindOriginal) queued for the lookup thread at most; beyond it they run inline.
     max_pending_lookups: int = 10_000
+    #: Diagnostics (switch.server.stagetrace): when set, per-transaction stage timestamps (terminal id,
+    #: STAN, RRN, no card data) of up to stage_trace_max_txns transactions are written to this file at
+    #: shutdown (bench/e2e.py --trace). Empty: off.
+    stage_trace_path: str = ""
+    stage_trace_max_txns: int = 500_000
 
 
 class MerchantServicesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -33,8 +33,10 @@ from switch.routing.link_state import (
     SendSignOn,
 )
 from switch.routing.matching import LinkFullError, LinkMatcher, Matched, MatchingError, Pending
+from switch.server import stagetrace
 from switch.server.limits import LimitLog
 from switch.server.metrics import Metrics
+from switch.server.stagetrace import StageTrace
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,9 @@ class AcquirerLink:
         self.unmatched_log = LimitLog(log, f"acquirer link {self.name}", "unmatched answers")
         self._latency = metrics.acquirer_latency.labels(config.name)
         self._unmatched = metrics.unmatched.labels(config.name)
+        #: Stage trace (diagnostics, switch.server.stagetrace); set by the core's owner when on.
+        self.trace: StageTrace | None = None
+        self._outbox_ctx: list[Any] = []
 
     @property
     def up(self) -> bool:
@@ -120,6 +125,8 @@ class AcquirerLink:
             raise
         self.matcher.register(fields, now_ms, context, timeout_ms)
         self._outbox.append(self.wire.frame(payload))
+        if self.trace is not None:
+            self._outbox_ctx.append(context)
         self._wake.set()
 
     # --- the connection loop (driven by switch.routing.link_state) ------------------------------------
@@ -153,6 +160,7 @@ class AcquirerLink:
                 finally:
                     st.connection_lost(self.owner.now_ms(), reason)
                     self._outbox.clear()
+                    self._outbox_ctx.clear()
                     self._sync_state()
                     log.warning("acquirer link %s down: %s", self.name, st.last_down_reason or reason)
                     lost = [p for p in self.matcher.drain() if not _is_network(p.context)]
@@ -210,6 +218,9 @@ class AcquirerLink:
                 out = self._outbox
                 self._outbox = []
                 await stream.send_all(out[0] if len(out) == 1 else b"".join(out))
+                if self.trace is not None:
+                    ctxs, self._outbox_ctx = self._outbox_ctx, []
+                    self.trace.marker(ctxs, stagetrace.LINK_WRITTEN)()
 
     async def _reader(self, stream: trio.SocketStream) -> None:
         reader = self.wire.reader(self.config.max_frame_bytes)
@@ -225,6 +236,7 @@ class AcquirerLink:
                 self._apply([MarkDown(f"bad frame: {exc}")])
                 return
             now_ms = self.owner.now_ms()
+            read_at = time.perf_counter()
             answers: list[tuple[Pending[Any], dict]] = []
             for frame in frames:
                 payload = _payload(frame)
@@ -254,6 +266,8 @@ class AcquirerLink:
                     continue
                 self._latency.observe(result.elapsed_ms / 1000.0)
                 answers.append((result.pending, fields))
+                if self.trace is not None:
+                    self.trace.mark(ctx, stagetrace.ANSWER_READ, read_at)
             if answers:
                 self.owner.on_link_answers(self, answers)
 

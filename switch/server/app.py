@@ -133,6 +133,8 @@ class Switch:
         for acq in config.acquirers:
             key = link_keys.get(acq.name)
             links = [AcquirerLink(acq, i, self.core, self.metrics, rng, key) for i in range(acq.connections)]
+            for link in links:
+                link.trace = self.core.trace  # stage trace (diagnostics): None unless configured
             self.core.groups[acq.name] = AcquirerGroup(acq, links)
             self.metrics.set_link_states(acq.name, {"disconnected": acq.connections})
         self.listeners = [TerminalListener(lc, self.core, self.metrics) for lc in config.listeners]

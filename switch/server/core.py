@@ -45,6 +45,7 @@ from switch.processing import decisions as d
 from switch.processing import events as ev
 from switch.routing.matching import Pending
 from switch.routing.store_forward import StoreForward
+from switch.server import stagetrace as st
 from switch.server.acquirer import AcquirerGroup, AcquirerLink
 from switch.server.armed import ArmedStore
 from switch.server.durable import DurableBusy, DurableWriter
@@ -53,6 +54,7 @@ from switch.server.limits import LimitLog
 from switch.server.lookups import LookupThread
 from switch.server.metrics import Metrics
 from switch.server.rrn_store import RrnStore
+from switch.server.stagetrace import StageTrace
 from switch.server.terminal import TerminalConnection
 
 log = logging.getLogger(__name__)
@@ -179,6 +181,11 @@ class SwitchCore:
         #: there (one message per batch for both); else the durable-writer thread.
         self.arm_sink: Any = writer if hasattr(writer, "arm") else self.durable
         self.lookups = LookupThread(self._durable_done, max_pending=config.server.max_pending_lookups)
+        #: Opt-in stage timestamps of each transaction (diagnostics, switch.server.stagetrace).
+        sc = config.server
+        self.trace: StageTrace | None = (
+            StageTrace(sc.stage_trace_path, sc.stage_trace_max_txns) if sc.stage_trace_path else None
+        )
 
     def bind_trio(self) -> None:
         """Call on the trio thread before any traffic: completions are delivered to this run."""
@@ -192,6 +199,8 @@ class SwitchCore:
         """Stop the durable writer after it wrote what is queued (its callbacks are then dropped)."""
         self.lookups.close(timeout_s)
         self.durable.close(timeout_s)
+        if self.trace is not None:
+            self.trace.dump()
 
     async def settle(self, timeout_s: float = SETTLE_TIMEOUT_S) -> None:
         """Wait until every queued durable write is done and its events processed (start-up: the
@@ -369,6 +378,12 @@ class SwitchCore:
         self.metrics.inflight_count -= 1
         if req is not None:
             self.metrics.answered(req.mti, req.pc, fields.get("39", ""), time.perf_counter() - req.t0)
+            if self.trace is not None:
+                stamps = self.trace.answered(
+                    fields.get("41", ""), fields.get("11", ""), fields.get("37", ""), req.t0
+                )
+                if stamps is not None:
+                    conn.traced.append(stamps)
 
     # --- acquirer side --------------------------------------------------------------------------------
     def on_link_answers(self, link: AcquirerLink, answers: Sequence[tuple[Pending[Any], dict]]) -> None:
@@ -442,6 +457,8 @@ class SwitchCore:
                 self._posts.append(dec)
             elif isinstance(dec, d.SendToAcquirer):
                 self._sends.append(dec)
+                if self.trace is not None:
+                    self.trace.start(dec.txn_id, dec.fields.get("37", ""))
             elif isinstance(dec, d.QueueReversal):
                 self._saf_items.append((dec.acquirer, "0400", dec.fields, dec.rrn))
                 self.metrics.reversals_queued.labels(dec.acquirer).inc()
@@ -520,6 +537,7 @@ class SwitchCore:
         if not (self._sends or self._saf_items or self._posts or self._releases):
             return bool(self._events)
         now = self.now_ms()
+        traced_ids: list[tuple[list[int], int]] = []
         sends, self._sends = self._sends, []
         if sends:
             armed = [s for s in sends if s.reversal is not None]
@@ -529,6 +547,10 @@ class SwitchCore:
                     on_armed: Any = functools.partial(self._armed, armed)
                     if self.arm_sink is not self.durable:  # called on the ledger's reader thread
                         on_armed = _OnTrio(self._from_thread, on_armed)
+                        if self.trace is not None:
+                            ids = [s.txn_id for s in armed]
+                            on_armed.stamp = self.trace.marker(ids, st.ARM_BACK)
+                            traced_ids.append((ids, st.ARM_FLUSHED))
                     self.arm_sink.arm(arms, now, on_armed)
                 except (DurableBusy, LedgerBusy, LedgerUnavailable) as exc:  # not armed: must not send
                     self._busy_log.hit(f"cannot arm pre-stored reversals: {exc}")
@@ -555,13 +577,20 @@ class SwitchCore:
         posts, self._posts = self._posts, []
         if posts:
             self._submit(posts, now)
+            if self.trace is not None:
+                traced_ids.append(([p.txn_id for p in posts], st.POST_FLUSHED))
         flush = getattr(self.writer, "flush", None)
         if flush is not None:  # the ledger process: this batch's arms, releases and posts, one message
             flush()
+        for ids, stage in traced_ids:
+            self.trace.marker(ids, stage)()  # type: ignore[union-attr]
         return bool(self._events)
 
     def _send_now(self, sends: Sequence[d.SendToAcquirer], now: int) -> None:
+        trace = self.trace
         for s in sends:
+            if trace is not None:
+                trace.mark(s.txn_id, st.LINK_QUEUED)
             if s.deadline_ms <= now:  # its time ran out while the arm was written: never sent
                 self.metrics.timeouts.labels(s.acquirer).inc()
                 self._events.append(ev.DeadlinePassed(s.txn_id, now))
@@ -577,6 +606,8 @@ class SwitchCore:
     def _armed(self, sends: list[d.SendToAcquirer], error: BaseException | None, _: Any) -> None:
         """Durable-writer completion: the batch's reversals are armed (or not); send (or refuse)."""
         now = self.now_ms()
+        if self.trace is not None:
+            self.trace.marker([s.txn_id for s in sends], st.ARMED)()
         if error is not None:
             log.error("cannot arm pre-stored reversals: %s", error)
             for s in sends:
@@ -637,6 +668,8 @@ class SwitchCore:
                     callback(error, value)
                 continue
             txn_id, t0, entries, error = item
+            if self.trace is not None:
+                self.trace.mark(txn_id, st.COMMITTED)
             if t0 not in seen_t0:
                 seen_t0.add(t0)
                 self.metrics.ledger_commit_latency.observe(t1 - t0)
@@ -658,10 +691,13 @@ class SwitchCore:
     def _submit(self, posts: list[d.Post], now: int) -> None:
         t0 = time.perf_counter()
         entries = sum(len(post.drafts) for post in posts)
-        submit_many = getattr(self.writer, "submit_many", None)
-        if submit_many is not None:  # the ledger process: one message for the whole batch
+        # the ledger process (it also keeps the armed store): one message for the whole batch
+        submit_many = self.writer.submit_many if self.arm_sink is self.writer else None
+        if submit_many is not None:
             try:
-                submit_many([(p.drafts, _LedgerCallback(self._from_thread, p.txn_id, t0)) for p in posts])
+                submit_many(
+                    [(p.drafts, _LedgerCallback(self._from_thread, p.txn_id, t0, self.trace)) for p in posts]
+                )
             except Exception as exc:  # LedgerUnavailable: every post of the batch fails
                 self.metrics.ledger_failures.inc(len(posts))
                 log.error("ledger refused %d posts: %s", len(posts), exc)
@@ -671,7 +707,7 @@ class SwitchCore:
             for post in posts:
                 txn_id = post.txn_id
                 try:
-                    submit(post.drafts, _LedgerCallback(self._from_thread, txn_id, t0))
+                    submit(post.drafts, _LedgerCallback(self._from_thread, txn_id, t0, self.trace))
                 except Exception as exc:  # LedgerBusy, invalid draft: this txn fails
                     self.metrics.ledger_failures.inc()
                     log.error("ledger refused txn %d: %s", txn_id, exc)
@@ -740,27 +776,35 @@ class SwitchCore:
 class _OnTrio:
     """A (error, value) callback called on another thread, run on the trio thread instead."""
 
-    __slots__ = ("callback", "post")
+    __slots__ = ("callback", "post", "stamp")
 
     def __init__(self, post: Callable[[Any], None], callback: Callable[[Any, Any], None]) -> None:
         self.post = post
         self.callback = callback
+        self.stamp: Callable[[], None] | None = None  # stage trace (diagnostics)
 
     def __call__(self, error: BaseException | None, value: Any) -> None:
+        if self.stamp is not None:
+            self.stamp()
         self.post([(self.callback, error, value)])
 
 
 class _LedgerCallback:
     """The ledger writer's per-submission callback (its thread): hands the result to the trio thread."""
 
-    __slots__ = ("post", "t0", "txn_id")
+    __slots__ = ("post", "t0", "trace", "txn_id")
 
-    def __init__(self, post: Callable[[Any], None], txn_id: int, t0: float) -> None:
+    def __init__(
+        self, post: Callable[[Any], None], txn_id: int, t0: float, trace: StageTrace | None = None
+    ) -> None:
         self.post = post
         self.txn_id = txn_id
         self.t0 = t0
+        self.trace = trace
 
     def __call__(self, entries: list[Entry] | None, error: BaseException | None) -> None:
+        if self.trace is not None:
+            self.trace.mark(self.txn_id, st.COMMIT_BACK)
         self.post((self.txn_id, self.t0, entries, error))
 
 

@@ -28,6 +28,7 @@ import trio
 
 from switch.codec.framing import FrameReader, FrameTooLongError, FramingError
 from switch.config import ListenerConfig
+from switch.server import stagetrace
 from switch.server.limits import LimitLog
 from switch.server.metrics import Metrics
 
@@ -71,6 +72,7 @@ class TerminalConnection:
         "stream",
         "terminal_id",
         "tpdu",
+        "traced",
     )
 
     def __init__(self, listener: TerminalListener, stream: trio.SocketStream) -> None:
@@ -97,6 +99,8 @@ class TerminalConnection:
         self._capacity = trio.Event()
         self._backlog: deque[Any] = deque()
         self._closed = False
+        #: Stage-trace stamps of answers queued and not yet written (diagnostics; empty when off).
+        self.traced: list[list[float]] = []
 
     # --- called by the core (synchronously, on the trio thread) ----------------------------------
     def request_started(self) -> None:
@@ -195,9 +199,18 @@ class TerminalConnection:
                     self._closed = True
                     scope.cancel()
                     return
+                if self.traced:
+                    _stamp_written(self.traced)
+                    self.traced = []
             if self._closed and not self._outbox:
                 scope.cancel()
                 return
+
+
+def _stamp_written(traced: list[list[float]]) -> None:
+    at = time.perf_counter()
+    for stamps in traced:
+        stamps[stagetrace.WRITTEN] = at
 
 
 class TerminalListener:
