@@ -15,6 +15,7 @@ the memo of the ledger entry that carries the outcome.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 import msgspec
@@ -86,3 +87,40 @@ def evaluate(t: Terminal, contract: Contract, processed_minor: int, now_ms: int)
         result=result,
         reason=reason,
     )
+
+
+def may_decide(t: Terminal, contract: Contract | None, now_ms: int) -> bool:
+    """Whether evaluating `t`'s deposit at `now_ms` can decide it, so a scheduled pass should fold the
+    ledger for it. False for decided or absent deposits, and for a terminal not activated yet whose
+    activation deadline has not passed: it is pending whatever the ledger says (no read needed)."""
+    if not t.deposit_rrn or t.deposit_outcome or contract is None:
+        return False
+    act_deadline, _ = deadlines(t, contract)
+    return not (t.activated_at_ms is None and now_ms <= act_deadline)
+
+
+#: Position of a scheduled pass in the undecided deposits: (registered_at_ms, terminal id).
+Cursor = tuple[int, str]
+
+
+def due(
+    terminals: Iterable[Terminal],
+    contract_of: Callable[[str], Contract | None],
+    now_ms: int,
+    limit: int,
+    after: Cursor | None = None,
+) -> tuple[list[Terminal], Cursor | None]:
+    """The next at most `limit` terminals a scheduled pass evaluates, oldest registration first,
+    continuing after `after` and wrapping around, so terminals that stay undecided for weeks (activated,
+    volume not reached yet) cannot starve newer ones. Returns them and the cursor for the next pass."""
+    if limit <= 0:
+        raise ValueError("limit must be > 0")
+    ready = sorted(
+        (t for t in terminals if may_decide(t, contract_of(t.merchant_id), now_ms)),
+        key=lambda t: (t.registered_at_ms, t.id),
+    )
+    if after is not None:
+        split = next((i for i, t in enumerate(ready) if (t.registered_at_ms, t.id) > after), len(ready))
+        ready = ready[split:] + ready[:split]
+    batch = ready[:limit]
+    return batch, ((batch[-1].registered_at_ms, batch[-1].id) if batch else None)

@@ -174,6 +174,13 @@ def deposit(
     )
 
 
+def deposit_outcome_key(deposit_rrn: str) -> str:
+    """ONE idempotency key for both outcomes of a deposit (refund or keep): whichever evaluation
+    (API, CLI, the switch's schedule) posts first wins, and a concurrent one deciding the other way
+    (its clock crossed a deadline meanwhile) is refused by the ledger instead of posting both."""
+    return f"deposit_outcome:{deposit_rrn}"
+
+
 def deposit_refund(
     deposit_rrn: str,
     merchant_id: str,
@@ -185,7 +192,7 @@ def deposit_refund(
 ) -> EntryDraft:
     return _draft(
         EntryKind.DEPOSIT_REFUND,
-        f"deposit_refund:{deposit_rrn}",
+        deposit_outcome_key(deposit_rrn),
         f"{deposit_rrn}/refund",
         at_ms,
         merchant_id,
@@ -210,7 +217,7 @@ def deposit_kept(
 ) -> EntryDraft:
     return _draft(
         EntryKind.ADJUSTMENT,
-        f"deposit_kept:{deposit_rrn}",
+        deposit_outcome_key(deposit_rrn),
         f"{deposit_rrn}/kept",
         at_ms,
         merchant_id,

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import msgspec
 
 from switch.config import MerchantServicesConfig
-from switch.ledger.model import Entry, EntryDraft, EntryKind
+from switch.ledger.model import Entry, EntryDraft, EntryKind, IdempotencyConflict
 from switch.merchant import deposit, drafts, lifecycle, settlement, subscription
 from switch.merchant.model import (
     Contract,
@@ -61,6 +61,15 @@ class LedgerPort(Protocol):
 
 class NotFound(RegistryError):
     pass
+
+
+class DepositSweep(msgspec.Struct, kw_only=True):
+    """What one scheduled deposit pass did (MerchantService.sweep_deposits)."""
+
+    checked: int
+    decided: list[deposit.DepositEvaluation] = msgspec.field(default_factory=list)
+    errors: list[str] = msgspec.field(default_factory=list)
+    cursor: deposit.Cursor | None = None
 
 
 class MerchantService:
@@ -457,35 +466,122 @@ class MerchantService:
         return out
 
     def evaluate_deposit(self, terminal_id: str, actor: str, apply: bool = True) -> deposit.DepositEvaluation:
-        """Evaluate the deposit rule now; with `apply`, post the outcome (refund or keep) once decided."""
+        """Evaluate the deposit rule now; with `apply`, post the outcome (refund or keep) once decided.
+
+        Exactly once, whoever asks (API, CLI, the running switch's schedule) and whenever they
+        crash: the ledger is the truth. An outcome already in the ledger is only recorded in the
+        registry (a crash between posting and saving left it there); both outcomes share one
+        idempotency key, so of two evaluations racing only the first posts and the other records
+        what the first posted. The amount refunded or kept is the deposit actually charged (its
+        DEPOSIT entry), not what the contract says today."""
         now = self.clock_ms()
-        t, v = self.terminal(terminal_id)
+        t, _ = self.terminal(terminal_id)
         contract = self.contract_for(t.merchant_id)
         _, vol_deadline = deposit.deadlines(t, contract)
         ev = deposit.evaluate(t, contract, self.processed_minor(t, vol_deadline), now)
-        if not apply or ev.result == "pending" or not t.deposit_rrn or t.deposit_outcome:
+        if not apply or not t.deposit_rrn or t.deposit_outcome:
             return ev
-        memo = drafts.memo_json(ev)
-        if ev.result == "refund":
-            d = drafts.deposit_refund(
-                t.deposit_rrn, t.merchant_id, t.id, ev.deposit_minor, ev.currency, now, memo
-            )
-        else:
-            d = drafts.deposit_kept(
-                t.deposit_rrn, t.merchant_id, t.id, ev.deposit_minor, ev.currency, now, memo
-            )
-        self._post([d])
-        outcome = "refunded" if ev.result == "refund" else "kept"
-        self._save(
-            "terminal",
-            t.id,
-            t.merchant_id,
-            msgspec.structs.replace(t, deposit_outcome=outcome),
-            actor,
-            f"deposit {outcome}",
-            v,
-        )
-        return ev
+        posted = self._deposit_outcome_entry(t.deposit_rrn)
+        if posted is None:
+            if ev.result == "pending":
+                return ev
+            charged = self._deposit_charged(t.deposit_rrn)
+            if charged is not None:
+                ev = msgspec.structs.replace(ev, deposit_minor=charged[0], currency=charged[1])
+            memo = drafts.memo_json(ev)
+            make = drafts.deposit_refund if ev.result == "refund" else drafts.deposit_kept
+            d = make(t.deposit_rrn, t.merchant_id, t.id, ev.deposit_minor, ev.currency, now, memo)
+            try:
+                posted = self._post([d])[0]
+            except IdempotencyConflict:
+                posted = self._deposit_outcome_entry(t.deposit_rrn)  # another evaluation won the race
+                if posted is None:
+                    raise
+        outcome = "refunded" if posted.draft.kind is EntryKind.DEPOSIT_REFUND else "kept"
+        self._record_deposit_outcome(terminal_id, outcome, actor)
+        try:
+            return msgspec.json.decode(posted.draft.memo, type=deposit.DepositEvaluation)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return ev
+
+    def _deposit_outcome_entry(self, deposit_rrn: str) -> Entry | None:
+        """The refund or keep of this deposit already in the ledger, if any."""
+        for rrn in (f"{deposit_rrn}/refund", f"{deposit_rrn}/kept"):
+            for e in self.reader.entries_by_rrn(rrn):
+                if e.draft.original_rrn == deposit_rrn and e.draft.kind in (
+                    EntryKind.DEPOSIT_REFUND,
+                    EntryKind.ADJUSTMENT,
+                ):
+                    return e
+        return None
+
+    def _deposit_charged(self, deposit_rrn: str) -> tuple[int, str] | None:
+        for e in self.reader.entries_by_rrn(deposit_rrn):
+            if e.draft.kind is EntryKind.DEPOSIT:
+                return e.draft.amount_minor, e.draft.currency
+        return None
+
+    def _record_deposit_outcome(self, terminal_id: str, outcome: str, actor: str) -> None:
+        for _ in range(LIFECYCLE_RETRIES):
+            t, v = self.terminal(terminal_id)
+            if t.deposit_outcome == outcome:
+                return
+            if t.deposit_outcome:
+                raise RegistryError(
+                    f"terminal {terminal_id}: registry says deposit {t.deposit_outcome}, "
+                    f"ledger says {outcome}"
+                )
+            try:
+                self._save(
+                    "terminal",
+                    t.id,
+                    t.merchant_id,
+                    msgspec.structs.replace(t, deposit_outcome=outcome),
+                    actor,
+                    f"deposit {outcome}",
+                    v,
+                )
+                return
+            except RegistryConflict:
+                continue  # a lifecycle save or an operator changed the terminal: apply to the new one
+        raise RegistryConflict(f"terminal {terminal_id} kept changing: deposit {outcome} not recorded")
+
+    def sweep_deposits(self, actor: str, limit: int, after: deposit.Cursor | None = None) -> DepositSweep:
+        """One scheduled pass: evaluate the undecided deposits that may be decided now (at most
+        `limit`, continuing after `after`) and post each outcome once decided. A terminal whose
+        evaluation fails is reported in `errors` and never blocks the others."""
+        now = self.clock_ms()
+        contracts: dict[str, Contract | None] = {}
+
+        def contract_of(merchant_id: str) -> Contract | None:
+            if merchant_id not in contracts:
+                try:
+                    contracts[merchant_id] = self.contract_for(merchant_id)
+                except NotFound:
+                    contracts[merchant_id] = None
+            return contracts[merchant_id]
+
+        batch, cursor = deposit.due(self._all_terminals(), contract_of, now, limit, after)
+        out = DepositSweep(checked=len(batch), cursor=cursor)
+        for t in batch:
+            try:
+                ev = self.evaluate_deposit(t.id, actor, apply=True)
+            except (RegistryError, IdempotencyConflict) as exc:
+                out.errors.append(f"terminal {t.id}: {exc}")
+                continue
+            if ev.result != "pending":
+                out.decided.append(ev)
+        return out
+
+    def _all_terminals(self) -> list[Terminal]:
+        out: list[Terminal] = []
+        after = ""
+        while True:
+            page = self.store.list("terminal", Terminal, after_id=after, limit=self.cfg.max_list_rows)
+            out += page
+            if len(page) < self.cfg.max_list_rows:
+                return out
+            after = page[-1].id
 
     # --- status, cutover, reports ----------------------------------------------------------------
     def settled_before_seq(self) -> int:

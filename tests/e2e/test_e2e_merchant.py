@@ -302,3 +302,38 @@ async def test_registered_terminal_that_never_signed_on_gets_58_over_tcp(tmp_pat
             assert (await term.purchase(card(ALPHA_BIN, 6), 700)).response_code == "A0"
         missing = await api.get("/terminals/NOBODY01/refusals")
         assert missing.status_code == 404
+
+
+@trio_test
+async def test_running_switch_refunds_and_keeps_deposits_on_its_schedule(tmp_path: Path) -> None:
+    clock = Clock()
+    scheduled = {
+        **SWITCH,
+        "merchant_services": {"registry_poll_interval_ms": 100, "deposit_check_interval_s": 1},
+    }
+    async with running_switch(tmp_path, clock_ms=clock, **scheduled) as h, admin_api(h) as api:
+        cfg = await onboard(h, api)
+        idle = await call(api, "POST", "/terminals", json={"id": "SHOPT002", "merchant_id": SHOP})
+        async with TerminalSim.connect(cfg) as term:
+            await term.sign_on()
+            assert (await term.purchase(card(ALPHA_BIN, 7), 100)).response_code == "00"  # activation
+            assert (await term.purchase(card(ALPHA_BIN, 7), 900)).response_code == "00"  # 1,000 reached
+        # Nobody calls the deposit endpoint: the switch's schedule posts the refund by itself.
+        t = await terminal_state(api, "active")
+        with trio.fail_after(5):
+            while (t := await call(api, "GET", f"/terminals/{TID}"))["deposit_outcome"] != "refunded":
+                await trio.sleep(0.05)
+        audit = await call(api, "GET", f"/audit?object_kind=terminal&object_id={TID}")
+        assert audit[-1]["actor"] == "switch:deposit-schedule" and audit[-1]["action"] == "deposit refunded"
+        # The idle terminal was never activated: once its activation window passed, it is kept.
+        clock.offset_ms += 10 * DAY_MS + 60_000
+        with trio.fail_after(5):
+            while (await call(api, "GET", "/terminals/SHOPT002"))["deposit_outcome"] != "kept":
+                await trio.sleep(0.05)
+        await trio.sleep(1.3)  # at least one more pass: it posts nothing again
+        outcomes = [
+            (d.kind, d.original_rrn) for d in mine(h) if d.idempotency_key.startswith("deposit_outcome:")
+        ]
+        assert sorted(outcomes) == sorted(
+            [(EntryKind.DEPOSIT_REFUND, t["deposit_rrn"]), (EntryKind.ADJUSTMENT, idle["deposit_rrn"])]
+        )

@@ -372,3 +372,23 @@ def test_deposit_condition_just_met_and_just_missed() -> None:
     never = msgspec.structs.replace(t, activated_at_ms=None)
     assert deposit.evaluate(never, c, 0, T0 + 10 * DAY_MS).result == "pending"
     assert deposit.evaluate(never, c, 0, T0 + 10 * DAY_MS + 1).result == "keep"
+
+
+def test_deposit_due_rotates_so_long_pending_terminals_cannot_starve_newer_ones() -> None:
+    from switch.merchant import deposit
+    from switch.merchant.model import Contract, Rate, Terminal
+
+    c = Contract(id="c", merchant_id="M", currency="978", rates={"default": Rate()}, deposit_minor=100)
+    ts = [
+        Terminal(id=f"T{i}", merchant_id="M", registered_at_ms=i, paid_until_ms=0, deposit_rrn=f"d{i}",
+                 activated_at_ms=i)  # activated: may be decided any time, so always due
+        for i in range(3)
+    ]  # fmt: skip
+    undecided_not_activated = Terminal(id="T9", merchant_id="M", registered_at_ms=0, paid_until_ms=0,
+                                       deposit_rrn="d9")  # fmt: skip
+    seen = []
+    cursor = None
+    for _ in range(4):
+        batch, cursor = deposit.due([*ts, undecided_not_activated], lambda m: c, 5, 2, cursor)
+        seen.append([t.id for t in batch])
+    assert seen == [["T0", "T1"], ["T2", "T0"], ["T1", "T2"], ["T0", "T1"]]

@@ -286,3 +286,58 @@ def test_status_by_stan_on_a_postgres_database_with_a_linguistic_collation(pg_cl
             store.close()
     finally:
         pg_cluster.drop_database(name)
+
+
+def test_scheduled_sweep_keeps_a_deposit_after_its_window_once_and_skips_what_cannot_be_decided(
+    env: tuple[MerchantService, Clock, LedgerWriter],
+) -> None:
+    svc, clock, _ = env
+    t = svc.register_terminal("T1", "M1", "bob")  # never activated; activation deadline: 10 days
+    clock.now = T0 + 10 * DAY_MS  # the last millisecond it could still be activated: nothing to decide
+    sweep = svc.sweep_deposits("sched", 100)
+    assert (sweep.checked, sweep.decided) == (0, [])
+    clock.now += 1
+    sweep = svc.sweep_deposits("sched", 100)
+    assert [ev.result for ev in sweep.decided] == ["keep"] and sweep.errors == []
+    kept = svc.reader.entries_by_rrn(f"{t.deposit_rrn}/kept")
+    assert [(e.draft.kind, e.draft.amount_minor) for e in kept] == [(EntryKind.ADJUSTMENT, 5000)]
+    assert svc.terminal("T1")[0].deposit_outcome == "kept"
+    assert svc.sweep_deposits("sched", 100).checked == 0  # decided: never looked at again
+    assert len(svc.reader.entries_by_rrn(f"{t.deposit_rrn}/kept")) == 1
+    assert [a.actor for a in svc.store.audit(object_kind="terminal")][-1] == "sched"
+
+
+def test_deposit_outcome_posted_once_across_a_crash_and_a_race(
+    env: tuple[MerchantService, Clock, LedgerWriter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc, clock, writer = env
+    t = svc.register_terminal("T1", "M1", "bob")
+    clock.now = T0 + 11 * DAY_MS
+    # A crash after posting, before the registry was updated: the next pass only records it.
+    from switch.merchant import drafts
+
+    writer.append([drafts.deposit_kept(t.deposit_rrn, "M1", "T1", 5000, "978", clock.now, "{}")])
+    assert svc.terminal("T1")[0].deposit_outcome == ""
+    assert [ev.result for ev in svc.sweep_deposits("sched", 100).decided] == ["keep"]
+    assert svc.terminal("T1")[0].deposit_outcome == "kept"
+    assert len(svc.reader.entries_by_rrn(f"{t.deposit_rrn}/kept")) == 1
+
+    # A race: another evaluation posts the other outcome between our ledger check and our post.
+    t2 = svc.register_terminal("T2", "M1", "bob")
+    clock.now += 11 * DAY_MS
+    other = drafts.deposit_refund(t2.deposit_rrn, "M1", "T2", 5000, "978", clock.now, "{}")
+    real_lookup = svc._deposit_outcome_entry
+    calls = []
+
+    def lookup_then_lose_the_race(rrn: str) -> Any:
+        calls.append(rrn)
+        if len(calls) == 1:
+            writer.append([other])  # the other evaluation commits right after our look
+            return None
+        return real_lookup(rrn)
+
+    monkeypatch.setattr(svc, "_deposit_outcome_entry", lookup_then_lose_the_race)
+    svc.evaluate_deposit("T2", "ops")  # decides "keep", but the ledger already holds the refund
+    assert svc.terminal("T2")[0].deposit_outcome == "refunded"
+    assert len(svc.reader.entries_by_rrn(f"{t2.deposit_rrn}/refund")) == 1
+    assert svc.reader.entries_by_rrn(f"{t2.deposit_rrn}/kept") == []

@@ -129,6 +129,7 @@ class MerchantWiring:
         self.refusals = RefusalLog(self.cfg.max_refusals_per_terminal, self.cfg.max_refusal_terminals)
         self.dropped_events = 0
         self.saved_events = 0
+        self.deposit_passes = 0  # passes of the deposit schedule so far (switch.server.merchant_schedule)
         self.api_port = 0
         self._api_token = ""
         if config.admin.enabled:
@@ -187,6 +188,10 @@ class MerchantWiring:
         self._send, self._recv = trio.open_memory_channel(self.cfg.max_pending_lifecycle_events)
         nursery.start_soon(self._save_lifecycle)
         nursery.start_soon(self._poll)
+        if self.cfg.deposit_check_interval_s > 0:
+            from switch.server.merchant_schedule import run_deposit_schedule
+
+            await nursery.start(run_deposit_schedule, self)
         if self.api_service is not None:
             from switch.server.admin.app import serve_admin
 
@@ -199,6 +204,20 @@ class MerchantWiring:
                     refusals=self.refusals,
                 )
             )
+
+    def posting_service(self) -> MerchantService:
+        """A service with its own registry and ledger-reader connections that posts through the
+        switch's ledger writer, its changes reaching the running rules (for a task's worker thread,
+        e.g. the deposit schedule). The caller closes `store` and `reader`."""
+        svc = MerchantService(
+            open_store(self.config),
+            LedgerReader(open_backend(self.config.ledger, create=False)),
+            ObservedLedger(self.writer, self._observed_from_thread),
+            self.cfg,
+            self.clock_ms,
+        )
+        svc.on_change = self._changed_from_thread
+        return svc
 
     def close(self) -> None:
         for closeable in (self.api_store, self.api_reader, self.store, self.reader):
