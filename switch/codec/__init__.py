@@ -17,10 +17,21 @@ Two paths:
 - reference: pyiso8583 itself. Used when the extension is missing, when SWITCH_CODEC_PURE=1 is set in
   the environment at import, or after `use_fast_path(False)`.
 
-Error messages are passed through `masking.scrub_text`: pyiso8583 quotes offending dict *keys* in two
-encode errors, and a numeric key can be a PAN pasted in the wrong place. The exception attributes
-`s`, `doc_dec` and `doc_enc` still hold the raw message (a caller answering a format error needs its
-MTI, STAN and terminal id); mask them with `masking.mask_fields` before they go near a log line.
+Errors carry no card data, in their text or anywhere else (an exception travels: a log record with
+exc_info, a traceback formatter that prints attributes, a pickle to another process). Compared with
+pyiso8583's own:
+- the message goes through `masking.scrub_text` (pyiso8583 quotes offending dict *keys* in two encode
+  errors, and a numeric key can be a PAN pasted in the wrong place);
+- `doc_dec` is `masking.mask_fields` of pyiso8583's partial dict: MTI, STAN, terminal id and the other
+  fields a caller answering a format error needs stay readable, the PAN is BIN + last 4, track data,
+  PIN block, ICC data and MACs are replaced by their length;
+- `doc_enc` is `masking.mask_encoded_fields` of pyiso8583's: length prefixes stay, field bytes only
+  where they cannot be card data;
+- `s` (the raw message) is b"": it cannot be masked field by field once the message is malformed;
+- `field`, `pos` and `msg` are unchanged, and there is no `__cause__`/`__context__` (pyiso8583 raises
+  from inside `except` blocks whose exceptions, UnicodeDecodeError's `.object` for one, hold the raw
+  field bytes).
+Other exceptions pyiso8583 lets escape keep their type and scrubbed text, without their chain.
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ from typing import Any, Final
 
 import iso8583
 
-from switch.codec.masking import scrub_text
+from switch.codec.masking import mask_encoded_fields, mask_fields, scrub_text
 from switch.codec.plan import SpecPlan, compile_spec
 from switch.codec.specs import SPECS, get_spec
 
@@ -64,19 +75,36 @@ EncodedDict = dict[str, dict[str, bytes]]
 
 
 class DecodeError(iso8583.DecodeError):
-    """pyiso8583's DecodeError; the message is scrubbed of card numbers (attributes are not)."""
+    """pyiso8583's DecodeError with its card data masked: message, doc_dec and doc_enc masked, s
+    emptied; field and pos as pyiso8583 set them (module docstring)."""
+
+    @classmethod
+    def masked(cls, e: iso8583.DecodeError) -> DecodeError:
+        doc_dec = mask_fields(e.doc_dec) if isinstance(e.doc_dec, Mapping) else {}
+        doc_enc = mask_encoded_fields(e.doc_enc) if isinstance(e.doc_enc, Mapping) else {}
+        return cls(scrub_text(e.msg), b"", doc_dec, doc_enc, e.pos, e.field)
 
 
 class EncodeError(iso8583.EncodeError):
-    """pyiso8583's EncodeError; the message is scrubbed of card numbers (attributes are not)."""
+    """pyiso8583's EncodeError with its card data masked: message, doc_dec and doc_enc masked (the
+    caller's own dict is not touched); field as pyiso8583 set it."""
+
+    @classmethod
+    def masked(cls, e: iso8583.EncodeError) -> EncodeError:
+        doc_dec = mask_fields(e.doc_dec) if isinstance(e.doc_dec, Mapping) else {}
+        doc_enc = mask_encoded_fields(e.doc_enc) if isinstance(e.doc_enc, Mapping) else {}
+        return cls(scrub_text(e.msg), doc_dec, doc_enc, e.field)
 
 
-def _scrubbed(exc: Exception) -> Exception | None:
-    """A copy of an exception whose text quoted card data, or None if its text is clean."""
+def _scrubbed(exc: Exception) -> Exception:
+    """The exception to raise for one pyiso8583 let escape: itself without its chain when its text is
+    clean, else a copy of its type with the text scrubbed (its args may quote the data)."""
     text = str(exc)
     clean = scrub_text(text)
     if clean == text:
-        return None
+        exc.__cause__ = exc.__context__ = None
+        exc.__suppress_context__ = True
+        return exc.with_traceback(None)
     try:
         return type(exc)(clean)
     except Exception:
@@ -89,11 +117,9 @@ def _reference_decode(s: Any, spec: Mapping[str, Any]) -> tuple[DecodedDict, Enc
     try:
         return iso8583.decode(s, spec)
     except iso8583.DecodeError as e:
-        error = DecodeError(scrub_text(e.msg), e.s, e.doc_dec, e.doc_enc, e.pos, e.field)
+        error = DecodeError.masked(e)
     except Exception as e:
         error = _scrubbed(e)
-        if error is None:
-            raise
     raise error
 
 
@@ -103,11 +129,9 @@ def _reference_encode(doc_dec: Any, spec: Mapping[str, Any]) -> tuple[bytearray,
     try:
         return iso8583.encode(doc_dec, spec)
     except iso8583.EncodeError as e:
-        error = EncodeError(scrub_text(e.msg), e.doc_dec, e.doc_enc, e.field)
+        error = EncodeError.masked(e)
     except Exception as e:
         error = _scrubbed(e)
-        if error is None:
-            raise
     raise error
 
 

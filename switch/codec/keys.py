@@ -421,7 +421,9 @@ def _parse_kek_text(text: str, where: str) -> Kek:
     try:
         key = bytes.fromhex(cleaned)
     except ValueError:
-        raise KeyStoreError(f"KEK from {where} is not hex text") from None
+        key = None
+    if key is None:  # raised outside the handler, so no exception chain leads back to the text
+        raise KeyStoreError(f"KEK from {where} is not hex text")
     if len(key) not in (16, 24, 32):
         raise KeyStoreError(f"KEK from {where} must be 16, 24 or 32 bytes of hex, got {len(key)} bytes")
     return Kek(key)
@@ -431,11 +433,12 @@ def _read_kek_file(file: str) -> Kek:
     path = Path(file)
     try:
         mode = path.stat().st_mode
-        text = path.read_text(encoding="ascii")
+        raw = path.read_bytes()
     except OSError as exc:
         raise KeyStoreError(f"cannot read KEK file {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise KeyStoreError(f"KEK file {path} is not hex text") from None
+    if not raw.isascii():  # checked, not caught: a UnicodeDecodeError would carry the file's bytes
+        raise KeyStoreError(f"KEK file {path} is not hex text")
+    text = raw.decode("ascii")
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyStoreError(
             f"KEK file {path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); chmod 600 it"

@@ -378,7 +378,8 @@ def _bitmap(raw: bytes | bytearray, offset: int, layout: MacLayout) -> int:
     try:
         return int(bytes(chunk).decode("ascii"), 16)
     except (UnicodeDecodeError, ValueError):
-        raise MacError(f"bitmap at offset {offset} is not hex") from None
+        pass  # raised below, outside the handler: UnicodeDecodeError.object holds the message bytes
+    raise MacError(f"bitmap at offset {offset} is not hex")
 
 
 def _last_field(bits: int, width: int) -> int:

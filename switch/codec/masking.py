@@ -53,9 +53,44 @@ def mask_field(field: str, value: Any) -> Any:
     return value
 
 
+def _mask_key(key: Any) -> Any:
+    # field numbers are 1-3 characters; a longer key can be data pasted in the wrong place (a PAN)
+    return scrub_text(key) if isinstance(key, str) and len(key) > 3 else key
+
+
 def mask_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of a decoded or to-be-encoded field dict safe to log."""
-    return {k: mask_field(k, v) for k, v in fields.items()}
+    """A copy of a decoded or to-be-encoded field dict safe to log (odd keys scrubbed too)."""
+    return {_mask_key(k): mask_field(k, v) for k, v in fields.items()}
+
+
+#: Encoded pieces whose bytes an error may keep: message header, MTI and bitmaps (never card data).
+_STRUCTURAL_FIELDS = frozenset({"h", "t", "p", "1"})
+
+
+def mask_encoded_fields(doc_enc: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of pyiso8583's per-field encoded dict ({field: {"len": bytes, "data": bytes}}) safe to
+    keep on an exception: length prefixes stay; field bytes stay only for the header, MTI and bitmaps,
+    and for fields whose bytes read as ASCII text with no card number in them (a PAN packed as BCD or
+    track data in binary cannot be recognised, so any other field's bytes become b"")."""
+    out: dict[str, Any] = {}
+    for field, piece in doc_enc.items():
+        if not isinstance(piece, Mapping):
+            out[_mask_key(field)] = {}
+            continue
+        safe = dict(piece)
+        data = piece.get("data", b"")
+        if field not in _STRUCTURAL_FIELDS and data:
+            keep = False
+            if field not in PAN_FIELDS and field not in WIPED_FIELDS and isinstance(data, bytes | bytearray):
+                try:
+                    text = bytes(data).decode("ascii")
+                except UnicodeDecodeError:
+                    text = None
+                keep = text is not None and text.isprintable() and scrub_text(text) == text
+            if not keep:
+                safe["data"] = b""
+        out[_mask_key(field)] = safe
+    return out
 
 
 def masked_repr(obj: Any) -> str:

@@ -36,7 +36,8 @@ _DUMMY_KEY: Final = b"\x01" * 16
 
 
 class WireError(ValueError):
-    """A message that cannot be encoded or decoded. The text never carries card data; `mti` is set when
+    """A message that cannot be encoded or decoded. The text never carries card data, and neither does
+    anything else on it (no chain: the codec error it replaces is not its __context__); `mti` is set when
     the MTI of an undecodable message was still readable (so a format error can be answered 30)."""
 
     def __init__(self, reason: str, mti: str | None = None) -> None:
@@ -136,12 +137,15 @@ class Wire:
             if is_hex is None:
                 raise WireError(f"profile {self.profile} has no MAC field {mac_field}")
             out[mac_field] = "0" * 16 if is_hex else "00" * 8
+        reason = ""
         try:
             raw = codec.encode_bytes(out, self.spec)
         except codec.EncodeError as exc:
-            raise WireError(scrub_text(str(exc))) from None
+            reason = str(exc)
         except (KeyError, ValueError, TypeError) as exc:
-            raise WireError(scrub_text(f"cannot encode: {type(exc).__name__}: {exc}")) from None
+            reason = f"cannot encode: {type(exc).__name__}: {exc}"
+        if reason:  # raised outside the except block: no __context__ holding the fields
+            raise WireError(scrub_text(reason))
         if mac is None and not wrong_mac:
             return bytes(raw)
         signed = macmod.sign_message(raw, self._layout, mac or macmod.RetailMacKey(_DUMMY_KEY))

@@ -33,9 +33,12 @@ def _read_hex(env: str, file: str, what: str) -> bytes | None:
     if file:
         try:
             mode = Path(file).stat().st_mode
-            text = Path(file).read_text()
+            raw = Path(file).read_bytes()
         except OSError as exc:
             raise LedgerKeyError(f"cannot read {what} file {file}: {exc.strerror}") from None
+        if not raw.isascii():  # checked, not caught: a UnicodeDecodeError would carry the key's bytes
+            raise LedgerKeyError(f"{what} file {file} is not hex text")
+        text = raw.decode("ascii")
         if mode & (stat.S_IRWXG | stat.S_IRWXO):  # as for the KEK file: a key others can read is spent
             raise LedgerKeyError(
                 f"{what} file {file} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); "
