@@ -14,7 +14,8 @@ and "1" (and drops "65") as a side effect, and so do we, in the same order, at t
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.dict cimport PyDict_Copy, PyDict_DelItem, PyDict_GetItem, PyDict_Next, PyDict_SetItem
+from cpython.dict cimport PyDict_Copy, PyDict_DelItem, PyDict_GetItem, PyDict_New, PyDict_Next, PyDict_SetItem
+from cpython.mem cimport PyMem_Calloc, PyMem_Free
 from cpython.list cimport PyList_GET_ITEM
 from cpython.tuple cimport PyTuple_GET_ITEM
 from cpython.ref cimport PyObject
@@ -35,6 +36,74 @@ cdef extern from "Python.h":
     object PyByteArray_FromStringAndSize(const char* s, Py_ssize_t n)
     int __builtin_clzll(unsigned long long x)
 
+# Filling a fresh dict in place. A decoded/encoded dict is a PyDict_Copy of a per-bitmap template that
+# has the message's keys in pyiso8583's order; PyDict_SetItem on it costs a hash-table probe per key
+# (~20 ns, ~40% of building pyiso8583's result). On CPython 3.11 the copy is a "combined, unicode-keys"
+# table whose entry i is the template's key i, so the value can be stored at entry i directly. That is
+# CPython's private layout (Include/internal/pycore_dict.h), hence the guards: compiled only for 3.11,
+# a per-copy check of the table kind/size/ownership, the key of every entry compared by identity before
+# it is written, a self-test at import, and the public PyDict_SetItem path whenever any of it fails.
+cdef extern from *:
+    """
+    #if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030C0000 && !defined(Py_LIMITED_API) && !defined(PYPY_VERSION)
+    #define SW_DICT_FILL 1
+    /* Mirror of struct _dictkeysobject (CPython 3.11 Include/internal/pycore_dict.h). */
+    typedef struct {
+        Py_ssize_t dk_refcnt;
+        uint8_t dk_log2_size;
+        uint8_t dk_log2_index_bytes;
+        uint8_t dk_kind;
+        uint32_t dk_version;
+        Py_ssize_t dk_usable;
+        Py_ssize_t dk_nentries;
+        char dk_indices[];
+    } sw_dictkeys;
+    #define SW_DICT_KEYS_UNICODE 1
+    #else
+    #define SW_DICT_FILL 0
+    #endif
+    typedef struct { PyObject *me_key; PyObject *me_value; } sw_entry;
+
+    /* The entries of `d` if it is a combined unicode-keys table of exactly n live entries that no one
+       else shares (what PyDict_Copy makes of our templates), else NULL. */
+    static inline sw_entry* sw_entries(PyObject* d, Py_ssize_t n) {
+    #if SW_DICT_FILL
+        PyDictObject* mp = (PyDictObject*)d;
+        sw_dictkeys* k = (sw_dictkeys*)mp->ma_keys;
+        if (mp->ma_values != NULL || mp->ma_used != n || k->dk_refcnt != 1
+                || k->dk_kind != SW_DICT_KEYS_UNICODE || k->dk_nentries != n)
+            return NULL;
+        return (sw_entry*)(k->dk_indices + ((size_t)1 << k->dk_log2_index_bytes));
+    #else
+        (void)d; (void)n;
+        return NULL;
+    #endif
+    }
+
+    /* Store value (a new reference is taken) at entry i, whose key must be `key`: 0 on success,
+       -1 (nothing changed) if the key differs. The old value is one of the template's constants, so
+       dropping it never runs a destructor. */
+    static inline int sw_put(sw_entry* e, Py_ssize_t i, PyObject* key, PyObject* value) {
+        PyObject* old = e[i].me_value;
+        if (e[i].me_key != key) return -1;
+        Py_INCREF(value);
+        e[i].me_value = value;
+        Py_DECREF(old);
+        return 0;
+    }
+    """
+    ctypedef struct sw_entry:
+        PyObject* me_key
+        PyObject* me_value
+    sw_entry* sw_entries(object d, Py_ssize_t n)
+    int sw_put(sw_entry* e, Py_ssize_t i, PyObject* key, PyObject* value)
+    int SW_DICT_FILL
+    int PyObject_GC_IsTracked(object o)
+    void PyObject_GC_Track(object o)
+    int _PyDict_SetItem_KnownHash(object d, object key, object value, Py_hash_t hash) except -1
+    void Py_XDECREF(PyObject* o)
+    void Py_INCREF(PyObject* o)
+
 # Keep these equal to switch/codec/plan.py (tests/codec/test_codec_plan.py checks).
 cdef enum:
     KIND_FIELD = 1
@@ -50,6 +119,8 @@ cdef enum:
     MAX_FIELD = 192
     MAX_PIECES = 2 * (192 + 4)
     TEMPLATE_SLOTS = 64
+    # Length prefixes of values below this are shared bytes objects, one per (field, length).
+    LEN_CACHE_SIZE = 256
 
 cdef struct Op:
     int kind
@@ -64,6 +135,9 @@ cdef struct Op:
     unsigned char digit_val[256]
     unsigned char digit_byte[10]
     PyObject* key
+    # Length prefix bytes by length value (< len_cache_size), filled on first use; NULL until then.
+    PyObject** len_cache
+    Py_ssize_t len_cache_size
 
 cdef const char* HEX_UPPER = b"0123456789ABCDEF"
 cdef unsigned char HEX_VAL[256]
@@ -74,14 +148,20 @@ for _i in range(6):
     HEX_VAL[65 + _i] = 10 + _i
     HEX_VAL[97 + _i] = 10 + _i
 
-cdef object K_LEN = "len"
-cdef object K_DATA = "data"
-cdef object K_H = "h"
-cdef object K_T = "t"
-cdef object K_P = "p"
-cdef object K_1 = "1"
-cdef object K_65 = "65"
+# Interned, so the templates' keys are these very objects (sw_put compares keys by identity).
+cdef object K_LEN = intern("len")
+cdef object K_DATA = intern("data")
+cdef Py_hash_t H_LEN = hash(K_LEN)
+cdef Py_hash_t H_DATA = hash(K_DATA)
+cdef object K_H = intern("h")
+cdef object K_T = intern("t")
+cdef object K_P = intern("p")
+cdef object K_1 = intern("1")
+cdef object K_65 = intern("65")
 cdef bytes EMPTY = b""
+
+#: Fill fresh dicts in place (see sw_entries); False after a failed self-test or set_dict_fill(False).
+cdef bint _dict_fill = False
 
 
 cdef class Plan:
@@ -126,10 +206,10 @@ cdef class Plan:
         if (entry is not None and self.tkeys[3 * slot] == b0 and self.tkeys[3 * slot + 1] == b1
                 and self.tkeys[3 * slot + 2] == b2):
             return <tuple>entry
-        keys = ["h"] if self.has_header else []
-        keys += ["t", "p"]
+        keys = [K_H] if self.has_header else []
+        keys += [K_T, K_P]
         if b0 >> 63:
-            keys.append("1")
+            keys.append(K_1)
         for i in range(3):
             word = b0 if i == 0 else (b1 if i == 1 else b2)
             if i < 2:
@@ -144,6 +224,23 @@ cdef class Plan:
         self.tkeys[3 * slot + 1] = b1
         self.tkeys[3 * slot + 2] = b2
         return <tuple>entry
+
+    def __dealloc__(self):
+        self._free_len_cache(&self.h)
+        self._free_len_cache(&self.t)
+        self._free_len_cache(&self.p)
+        self._free_len_cache(&self.s)
+        for i in range(MAX_FIELD + 1):
+            self._free_len_cache(&self.ops[i])
+
+    cdef void _free_len_cache(self, Op* op):
+        cdef Py_ssize_t i
+        if op.len_cache == NULL:
+            return
+        for i in range(op.len_cache_size):
+            Py_XDECREF(op.len_cache[i])
+        PyMem_Free(op.len_cache)
+        op.len_cache = NULL
 
     cdef _fill(self, Op* op, fp, str key):
         memset(op, 0, sizeof(Op))
@@ -161,6 +258,8 @@ cdef class Plan:
         key = intern(key)
         self._keep.append(key)
         op.key = <PyObject*>key
+        if op.kind == KIND_FIELD and op.len_type > 0 and op.max_len >= 0:
+            op.len_cache_size = min(op.max_len + 1, LEN_CACHE_SIZE)
         memset(op.digit_val, 255, 256)
         digits = fp.digits
         for d in range(len(digits)):
@@ -231,10 +330,36 @@ cdef object _text(Op* op, const unsigned char* p, Py_ssize_t n):
 
 
 cdef inline dict _pair(object len_bytes, object data_bytes):
-    cdef dict d = _PyDict_NewPresized(2)
-    PyDict_SetItem(d, K_LEN, len_bytes)
-    PyDict_SetItem(d, K_DATA, data_bytes)
+    """pyiso8583's {"len": ..., "data": ...} (hashes of the two keys computed once)."""
+    cdef dict d = PyDict_New()
+    _PyDict_SetItem_KnownHash(d, K_LEN, len_bytes, H_LEN)
+    _PyDict_SetItem_KnownHash(d, K_DATA, data_bytes, H_DATA)
     return d
+
+
+cdef struct Sink:
+    # Where decoded entries go: dd (and de unless only the decoded dict is built, then NULL). With
+    # ed/ee set, entry i of the template copies is written in place; else PyDict_SetItem.
+    PyObject* dd
+    PyObject* de
+    sw_entry* ed
+    sw_entry* ee
+    Py_ssize_t i
+
+
+cdef int _put(Sink* s, object key, object text, object pair) except -1:
+    """Store the next entry (pair is ignored without de). 1 when stored, 0 to bail."""
+    if s.ed != NULL:
+        if sw_put(s.ed, s.i, <PyObject*>key, <PyObject*>text) < 0:
+            return 0
+        if s.ee != NULL and sw_put(s.ee, s.i, <PyObject*>key, <PyObject*>pair) < 0:
+            return 0
+    else:
+        PyDict_SetItem(<object>s.dd, key, text)
+        if s.de != NULL:
+            PyDict_SetItem(<object>s.de, key, pair)
+    s.i += 1
+    return 1
 
 
 cdef inline uint64_t _be64(const unsigned char* p):
@@ -250,7 +375,7 @@ cdef inline uint64_t _be64(const unsigned char* p):
 # ---------------------------------------------------------------------------------------------------
 
 cdef Py_ssize_t _dec_field(Op* op, const unsigned char* buf, Py_ssize_t n, Py_ssize_t idx,
-                           dict dd, dict de) except -2:
+                           Sink* sink) except -2:
     """One regular field (pyiso8583 _decode_field). Returns the next index, or -1 to bail."""
     cdef int lt = op.len_type
     cdef unsigned long long length = 0
@@ -282,14 +407,17 @@ cdef Py_ssize_t _dec_field(Op* op, const unsigned char* buf, Py_ssize_t n, Py_ss
             return -1
         if op.max_len < 0 or length > <unsigned long long>op.max_len:
             return -1
-        if de is not None:
-            len_bytes = PyBytes_FromStringAndSize(<const char*>buf + idx, lt)
+        if sink.de != NULL:
+            if length < <unsigned long long>op.len_cache_size:
+                # The same bytes as the wire's: a length has exactly one spelling per field.
+                len_bytes = _len_obj(op, length)
+            else:
+                len_bytes = PyBytes_FromStringAndSize(<const char*>buf + idx, lt)
         idx += lt
     cdef object key = <object>op.key
     if length == 0:
-        PyDict_SetItem(dd, key, "")
-        if de is not None:
-            PyDict_SetItem(de, key, _pair(len_bytes, EMPTY))
+        if not _put(sink, key, "", _pair(len_bytes, EMPTY) if sink.de != NULL else None):
+            return -1
         return idx
     if op.nibbles:
         blen = <Py_ssize_t>((length + 1) >> 1)
@@ -314,14 +442,16 @@ cdef Py_ssize_t _dec_field(Op* op, const unsigned char* buf, Py_ssize_t n, Py_ss
         text = _text(op, p, blen)
         if text is None:
             return -1
-    PyDict_SetItem(dd, key, text)
-    if de is not None:
-        PyDict_SetItem(de, key, _pair(len_bytes, PyBytes_FromStringAndSize(<const char*>p, blen)))
+    if sink.de != NULL:
+        if not _put(sink, key, text, _pair(len_bytes, PyBytes_FromStringAndSize(<const char*>p, blen))):
+            return -1
+    elif not _put(sink, key, text, None):
+        return -1
     return idx + blen
 
 
 cdef Py_ssize_t _dec_bitmap(Op* op, const unsigned char* buf, Py_ssize_t n, Py_ssize_t idx,
-                            dict dd, dict de, object key, bint extended, uint64_t* out) except -2:
+                            Sink* sink, object key, bint extended, uint64_t* out) except -2:
     """A primary/secondary/tertiary bitmap (pyiso8583 _decode_bitmap). Next index or -1."""
     cdef Py_ssize_t width = 8 if op.data == DATA_BIN else 16
     cdef Py_ssize_t i
@@ -346,26 +476,26 @@ cdef Py_ssize_t _dec_bitmap(Op* op, const unsigned char* buf, Py_ssize_t n, Py_s
                 return -1
             bm = (bm << 4) | v
     if extended:
+        # The tertiary bitmap is appended to "1", already stored (the dicts are valid at all times).
+        dd = <object>sink.dd
         PyDict_SetItem(dd, key, <object>PyDict_GetItem(dd, key) + text)
-        if de is not None:
-            entry = <object>PyDict_GetItem(de, key)
+        if sink.de != NULL:
+            entry = <object>PyDict_GetItem(<object>sink.de, key)
             PyDict_SetItem(entry, K_DATA, <object>PyDict_GetItem(entry, K_DATA) + raw)
-    else:
-        PyDict_SetItem(dd, key, text)
-        if de is not None:
-            PyDict_SetItem(de, key, _pair(EMPTY, raw))
+    elif not _put(sink, key, text, _pair(EMPTY, raw) if sink.de != NULL else None):
+        return -1
     out[0] = bm
     return idx + width
 
 
 cdef Py_ssize_t _dec_fields(Plan plan, uint64_t bm, int base, const unsigned char* buf, Py_ssize_t n,
-                            Py_ssize_t idx, dict dd, dict de) except -2:
+                            Py_ssize_t idx, Sink* sink) except -2:
     """Every field whose bit is set in one bitmap word, in ascending order."""
     cdef int lz
     while bm:
         lz = __builtin_clzll(bm)
         bm &= ~((<uint64_t>1) << (63 - lz))
-        idx = _dec_field(&plan.ops[base + lz + 1], buf, n, idx, dd, de)
+        idx = _dec_field(&plan.ops[base + lz + 1], buf, n, idx, sink)
         if idx < 0:
             return -1
     return idx
@@ -463,18 +593,35 @@ cdef object _decode_fast(Plan plan, bytes s, bint lean):
     cdef Py_ssize_t n = PyBytes_GET_SIZE(s)
     cdef Py_ssize_t idx = 0
     cdef Py_ssize_t width
+    cdef Py_ssize_t expected = -1
     cdef uint64_t bm0 = 0, bm1 = 0, bm2 = 0
     cdef uint64_t scan[3]
-    cdef dict dd, de
+    cdef object dd, de = None
+    cdef Sink sink
+    sink.ed = sink.ee = NULL
+    sink.i = 0
     if _prescan(plan, buf, n, scan):
         tpl = plan.template(scan[0], scan[1], scan[2])
+        expected = len(<dict>PyTuple_GET_ITEM(tpl, 0))
         dd = PyDict_Copy(<object>PyTuple_GET_ITEM(tpl, 0))
-        de = None if lean else PyDict_Copy(<object>PyTuple_GET_ITEM(tpl, 1))
+        if not lean:
+            de = PyDict_Copy(<object>PyTuple_GET_ITEM(tpl, 1))
+        if _dict_fill:
+            sink.ed = sw_entries(dd, expected)
+            if not lean:
+                sink.ee = sw_entries(de, expected)
+                if sink.ee == NULL:
+                    sink.ed = NULL
+                elif not PyObject_GC_IsTracked(de):
+                    PyObject_GC_Track(de)  # it will hold dicts
     else:
         dd = _PyDict_NewPresized(plan.size_hint)
-        de = None if lean else _PyDict_NewPresized(plan.size_hint)
+        if not lean:
+            de = _PyDict_NewPresized(plan.size_hint)
+    sink.dd = <PyObject*>dd
+    sink.de = NULL if lean else <PyObject*>de
     if plan.has_header:
-        idx = _dec_field(&plan.h, buf, n, idx, dd, de)
+        idx = _dec_field(&plan.h, buf, n, idx, &sink)
         if idx < 0:
             return None
     width = 2 if plan.t.data == DATA_BIN else 4
@@ -483,37 +630,38 @@ cdef object _decode_fast(Plan plan, bytes s, bint lean):
     text = _text(&plan.t, buf + idx, width)
     if text is None:
         return None
-    PyDict_SetItem(dd, K_T, text)
-    if de is not None:
-        PyDict_SetItem(de, K_T, _pair(EMPTY, PyBytes_FromStringAndSize(<const char*>buf + idx, width)))
+    if not _put(&sink, K_T, text,
+                None if lean else _pair(EMPTY, PyBytes_FromStringAndSize(<const char*>buf + idx, width))):
+        return None
     idx += width
-    idx = _dec_bitmap(&plan.p, buf, n, idx, dd, de, K_P, False, &bm0)
+    idx = _dec_bitmap(&plan.p, buf, n, idx, &sink, K_P, False, &bm0)
     if idx < 0:
         return None
     if bm0 >> 63:
-        idx = _dec_bitmap(&plan.s, buf, n, idx, dd, de, K_1, False, &bm1)
+        idx = _dec_bitmap(&plan.s, buf, n, idx, &sink, K_1, False, &bm1)
         if idx < 0:
             return None
         if bm1 >> 63:
             # Bit 65 announces a tertiary bitmap, which pyiso8583 appends to field "1".
-            idx = _dec_bitmap(&plan.s, buf, n, idx, dd, de, K_1, True, &bm2)
+            idx = _dec_bitmap(&plan.s, buf, n, idx, &sink, K_1, True, &bm2)
             if idx < 0:
                 return None
     # Bits 1 and 65 are bitmap indicators, never fields.
-    idx = _dec_fields(plan, bm0 & ~((<uint64_t>1) << 63), 0, buf, n, idx, dd, de)
+    idx = _dec_fields(plan, bm0 & ~((<uint64_t>1) << 63), 0, buf, n, idx, &sink)
     if idx < 0:
         return None
     if bm1:
-        idx = _dec_fields(plan, bm1 & ~((<uint64_t>1) << 63), 64, buf, n, idx, dd, de)
+        idx = _dec_fields(plan, bm1 & ~((<uint64_t>1) << 63), 64, buf, n, idx, &sink)
         if idx < 0:
             return None
     if bm2:
-        idx = _dec_fields(plan, bm2, 128, buf, n, idx, dd, de)
+        idx = _dec_fields(plan, bm2, 128, buf, n, idx, &sink)
         if idx < 0:
             return None
-    if idx != n:
+    # A template copy must have had every one of its entries replaced (else one still holds a blank).
+    if idx != n or (expected >= 0 and sink.i != expected):
         return None
-    plan.size_hint = len(dd)
+    plan.size_hint = sink.i
     return dd if lean else (dd, de)
 
 
@@ -591,11 +739,10 @@ cdef object _enc_data(Op* op, object value, long long* enc_len):
     return out
 
 
-cdef object _enc_len(Op* op, long long length):
+cdef object _enc_len(Op* op, unsigned long long v):
     """The length prefix of a variable field (pyiso8583 _encode_field), or None if it cannot be."""
     cdef int lt = op.len_type
     cdef int i
-    cdef unsigned long long v = <unsigned long long>length
     cdef unsigned char* dst
     if op.length == LEN_BIN:
         if lt < 8 and (v >> (8 * lt)) != 0:
@@ -623,35 +770,86 @@ cdef object _enc_len(Op* op, long long length):
     return None
 
 
-cdef object _enc_field(Op* op, object value, dict de, list keep, object key, PyObject** pieces,
-                       int* npieces, Py_ssize_t* total):
-    """Encode one field into de[key] (or `keep`, which holds the pieces alive) and the piece list."""
+cdef object _len_obj(Op* op, unsigned long long v):
+    """_enc_len, shared per (field, length) for lengths below the op's cache size.
+
+    Why: a length prefix is 1-3 bytes drawn from a few hundred values per field; bytes are immutable
+    and compare by value, so one object per value serves every message (like CPython's 1-byte cache).
+    The cache is keyed by the length, never by message content, and holds at most LEN_CACHE_SIZE
+    objects per variable field.
+    """
+    cdef PyObject* hit
+    if v >= <unsigned long long>op.len_cache_size:
+        return _enc_len(op, v)
+    if op.len_cache == NULL:
+        # No Python code runs between the test and the store, so threads cannot race here.
+        op.len_cache = <PyObject**>PyMem_Calloc(op.len_cache_size, sizeof(PyObject*))
+        if op.len_cache == NULL:
+            return _enc_len(op, v)
+    hit = op.len_cache[v]
+    if hit != NULL:
+        return <object>hit
+    out = _enc_len(op, v)
+    # Re-read: allocating may run the collector, and a finalizer may let another thread fill the slot.
+    if out is not None and op.len_cache[v] == NULL:
+        Py_INCREF(<PyObject*>out)
+        op.len_cache[v] = <PyObject*>out
+    return out
+
+
+cdef struct EncState:
+    # Values of the caller's dict by field number (new references, for the bits set in held[]), the
+    # pieces of the output (new references), and the encoded dict being filled (see Sink).
+    PyObject* vals[MAX_FIELD + 1]
+    uint64_t held[3]
+    PyObject* pieces[MAX_PIECES]
+    int npieces
+    Py_ssize_t total
+    PyObject* de
+    sw_entry* ee
+    Py_ssize_t i
+
+
+cdef int _enc_put(EncState* st, object key, object len_bytes, object data) except -1:
+    """Append one field's pieces and, when building it, its {"len", "data"} pair. 1, or 0 to bail."""
+    if st.de != NULL:
+        pair = _pair(len_bytes, data)
+        if st.ee != NULL:
+            if sw_put(st.ee, st.i, <PyObject*>key, <PyObject*>pair) < 0:
+                return 0
+        else:
+            PyDict_SetItem(<object>st.de, key, pair)
+        st.i += 1
+    if PyBytes_GET_SIZE(len_bytes):
+        Py_INCREF(<PyObject*>len_bytes)
+        st.pieces[st.npieces] = <PyObject*>len_bytes
+        st.npieces += 1
+    Py_INCREF(<PyObject*>data)
+    st.pieces[st.npieces] = <PyObject*>data
+    st.npieces += 1
+    st.total += PyBytes_GET_SIZE(len_bytes) + PyBytes_GET_SIZE(data)
+    return 1
+
+
+cdef int _enc_field(Op* op, object value, object key, EncState* st) except -1:
+    """Encode one regular field (or the header). 1, or 0 to bail."""
     cdef long long enc_len = 0
     if op.kind != KIND_FIELD:
-        return False
+        return 0
     data = _enc_data(op, value, &enc_len)
     if data is None:
-        return False
+        return 0
     if op.len_type == 0:
         if enc_len != op.max_len:
-            return False
+            return 0
         len_bytes = EMPTY
     else:
         if enc_len > op.max_len:
-            return False
-        len_bytes = _enc_len(op, enc_len)
+            return 0
+        len_bytes = _len_obj(op, <unsigned long long>enc_len)
         if len_bytes is None:
-            return False
-    if de is not None:
-        PyDict_SetItem(de, key, _pair(len_bytes, data))
-    else:
-        keep.append(len_bytes)
-        keep.append(data)
-    pieces[npieces[0]] = <PyObject*>len_bytes
-    pieces[npieces[0] + 1] = <PyObject*>data
-    npieces[0] += 2
-    total[0] += PyBytes_GET_SIZE(len_bytes) + PyBytes_GET_SIZE(data)
-    return True
+            return 0
+    return _enc_put(st, key, len_bytes, data)
 
 
 cdef inline int _field_number(object key):
@@ -707,41 +905,72 @@ cdef object _bitmap_bytes(Op* op, uint64_t bm, object text):
 
 
 cdef object _encode_fast(Plan plan, dict dd, bint lean):
-    cdef PyObject* pieces[MAX_PIECES]
-    cdef int npieces = 0
-    cdef Py_ssize_t total = 0
+    cdef EncState st
+    cdef int i, lz
+    cdef uint64_t word
+    st.held[0] = st.held[1] = st.held[2] = 0
+    st.npieces = 0
+    st.total = 0
+    st.de = NULL
+    st.ee = NULL
+    st.i = 0
+    try:
+        return _encode_body(plan, dd, lean, &st)
+    finally:
+        for i in range(3):
+            word = st.held[i]
+            while word:
+                lz = __builtin_clzll(word)
+                word &= ~((<uint64_t>1) << (63 - lz))
+                Py_XDECREF(st.vals[64 * i + lz + 1])
+        for i in range(st.npieces):
+            Py_XDECREF(st.pieces[i])
+
+
+cdef object _encode_body(Plan plan, dict dd, bint lean, EncState* st):
     cdef long long enc_len = 0
     cdef Py_ssize_t pos = 0
+    cdef Py_ssize_t expected = 0
     cdef PyObject* k
     cdef PyObject* v
     cdef PyObject* item
     cdef int num, i, lz, base
     cdef uint64_t bm[3]
-    cdef uint64_t word
-    cdef dict de
-    cdef list keep
+    cdef uint64_t word, bit
+    cdef object de = None
     cdef object hex0 = None, hex1 = None, hex2 = None
     cdef char* dst
-    bm[0] = bm[1] = bm[2] = 0
 
+    # One pass over the caller's dict: the bitmap, and each field's value held by number (no second
+    # lookup per field). Keys pyiso8583 would choke on send the whole call to it.
     while PyDict_Next(dd, &pos, &k, &v):
         num = _field_number(<object>k)
         if num < 0:
             return None
         if num == 0 or num == 1 or num == 65:  # "1" and "65" are dropped, bitmaps are recomputed
             continue
-        bm[(num - 1) >> 6] |= (<uint64_t>1) << (63 - ((num - 1) & 63))
+        bit = (<uint64_t>1) << (63 - ((num - 1) & 63))
+        Py_INCREF(v)
+        st.vals[num] = v
+        st.held[(num - 1) >> 6] |= bit
+    bm[0], bm[1], bm[2] = st.held[0], st.held[1], st.held[2]
     if bm[2]:
         bm[1] |= (<uint64_t>1) << 63
     if bm[1]:
         bm[0] |= (<uint64_t>1) << 63
-    # Pieces are borrowed from de's pairs, or from `keep` when there is no de to build.
-    keep = [] if lean else None
-    de = None if lean else PyDict_Copy(<object>PyTuple_GET_ITEM(plan.template(bm[0], bm[1], bm[2]), 1))
+    if not lean:
+        tde = <object>PyTuple_GET_ITEM(plan.template(bm[0], bm[1], bm[2]), 1)
+        expected = len(<dict>tde)
+        de = PyDict_Copy(tde)
+        st.de = <PyObject*>de
+        if _dict_fill:
+            st.ee = sw_entries(de, expected)
+            if st.ee != NULL and not PyObject_GC_IsTracked(de):
+                PyObject_GC_Track(de)  # it will hold dicts
 
     if plan.has_header:
         item = PyDict_GetItem(dd, K_H)
-        if item == NULL or not _enc_field(&plan.h, <object>item, de, keep, K_H, pieces, &npieces, &total):
+        if item == NULL or not _enc_field(&plan.h, <object>item, K_H, st):
             return None
     item = PyDict_GetItem(dd, K_T)
     if item == NULL or plan.t.kind != KIND_FIELD:
@@ -749,23 +978,15 @@ cdef object _encode_fast(Plan plan, dict dd, bint lean):
     mti = _enc_data(&plan.t, <object>item, &enc_len)
     if mti is None or PyBytes_GET_SIZE(mti) != (2 if plan.t.data == DATA_BIN else 4):
         return None
-    if de is not None:
-        PyDict_SetItem(de, K_T, _pair(EMPTY, mti))
-    pieces[npieces] = <PyObject*>mti
-    npieces += 1
-    total += PyBytes_GET_SIZE(mti)
+    if not _enc_put(st, K_T, EMPTY, mti):
+        return None
 
     if plan.p.kind != KIND_FIELD:
         return None
     hex0 = _bitmap_hex(bm[0])
     prim = _bitmap_bytes(&plan.p, bm[0], hex0)
-    if prim is None:
+    if prim is None or not _enc_put(st, K_P, EMPTY, prim):
         return None
-    if de is not None:
-        PyDict_SetItem(de, K_P, _pair(EMPTY, prim))
-    pieces[npieces] = <PyObject*>prim
-    npieces += 1
-    total += PyBytes_GET_SIZE(prim)
     if bm[1]:
         if plan.s.kind != KIND_FIELD:
             return None
@@ -780,32 +1001,26 @@ cdef object _encode_fast(Plan plan, dict dd, bint lean):
                 return None
             sec = sec + ter
             hex1 = hex1 + hex2
-        if de is not None:
-            PyDict_SetItem(de, K_1, _pair(EMPTY, sec))
-        pieces[npieces] = <PyObject*>sec
-        npieces += 1
-        total += PyBytes_GET_SIZE(sec)
+        if not _enc_put(st, K_1, EMPTY, sec):
+            return None
 
     for i in range(3):
-        word = bm[i]
-        if i < 2:
-            word &= ~((<uint64_t>1) << 63)
+        word = st.held[i]
         base = 64 * i
         while word:
             lz = __builtin_clzll(word)
             word &= ~((<uint64_t>1) << (63 - lz))
-            key = <object>plan.ops[base + lz + 1].key
-            item = PyDict_GetItem(dd, key)
-            if item == NULL:
+            if not _enc_field(&plan.ops[base + lz + 1], <object>st.vals[base + lz + 1],
+                              <object>plan.ops[base + lz + 1].key, st):
                 return None
-            if not _enc_field(&plan.ops[base + lz + 1], <object>item, de, keep, key, pieces, &npieces, &total):
-                return None
+    if not lean and st.i != expected:
+        return None
 
-    out = PyByteArray_FromStringAndSize(NULL, total)
+    out = PyByteArray_FromStringAndSize(NULL, st.total)
     dst = PyByteArray_AS_STRING(out)
-    for i in range(npieces):
-        memcpy(dst, PyBytes_AS_STRING(<object>pieces[i]), PyBytes_GET_SIZE(<object>pieces[i]))
-        dst += PyBytes_GET_SIZE(<object>pieces[i])
+    for i in range(st.npieces):
+        memcpy(dst, PyBytes_AS_STRING(<object>st.pieces[i]), PyBytes_GET_SIZE(<object>st.pieces[i]))
+        dst += PyBytes_GET_SIZE(<object>st.pieces[i])
 
     if lean:
         return out
@@ -831,6 +1046,52 @@ cdef bint _enabled = False
 cdef dict _plans = {}
 cdef tuple _last = (None, None)
 cdef Py_ssize_t _max_plans = 64
+
+
+cdef bint _dict_fill_works() except -1:
+    """Build dicts in place the way decode does and check CPython sees exactly what was meant."""
+    cdef sw_entry* e
+    cdef Py_ssize_t i
+    if not SW_DICT_FILL:
+        return False
+    keys = [K_T, K_P, K_1] + [intern(str(i)) for i in range(2, 40)]
+    values = [f"value {i}" for i in range(len(keys))]
+    template = dict.fromkeys(keys, "")
+    d = PyDict_Copy(template)
+    e = sw_entries(d, len(keys))
+    if e == NULL:
+        return False
+    for i in range(len(keys)):
+        if e[i].me_key != <PyObject*>keys[i] or <object>e[i].me_value is not "":
+            return False
+    for i in range(len(keys)):
+        if sw_put(e, i, <PyObject*>keys[i], <PyObject*>values[i]) < 0:
+            return False
+    if sw_put(e, 0, <PyObject*>K_65, <PyObject*>values[0]) == 0:  # a foreign key must be refused
+        return False
+    if list(d.items()) != list(zip(keys, values)) or any(d[k] is not v for k, v in zip(keys, values)):
+        return False
+    if list(template.items()) != [(k, "") for k in keys]:
+        return False
+    d[K_65] = "added"
+    del d[K_P]
+    return d.get(K_65) == "added" and K_P not in d and d[K_T] is values[0] and len(d) == len(keys)
+
+
+def dict_fill_available():
+    """True when dicts can be filled in place on this interpreter (CPython 3.11, self-test passed)."""
+    return _DICT_FILL_OK
+
+
+def set_dict_fill(bint enabled):
+    """Fill result dicts in place (default where available) or through PyDict_SetItem (tests compare
+    both). Returns the previous setting."""
+    global _dict_fill
+    if enabled and not _DICT_FILL_OK:
+        raise RuntimeError("in-place dict filling is not available on this interpreter")
+    previous = _dict_fill
+    _dict_fill = enabled
+    return previous
 
 
 def configure(fallback_decode, fallback_encode, compile_plan, Py_ssize_t max_plans=64):
@@ -958,3 +1219,7 @@ def encode_bytes(doc_dec, spec):
 
 cdef object _copy_if_dict(object doc_dec):
     return doc_dec.copy() if isinstance(doc_dec, dict) else doc_dec
+
+
+_DICT_FILL_OK = _dict_fill_works()
+_dict_fill = _DICT_FILL_OK
