@@ -1,10 +1,16 @@
 """`switch merchant|terminal-admin|txn|settlement ...`: merchant services from the command line.
 
 The database is the ledger's: --db PATH (SQLite), --dsn DSN (PostgreSQL) or --config switch.toml (its
-[ledger] and [merchant_services] sections). Commands that post to the ledger (register, renew,
-cancel-renewal, deposit --apply, cutover) open the ledger writer, which needs the checkpoint signing key
-(as `switch run` does) and must not run while the switch is running -- use the admin API then. JSON
-on stdout; errors on stderr. Exit status: 0 ok, 1 refused by a rule or not found, 2 usage/storage error.
+[ledger], [admin] and [merchant_services] sections). JSON on stdout; errors on stderr. Exit status: 0 ok,
+1 refused by a rule or not found, 2 usage/storage error.
+
+Commands that post to the ledger (register, renew, cancel-renewal, deposit --apply, cutover) need the
+ledger's one writer. While `switch run` is up that writer is the switch's, so they are forwarded to its
+admin API: with --config whose [admin] is enabled, the API at that address is probed first and used
+when it answers (token from the environment variable [admin] token_env names, as the switch reads
+it); `--api URL` forces the API, `--offline` forces a local writer. Offline, the command opens its
+own writer (it needs the checkpoint signing key, as `switch run` does), and the ledger refuses it
+while another writer holds the database, naming that process.
 """
 
 from __future__ import annotations
@@ -18,7 +24,14 @@ from typing import Any
 
 import msgspec
 
-from switch.config import ConfigError, LedgerConfig, MerchantServicesConfig, load_config
+from switch.config import (
+    AdminConfig,
+    ConfigError,
+    LedgerConfig,
+    MerchantServicesConfig,
+    SwitchConfig,
+    load_config,
+)
 
 ACTOR_HELP = "who is making the change (recorded in the audit); default: $USER or 'cli'"
 
@@ -35,6 +48,12 @@ def register(subparsers: Any) -> None:
         where.add_argument("--dsn", help="PostgreSQL connection string")
         c.add_argument("--config", help="switch.toml")
         c.add_argument("--actor", default="", help=ACTOR_HELP)
+        if posts:
+            via = c.add_mutually_exclusive_group()
+            via.add_argument("--api", metavar="URL", help="post through this running switch's admin API")
+            via.add_argument(
+                "--offline", action="store_true", help="post with a local ledger writer (switch stopped)"
+            )
         c.set_defaults(handler=lambda args: _run(args, handler, posts))
         return c
 
@@ -137,6 +156,14 @@ def _run(args: argparse.Namespace, handler: Callable[..., Any], posts: bool) -> 
     from switch.merchant.store import RegistryStore
     from switch.merchant.subscription import RenewalRefused
 
+    if posts and getattr(args, "apply", True) is not False:
+        try:
+            target = _api_target(args)
+        except (ConfigError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if target is not None:
+            return _forward(args, handler, *target)
     try:
         lcfg, mcfg = _configs(args)
         store = (
@@ -171,6 +198,101 @@ def _run(args: argparse.Namespace, handler: Callable[..., Any], posts: bool) -> 
         if reader is not None:
             reader.close()
         store.close()
+
+
+# --- forwarding to a running switch's admin API ----------------------------------------------------
+def _api_target(args: argparse.Namespace) -> tuple[str, AdminConfig, MerchantServicesConfig] | None:
+    """(base URL, admin config, limits) when this posting command goes through the admin API, else
+    None (local writer): --offline -> None; --api URL -> that URL; --config with [admin] enabled ->
+    its address if the API answers a probe."""
+    if args.offline:
+        return None
+    cfg = load_config(args.config) if args.config else SwitchConfig()
+    if args.api:
+        return args.api.rstrip("/"), cfg.admin, cfg.merchant_services
+    if not cfg.admin.enabled:
+        return None
+    host = cfg.admin.host if cfg.admin.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    url = f"http://{host}:{cfg.admin.port}" if ":" not in host else f"http://[{host}]:{cfg.admin.port}"
+    try:  # the API description needs no token: a cheap "is the switch up" question
+        _http("GET", url + "/openapi.json", None, {}, cfg.merchant_services.cli_api_probe_timeout_ms / 1000)
+    except OSError:
+        return None
+    return url, cfg.admin, cfg.merchant_services
+
+
+def _api_request(handler: Callable[..., Any], a: argparse.Namespace) -> tuple[str, str, Any]:
+    """The admin API call that does what `handler` does locally: (method, path, JSON body or None)."""
+    from urllib.parse import quote
+
+    def tid() -> str:
+        return quote(a.id, safe="")
+
+    if handler is _terminal_register:
+        return "POST", "/terminals", {"id": a.id, "merchant_id": a.merchant, "profile": a.profile}
+    if handler is _terminal_renew:
+        return "POST", f"/terminals/{tid()}/renew", None
+    if handler is _terminal_cancel:
+        return "POST", f"/terminals/{tid()}/renewals/cancel", {"rrn": a.rrn}
+    if handler is _terminal_deposit:
+        return "POST", f"/terminals/{tid()}/deposit", None
+    if handler is _settle_cutover:
+        return "POST", "/cutover", None
+    raise AssertionError(f"no admin API route for {handler.__name__}")
+
+
+def _http(method: str, url: str, body: Any, headers: dict[str, str], timeout_s: float) -> tuple[int, bytes]:
+    """One HTTP exchange (stdlib: the command line needs no HTTP client dependency). Returns the status
+    and body of any HTTP answer; raises OSError when there is no answer (refused, timed out)."""
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else msgspec.json.encode(body)
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return int(resp.status), bytes(resp.read())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), bytes(exc.read())
+    except urllib.error.URLError as exc:
+        raise OSError(f"cannot reach the admin API at {url}: {exc.reason}") from None
+
+
+def _forward(
+    args: argparse.Namespace,
+    handler: Callable[..., Any],
+    base_url: str,
+    admin: AdminConfig,
+    limits: MerchantServicesConfig,
+) -> int:
+    import os
+
+    token = os.environ.get(admin.token_env, "")
+    if not token:
+        print(f"error: the admin API needs its token: set ${admin.token_env}", file=sys.stderr)
+        return 2
+    method, path, body = _api_request(handler, args)
+    headers = {"Authorization": f"Bearer {token}", "X-Actor": _actor(args)}
+    try:
+        status, raw = _http(method, base_url + path, body, headers, float(limits.cli_api_timeout_s))
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        answer = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        answer = {"error": raw[:200].decode("utf-8", "replace")}
+    if status == 200:
+        _out(answer)
+        return 0
+    text = answer.get("error", answer) if isinstance(answer, dict) else answer
+    if status in (404, 409, 422):
+        print(f"refused: {text}", file=sys.stderr)
+        return 1
+    print(f"error: admin API answered {status}: {text}", file=sys.stderr)
+    return 2
 
 
 def _configs(args: argparse.Namespace) -> tuple[LedgerConfig, MerchantServicesConfig]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import trio
 
 from switch.codec import keys as keymod
@@ -337,3 +339,46 @@ async def test_running_switch_refunds_and_keeps_deposits_on_its_schedule(tmp_pat
         assert sorted(outcomes) == sorted(
             [(EntryKind.DEPOSIT_REFUND, t["deposit_rrn"]), (EntryKind.ADJUSTMENT, idle["deposit_rrn"])]
         )
+
+
+@trio_test
+async def test_cli_posts_through_the_running_switch_and_a_second_writer_is_refused(tmp_path: Path) -> None:
+    async with running_switch(tmp_path, **SWITCH) as h, admin_api(h) as api:
+        await onboard(h, api)
+        # The operator's switch.toml: the same ledger and admin API the running switch uses.
+        toml = tmp_path / "switch.toml"
+        lc, ac = h.config.ledger, h.config.admin
+        toml.write_text(
+            f'[ledger]\npath = "{lc.path}"\ncheckpoint_key_file = "{lc.checkpoint_key_file}"\n'
+            f'[admin]\nenabled = true\nport = {h.ports.admin}\ntoken_env = "{ac.token_env}"\n'
+        )
+        renew = [sys.executable, "-m", "switch", "terminal-admin", "renew", "--id", TID, "--actor", "ops"]
+
+        def subscriptions() -> list[Any]:
+            return [d for d in mine(h) if d.kind is EntryKind.SUBSCRIPTION]
+
+        assert len(subscriptions()) == 1  # the first period, paid at registration
+        # While the switch runs, the command goes through its admin API: posted once, by its writer.
+        done = await trio.run_process([*renew, "--config", str(toml)], capture_stdout=True)
+        renewal = msgspec.json.decode(done.stdout)
+        assert len(subscriptions()) == 2 and subscriptions()[-1].rrn == renewal["rrn"]
+        audit = await call(api, "GET", f"/audit?object_kind=renewal&object_id={renewal['rrn']}")
+        assert [(a["actor"], a["action"]) for a in audit] == [("ops", "renew")]
+        # Forced offline, it would be a second writer: refused, naming the switch's ledger process.
+        refused = await trio.run_process(
+            [*renew, "--config", str(toml), "--offline"], capture_stderr=True, check=False
+        )
+        assert refused.returncode == 2
+        assert b"already has a writer (pid" in refused.stderr and b"admin API" in refused.stderr
+        assert len(subscriptions()) == 2
+        # --api names the switch explicitly (no config at hand: the token is in $SWITCH_ADMIN_TOKEN).
+        url = f"http://127.0.0.1:{h.ports.admin}"
+        cancel = [sys.executable, "-m", "switch", "terminal-admin", "cancel-renewal", "--id", TID]
+        done = await trio.run_process(
+            [*cancel, "--rrn", renewal["rrn"], "--db", lc.path, "--api", url, "--actor", "ops"],
+            capture_stdout=True,
+            env={**os.environ, "SWITCH_ADMIN_TOKEN": ADMIN_TOKEN},
+        )
+        assert msgspec.json.decode(done.stdout)["status"] == "refunded"
+        refunds = [d for d in mine(h) if d.kind is EntryKind.SUBSCRIPTION_REFUND]
+        assert [d.original_rrn for d in refunds] == [renewal["rrn"]]
