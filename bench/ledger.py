@@ -88,7 +88,13 @@ def make_drafts(n: int, prefix: str) -> list[EntryDraft]:
 
 
 def run(
-    open_backend: Callable[[], LedgerBackend], *, n: int, window_ms: float, max_batch: int, inflight: int
+    open_backend: Callable[[], LedgerBackend],
+    *,
+    n: int,
+    window_ms: float,
+    max_batch: int,
+    inflight: int,
+    group: int,
 ) -> dict[str, object]:
     """Post n entries through a fresh writer; return throughput, latency percentiles and verify's verdict."""
     key = Ed25519PrivateKey.generate()
@@ -129,13 +135,51 @@ def run(
 
         writer.submit([drafts[i]], on_done)
 
+    # group > 1: as the switch's ledger process does, each round of `group` outcomes is one
+    # submit_many call with one callback per batch (tokens: (index, submit time)).
+    cond = threading.Condition()
+    waiting = [0]  # outcomes submitted and not yet answered
+
+    def on_batch(results: list[tuple[object, list[Entry] | None, BaseException | None]]) -> None:
+        now = perf()
+        for token, _entries, error in results:
+            i, t0 = token  # type: ignore[misc]
+            latencies_ns[i] = now - t0
+            if error is not None:
+                failures.append(error)
+        with cond:
+            waiting[0] -= len(results)
+            remaining[0] -= len(results)
+            if remaining[0] == 0:
+                all_done.set()
+            cond.notify()
+
+    def submit_round(lo: int, hi: int) -> None:
+        with cond:
+            while waiting[0] + (hi - lo) > inflight:
+                cond.wait()
+            waiting[0] += hi - lo
+        t0 = perf()
+        refused = writer.submit_many([((i, t0), [drafts[i]]) for i in range(lo, hi)], on_batch)
+        if refused:
+            raise RuntimeError(f"ledger bench: {len(refused)} outcomes refused, first: {refused[0][1]!r}")
+
+    writer_clock = time.pthread_getcpuclockid(writer._thread.ident)  # type: ignore[arg-type]
+    cpu0, caller0, writer0 = time.process_time(), time.thread_time(), time.clock_gettime(writer_clock)
     start = perf()
-    for i in range(n):
-        slots.acquire()
-        submit(i)
+    if group > 1:
+        for lo in range(0, n, group):
+            submit_round(lo, min(n, lo + group))
+    else:
+        for i in range(n):
+            slots.acquire()
+            submit(i)
+    caller_cpu_s = time.thread_time() - caller0
     if not all_done.wait(300):
         raise RuntimeError("ledger bench: the writer did not finish within 300 s")
     elapsed_s = (perf() - start) / 1e9
+    cpu_s = time.process_time() - cpu0
+    writer_cpu_s = time.clock_gettime(writer_clock) - writer0
     size = writer.size
     writer.close()
     if failures:
@@ -154,10 +198,15 @@ def run(
         "batch_window_ms": window_ms,
         "max_batch_entries": max_batch,
         "inflight": inflight,
+        "group": group,
         "entries_per_s": round(n / elapsed_s),
         "p50_commit_ms": round(lat[n // 2] / 1e6, 2),
         "p99_commit_ms": round(lat[min(n - 1, (n * 99) // 100)] / 1e6, 2),
         "max_commit_ms": round(lat[-1] / 1e6, 2),
+        # CPU per entry (us): whole process, the submitting thread, the writer thread.
+        "cpu_us_per_entry": round(cpu_s / n * 1e6, 1),
+        "caller_cpu_us": round(caller_cpu_s / n * 1e6, 1),
+        "writer_cpu_us": round(writer_cpu_s / n * 1e6, 1),
         "batches": len(batch_write_ns),
         "storage_share": round(sum(batch_write_ns) / 1e9 / elapsed_s, 2),
         # What the backend alone sustains: entries / time inside write_batch (commit included).
@@ -178,6 +227,13 @@ def main() -> int:
         type=int,
         default=2_000,
         help="outcomes waiting for durability at once (default: two batches, one committing, one filling)",
+    )
+    ap.add_argument(
+        "--group",
+        type=int,
+        default=100,
+        help="outcomes per submit_many call, as the switch's ledger process receives them per flush "
+        "(1: one submit and one callback per outcome)",
     )
     ap.add_argument("--quick", action="store_true", help="a tenth of the entries (smoke run)")
     ap.add_argument("--no-postgres", action="store_true")
@@ -202,7 +258,7 @@ def main() -> int:
             for w in windows:
                 dsn = cluster.create_database()
                 r = run(lambda dsn=dsn: PostgresBackend(dsn, writer=True), n=args.pg_entries, window_ms=w,
-                        max_batch=args.max_batch, inflight=args.inflight)  # fmt: skip
+                        max_batch=args.max_batch, inflight=args.inflight, group=args.group)  # fmt: skip
                 results.append({"backend": "postgres", **r})
                 print(f"  postgres window {w} ms: {r['entries_per_s']} entries/s", file=sys.stderr)
 
@@ -211,12 +267,13 @@ def main() -> int:
         for w in [] if args.no_sqlite else [x for x in windows if x != default_window] + [default_window]:
             path = os.path.join(tmp, f"ledger-{w}.db")
             r = run(lambda path=path: SqliteBackend(path), n=args.entries, window_ms=w,
-                    max_batch=args.max_batch, inflight=args.inflight)  # fmt: skip
+                    max_batch=args.max_batch, inflight=args.inflight, group=args.group)  # fmt: skip
             results.append({"backend": "sqlite", **r})
             print(f"  sqlite window {w} ms: {r['entries_per_s']} entries/s", file=sys.stderr)
 
     cols = ("backend", "batch_window_ms", "entries", "entries_per_s", "p50_commit_ms", "p99_commit_ms",
-            "batches", "storage_entries_per_s", "p99_batch_write_ms", "verified")  # fmt: skip
+            "group", "batches", "cpu_us_per_entry", "caller_cpu_us", "writer_cpu_us", "storage_entries_per_s",
+            "verified")  # fmt: skip
     print(" | ".join(f"{c:>14}" for c in cols))
     for r in results:
         print(" | ".join(f"{r[c]!s:>14}" for c in cols))

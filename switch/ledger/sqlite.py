@@ -10,18 +10,29 @@ searches as before) instead of `IN (?, ?, ...)` lists whose text changes with th
 stays prepared in the connection's cache, the bind is one value, and a batch makes one statement per
 lookup instead of one per MAX_IN_LIST chunk (each statement step releases and retakes the GIL).
 Measured single-threaded (1,000-entry batches): 1.8 -> 1.4 us of writer CPU per entry for both lookups.
+
+Why multi-row inserts: `executemany` steps one statement per row, and Python's sqlite3 releases and
+retakes the GIL around every step; with another thread of the process running Python, each retake can
+wait for that thread's switch interval. `INSERT ... VALUES (...), (...)` with up to MAX_ROWS_PER_INSERT
+rows binds a flat parameter list and steps once per chunk: a 1,000-entry batch takes ~7 steps per table
+instead of ~1,000. Chunk sizes are powers of two, so the few statement texts stay in the connection's
+statement cache.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable, Sequence
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from switch.ledger.backend import (
+    BALANCE_COLUMNS,
+    ENTRY_COLUMNS,
+    NODE_COLUMNS,
     SQLITE,
     TXN_COLUMNS,
     LedgerStorageError,
@@ -31,6 +42,14 @@ from switch.ledger.backend import (
 
 #: How long a statement waits for another connection's lock before failing.
 DEFAULT_BUSY_TIMEOUT_MS = 5_000
+#: Rows per multi-row INSERT (a power of two; 256 entries rows bind 2,816 values, well under SQLite's
+#: 32,766-variable limit).
+MAX_ROWS_PER_INSERT = 256
+_TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "entries": ENTRY_COLUMNS,
+    "merkle_nodes": NODE_COLUMNS,
+    "balance_history": BALANCE_COLUMNS,
+}
 _json = msgspec.json.Encoder()
 _SQL_IDEMPOTENCY = (
     "SELECT idempotency_key, seq, body FROM entries "
@@ -74,6 +93,18 @@ class SqliteBackend(SqlBackend):
     def _begin(self, cur: Any) -> None:
         cur.execute("BEGIN IMMEDIATE")
 
+    def _insert_many(self, cur: Any, table: str, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """Multi-row INSERTs in chunks of MAX_ROWS_PER_INSERT, then of falling powers of two."""
+        columns = _TABLE_COLUMNS.get(table)
+        if columns is None:
+            cur.executemany(sql, rows)
+            return
+        i, n = 0, len(rows)
+        while i < n:
+            k = min(MAX_ROWS_PER_INSERT, 1 << ((n - i).bit_length() - 1))
+            cur.execute(_multi_insert(table, columns, k), list(chain.from_iterable(rows[i : i + k])))
+            i += k
+
     # --- writer side: one constant statement per lookup (see the module docstring) ---------------
     def find_idempotency(self, keys: Sequence[str]) -> dict[str, tuple[int, bytes]]:
         if not keys:
@@ -86,3 +117,15 @@ class SqliteBackend(SqlBackend):
         if not wanted:
             return []
         return [TxnRow(*r) for r in self._all(_SQL_TXN_ROWS, (_json.encode(wanted),))]
+
+
+_multi_cache: dict[tuple[str, int], str] = {}
+
+
+def _multi_insert(table: str, columns: tuple[str, ...], rows: int) -> str:
+    sql = _multi_cache.get((table, rows))
+    if sql is None:
+        one = "(" + ", ".join("?" * len(columns)) + ")"
+        sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES " + ", ".join([one] * rows)
+        _multi_cache[(table, rows)] = sql
+    return sql

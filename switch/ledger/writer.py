@@ -30,8 +30,8 @@ from collections.abc import Callable, Sequence
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from switch.config import LedgerConfig
-from switch.ledger.backend import NODE_MIN_LEVEL, BatchRows, LedgerBackend
 from switch.ledger import fast
+from switch.ledger.backend import NODE_MIN_LEVEL, BatchRows, LedgerBackend
 from switch.ledger.codec import ENTRY_FORMAT
 from switch.ledger.keys import sign_checkpoint
 from switch.ledger.merkle import Frontier
