@@ -78,7 +78,7 @@ def load_signing_key(cfg: LedgerConfig) -> Ed25519PrivateKey:
     if seed is None:
         raise LedgerKeyError(
             f"no checkpoint signing key: set ${cfg.checkpoint_key_env} or ledger.checkpoint_key_file "
-            "(64 hex digits, an Ed25519 seed; `switch ledger keygen` makes one)"
+            "(64 hex digits, an Ed25519 seed; `switch ledger keygen --out FILE` makes one)"
         )
     if len(seed) != 32:
         raise LedgerKeyError("checkpoint signing key must be a 32-byte Ed25519 seed (64 hex digits)")
