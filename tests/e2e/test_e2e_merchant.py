@@ -26,6 +26,7 @@ from switch.merchant.model import DAY_MS
 from switch.server.testbed import ALPHA_BIN, card
 from switch.sim.terminal import TerminalSim, TerminalSimConfig, TxnResult
 from tests.e2e.harness import ADMIN_TOKEN, Harness, running_switch, trio_test
+from tests.pgcluster import pg_cluster, pg_dsn, pg_session_db  # noqa: F401  (fixtures)
 
 SHOP = "SHOP00000000001"  # field 42: 15 characters
 TID = "SHOPT001"  # field 41: 8 characters
@@ -382,3 +383,31 @@ async def test_cli_posts_through_the_running_switch_and_a_second_writer_is_refus
         assert msgspec.json.decode(done.stdout)["status"] == "refunded"
         refunds = [d for d in mine(h) if d.kind is EntryKind.SUBSCRIPTION_REFUND]
         assert [d.original_rrn for d in refunds] == [renewal["rrn"]]
+
+
+@trio_test
+async def test_merchant_services_on_a_postgres_ledger(tmp_path: Path, pg_dsn: str) -> None:  # noqa: F811
+    """The same database holds the ledger and the registry on PostgreSQL too: onboarding through the
+    API, the never-signed-on 58, activation, fee, status, and the scheduled deposit refund."""
+    scheduled = {
+        **SWITCH,
+        "merchant_services": {"registry_poll_interval_ms": 100, "deposit_check_interval_s": 1},
+    }
+    ledger = {"backend": "postgres", "dsn": pg_dsn}
+    async with running_switch(tmp_path, ledger=ledger, **scheduled) as h, admin_api(h) as api:
+        cfg = await onboard(h, api)
+        async with TerminalSim.connect(cfg) as term:
+            assert (await term.purchase(card(ALPHA_BIN, 8), 700)).response_code == "58"
+            assert (await term.sign_on()).response_code == "00"
+            assert (await term.purchase(card(ALPHA_BIN, 8), 100)).response_code == "00"
+            sale = await term.purchase(card(ALPHA_BIN, 8), 2_000)
+            assert sale.response_code == "00"
+        st = await call(api, "GET", f"/transactions/{sale.rrn}")
+        assert (st["state"], st["fee_minor"]) == ("approved", fee_of(2_000))
+        (by_stan,) = await call(api, "GET", f"/terminals/{TID}/stan/{sale.stan}")
+        assert by_stan["rrn"] == sale.rrn
+        with trio.fail_after(5):
+            while (await call(api, "GET", f"/terminals/{TID}"))["deposit_outcome"] != "refunded":
+                await trio.sleep(0.05)
+        audit = await call(api, "GET", f"/audit?object_kind=terminal&object_id={TID}")
+        assert ("switch:deposit-schedule", "deposit refunded") in [(a["actor"], a["action"]) for a in audit]
