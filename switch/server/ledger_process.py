@@ -550,11 +550,8 @@ class _Child:
                 with self._arm_cond:
                     self._arm_jobs.append(msg)
                     self._arm_cond.notify()
-            for sub_id, drafts in msg.items:
-                try:
-                    self.writer.submit(drafts, self._on_done(sub_id, drafts))
-                except Exception as exc:  # LedgerBusy, malformed or unbalanced drafts
-                    self._put(Result(sub_id, [], None, type(exc).__name__, str(exc)))
+            if msg.items:
+                self._submit(msg.items)
         with self._arm_cond:
             self._arm_stop = True
             self._arm_cond.notify()
@@ -570,23 +567,38 @@ class _Child:
         except (OSError, ValueError):
             pass
 
-    def _on_done(self, sub_id: int, drafts: list[EntryDraft]) -> ledger_writer.OnDone:
-        def on_done(entries: list[Entry] | None, error: BaseException | None) -> None:
+    def _submit(self, items: list[tuple[int, list[EntryDraft]]]) -> None:
+        """One message's outcomes in one submit_many: one lock round and, per ledger batch, one
+        callback that queues all their Results at once (tokens are (sub_id, drafts))."""
+        try:
+            refused = self.writer.submit_many([((sub_id, ds), ds) for sub_id, ds in items], self._on_batch)
+        except Exception as exc:  # LedgerUnavailable: the writer stopped or is closing
+            self._put_all([Result(sub_id, [], None, type(exc).__name__, str(exc)) for sub_id, _ in items])
+            return
+        if refused:  # LedgerBusy, malformed or unbalanced drafts
+            self._put_all(
+                [Result(tok[0], [], None, type(exc).__name__, str(exc)) for tok, exc in refused]  # type: ignore[index]
+            )
+
+    def _on_batch(self, results: ledger_writer.BatchResult) -> None:
+        out: list[Result] = []
+        for token, entries, error in results:
+            sub_id, drafts = token  # type: ignore[misc]
             if error is not None:
-                self._put(Result(sub_id, [], None, type(error).__name__, str(error)))
-                return
+                out.append(Result(sub_id, [], None, type(error).__name__, str(error)))
+                continue
             ents = entries or []
             same = len(ents) == len(drafts) and all(
                 e.draft is d or e.draft == d for e, d in zip(ents, drafts)
             )
-            self._put(Result(sub_id, [e.seq for e in ents], None if same else [e.draft for e in ents]))
+            out.append(Result(sub_id, [e.seq for e in ents], None if same else [e.draft for e in ents]))
+        self._put_all(out)
 
-        return on_done
-
-    def _put(self, result: Result) -> None:
+    def _put_all(self, results: list[Result]) -> None:
         with self._cond:
-            self._out.append(result)
-            if len(self._out) == 1:
+            was_empty = not self._out
+            self._out.extend(results)
+            if was_empty and self._out:
                 self._cond.notify()
 
     def _send_loop(self) -> None:
