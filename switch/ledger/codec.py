@@ -80,7 +80,7 @@ def prepare(draft: EntryDraft) -> bytes:
     try:
         body = _encoder.encode(_astuple(draft))
         w = _wire_decoder.decode(body)  # type validation at the boundary
-    except (msgspec.ValidationError, msgspec.EncodeError, TypeError, AttributeError) as exc:
+    except (msgspec.ValidationError, msgspec.EncodeError, TypeError, AttributeError, OverflowError) as exc:
         raise InvalidDraft(f"draft {getattr(draft, 'idempotency_key', '?')!r}: {exc}") from None
     key = w.idempotency_key
     if not key or len(key) > MAX_KEY_CHARS:
