@@ -12,6 +12,7 @@ request. Answers read in one receive are handed to the core in one call, so thei
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +42,8 @@ from switch.server.stagetrace import StageTrace
 log = logging.getLogger(__name__)
 
 RECEIVE_BYTES = 65_536
+#: Reads that found data, in a row, after which a link's reader yields to the scheduler anyway.
+MAX_READS_WITHOUT_YIELD = 4
 #: A TCP connect that takes longer than this counts as a failed attempt (then backoff).
 CONNECT_TIMEOUT_MS = 5_000
 #: Longest sleep of the echo timer; it wakes earlier when the state machine has something due.
@@ -107,6 +110,10 @@ class AcquirerLink:
         #: Stage trace (diagnostics, switch.server.stagetrace); set by the core's owner when on.
         self.trace: StageTrace | None = None
         self._outbox_ctx: list[Any] = []
+        #: Requests queued and not yet handed to `write_now` (the core's list of links to write).
+        self.dirty = False
+        self._writing = False  # the writer task is in send_all: no direct writes (byte order)
+        self._fd = -1  # the connection's socket while a session runs
 
     @property
     def up(self) -> bool:
@@ -114,7 +121,8 @@ class AcquirerLink:
 
     # --- sending (synchronous, called by the core) --------------------------------------------------
     def send_request(self, fields: dict[str, Any], context: Any, now_ms: int, timeout_ms: int) -> None:
-        """Give the request this link's STAN, register it, queue it. Raises MatchingError if full."""
+        """Give the request this link's STAN, register it, queue it for `write_now` (the caller's end
+        of pass). Raises MatchingError if full."""
         stan = self.matcher.next_stan()
         fields["11"] = stan
         fields.setdefault("7", _transmission_time())
@@ -127,7 +135,27 @@ class AcquirerLink:
         self._outbox.append(self.wire.frame(payload))
         if self.trace is not None:
             self._outbox_ctx.append(context)
-        self._wake.set()
+
+    def write_now(self) -> None:
+        """Hand everything queued to the kernel in one write from the trio thread (no writer-task
+        round, as switch.server.terminal); what the kernel does not take now is left to the writer."""
+        self.dirty = False
+        out = self._outbox
+        if not out or self._writing or self._fd < 0:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        try:
+            n = os.write(self._fd, data)
+        except OSError:  # full (BlockingIOError) or broken: the writer task's send_all takes over
+            n = 0
+        if n == len(data):
+            self._outbox = []
+            if self.trace is not None:
+                ctxs, self._outbox_ctx = self._outbox_ctx, []
+                self.trace.marker(ctxs, stagetrace.LINK_WRITTEN)()
+        else:
+            self._outbox = [data[n:]]
+            self._wake.set()
 
     # --- the connection loop (driven by switch.routing.link_state) ------------------------------------
     async def run(self) -> None:
@@ -171,13 +199,17 @@ class AcquirerLink:
     async def _session(self, stream: trio.SocketStream) -> str:
         """Run one connection until it closes or the state machine marks it down; returns why."""
         self._down_reason = "connection lost"
-        async with trio.open_nursery() as nursery:
-            self._scope = nursery.cancel_scope
-            nursery.start_soon(self._writer, stream)
-            nursery.start_soon(self._reader, stream)
-            self._apply(self.ls.connected(self.owner.now_ms()))
-            nursery.start_soon(self._ticker)
-        self._scope = None
+        try:
+            async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
+                nursery.start_soon(self._writer, stream)
+                nursery.start_soon(self._reader, stream)
+                self._fd = stream.socket.fileno()
+                self._apply(self.ls.connected(self.owner.now_ms()))
+                nursery.start_soon(self._ticker)
+        finally:
+            self._fd = -1  # before the socket closes: its number may be reused
+            self._scope = None
         return self._down_reason
 
     def _apply(self, decisions: Sequence[Decision]) -> None:
@@ -209,23 +241,43 @@ class AcquirerLink:
             self.send_request(fields, (NETWORK, code), self.owner.now_ms(), self.config.request_timeout_ms)
         except MatchingError as exc:
             log.warning("acquirer link %s: cannot send network message %s: %s", self.name, code, exc)
+        self.write_now()
 
     async def _writer(self, stream: trio.SocketStream) -> None:
+        """What `write_now` could not write at once (a full socket buffer)."""
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
-            if self._outbox:
+            while self._outbox:
                 out = self._outbox
                 self._outbox = []
-                await stream.send_all(out[0] if len(out) == 1 else b"".join(out))
+                self._writing = True
+                try:
+                    await stream.send_all(out[0] if len(out) == 1 else b"".join(out))
+                finally:
+                    self._writing = False
                 if self.trace is not None:
                     ctxs, self._outbox_ctx = self._outbox_ctx, []
                     self.trace.marker(ctxs, stagetrace.LINK_WRITTEN)()
 
     async def _reader(self, stream: trio.SocketStream) -> None:
+        """Reads straight from the socket like switch.server.terminal's reader: a read that finds data
+        is processed at once (no extra scheduling round), every MAX_READS_WITHOUT_YIELD in a row yield."""
         reader = self.wire.reader(self.config.max_frame_bytes)
+        sock = stream.socket
+        fd = sock.fileno()
+        streak = 0
         while True:
-            data = await stream.receive_some(RECEIVE_BYTES)
+            if streak >= MAX_READS_WITHOUT_YIELD:
+                streak = 0
+                await trio.lowlevel.checkpoint()
+            try:
+                data = os.read(fd, RECEIVE_BYTES)
+            except BlockingIOError:
+                streak = 0
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            streak += 1
             if not data:
                 self._apply([MarkDown("closed by the acquirer")])
                 return
@@ -341,18 +393,19 @@ class AcquirerGroup:
                 return link
         return None
 
-    def send(self, fields: dict[str, Any], context: Any, now_ms: int, timeout_ms: int) -> bool:
-        """Send on some up link; False if no link is up or all are full."""
+    def send(self, fields: dict[str, Any], context: Any, now_ms: int, timeout_ms: int) -> AcquirerLink | None:
+        """Queue on some up link; that link (the caller calls its `write_now` at the end of its pass),
+        or None if no link is up or all are full."""
         for _ in range(len(self.links)):
             link = self.pick()
             if link is None:
-                return False
+                return None
             try:
                 link.send_request(dict(fields), context, now_ms, timeout_ms)
-                return True
+                return link
             except LinkFullError:
                 continue
-        return False
+        return None
 
 
 StateListener = Callable[[AcquirerLink], None]

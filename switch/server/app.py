@@ -185,6 +185,7 @@ class Switch:
         await core.settle()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(core.flusher)
+            nursery.start_soon(core.ledger_pump)
             for group in core.groups.values():
                 for link in group.links:
                     nursery.start_soon(link.run, name=f"link {link.name}")

@@ -152,7 +152,11 @@ class SwitchCore:
         self._done_lock = threading.Lock()
         self._done: list[Any] = []
         self._done_scheduled = False
+        self._pumping = False  # ledger_pump is delivering on the trio thread: no run_sync_soon
         self._busy = False
+        # Connections and links with bytes queued during the current pass (written at its end).
+        self._dirty_conns: list[TerminalConnection] = []
+        self._dirty_links: list[AcquirerLink] = []
         self._flush_wake = trio.Event()
         self._flush_wanted = False
         self._flusher_running = False
@@ -235,6 +239,19 @@ class SwitchCore:
                     break
         finally:
             self._busy = False
+            self._write_out()
+
+    def _write_out(self) -> None:
+        """End of a pass: every answer and acquirer request queued in it goes to the kernel now, one
+        write per connection and link (no writer-task round trip; see switch.server.terminal)."""
+        if self._dirty_conns:
+            conns, self._dirty_conns = self._dirty_conns, []
+            for conn in conns:
+                conn.write_now()
+        if self._dirty_links:
+            links, self._dirty_links = self._dirty_links, []
+            for link in links:
+                link.write_now()
 
     def _want_flush(self) -> None:
         """Wake the flusher once for everything queued during this scheduling round."""
@@ -264,6 +281,7 @@ class SwitchCore:
                             self._execute(self.processor.handle(self._events.popleft()))
                 finally:
                     self._busy = False
+                    self._write_out()
         finally:
             self._flusher_running = False
 
@@ -329,6 +347,7 @@ class SwitchCore:
                     break
         finally:
             self._busy = False
+            self._write_out()
 
     def on_closed(self, conn: TerminalConnection) -> None:
         # In-flight requests of a closed connection stay counted until the processor answers them
@@ -374,7 +393,11 @@ class SwitchCore:
         req = conn.requests.pop((mti[:2], fields.get("11", "")), None)
         if req is None and fields.get("39") == "30":
             req = conn.requests.pop((mti[:2], ""), None)
-        conn.send(wire.frame_reply(payload, conn.tpdu))
+        if conn.send(wire.frame_reply(payload, conn.tpdu)) and not conn.dirty:
+            conn.dirty = True
+            self._dirty_conns.append(conn)
+            if not self._busy:  # outside a pass (start-up, a test's direct call): write at once
+                self._write_out()
         self.metrics.inflight_count -= 1
         if req is not None:
             self.metrics.answered(req.mti, req.pc, fields.get("39", ""), time.perf_counter() - req.t0)
@@ -596,12 +619,20 @@ class SwitchCore:
                 self._events.append(ev.DeadlinePassed(s.txn_id, now))
                 continue
             group = self.groups.get(s.acquirer)
-            ok = group is not None and group.send(s.fields, s.txn_id, now, s.deadline_ms - now)
+            link = group.send(s.fields, s.txn_id, now, s.deadline_ms - now) if group is not None else None
+            ok = link is not None
+            if ok and not link.dirty:
+                link.dirty = True
+                self._dirty_links.append(link)
             if not ok:
                 self.metrics.acquirer_unavailable.labels(s.acquirer).inc()
                 self._events.append(
                     ev.AcquirerUnavailable(s.txn_id, s.fields, now, "no link up or all links full")
                 )
+        if self._dirty_links:  # requests leave now, not after the rest of the pass
+            links, self._dirty_links = self._dirty_links, []
+            for link in links:
+                link.write_now()
 
     def _armed(self, sends: list[d.SendToAcquirer], error: BaseException | None, _: Any) -> None:
         """Durable-writer completion: the batch's reversals are armed (or not); send (or refuse)."""
@@ -641,7 +672,7 @@ class SwitchCore:
         """Called on a writer thread: queue `item` and wake the trio thread once per burst."""
         with self._done_lock:
             self._done.append(item)
-            if self._done_scheduled:
+            if self._done_scheduled or self._pumping:  # ledger_pump processes them right after
                 return
             self._done_scheduled = True
         assert self._token is not None
@@ -649,6 +680,24 @@ class SwitchCore:
             self._token.run_sync_soon(self._on_thread_results)
         except trio.RunFinishedError:
             pass
+
+    async def ledger_pump(self) -> None:
+        """Read the ledger process's results on the trio thread (RemoteLedgerWriter.attach_pump): one
+        task waiting for readability instead of a thread that must win the GIL and wake the loop."""
+        attach = getattr(self.writer, "attach_pump", None)
+        if attach is None:
+            return
+        sock = await trio.to_thread.run_sync(attach)
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            self._pumping = True
+            try:
+                alive = self.writer.pump()
+            finally:
+                self._pumping = False
+            self._on_thread_results()
+            if not alive:
+                return
 
     def _durable_done(self, done: list[Any]) -> None:
         """DurableWriter's deliver hook (its thread): one item for the whole group."""
@@ -685,7 +734,7 @@ class SwitchCore:
         if top >= 0:
             self.metrics.ledger_sequence.set(top)
         if not self._busy:
-            self._drain()
+            self._drain()  # writes out at its end
 
     # --- ledger -------------------------------------------------------------------------------------
     def _submit(self, posts: list[d.Post], now: int) -> None:
@@ -746,8 +795,13 @@ class SwitchCore:
                 fields = dict(item.fields)
                 fields["t"] = item.send_mti
                 ctx = (SAF, item.id, item.acquirer, item.mti, fields.get("37", ""))
-                if group.send(fields, ctx, now, group.config.request_timeout_ms):
+                link = group.send(fields, ctx, now, group.config.request_timeout_ms)
+                if link is not None:
                     self.metrics.saf_sent.labels(group.config.name).inc()
+                    if not link.dirty:
+                        link.dirty = True
+                        self._dirty_links.append(link)
+            self._write_out()
             if self._events and not self._busy:
                 self._drain()
             if self._saf_completions:

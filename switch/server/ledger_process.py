@@ -38,11 +38,14 @@ import atexit
 import itertools
 import logging
 import os
+import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
@@ -66,6 +69,12 @@ ArmDone = Callable[[BaseException | None, Any], None]
 START_TIMEOUT_S = 60.0
 #: Completions the child's sender puts in one message at most.
 MAX_RESULTS_PER_MESSAGE = 4_096
+#: How often the results thread looks whether it should hand reading over (`attach_pump`).
+READER_POLL_S = 0.05
+#: Bytes asked of the socket per read when pumped.
+PUMP_RECEIVE_BYTES = 262_144
+_LEN = struct.Struct("!i")
+_LEN64 = struct.Struct("!Q")
 
 
 # --- messages ---------------------------------------------------------------------------------------------
@@ -211,6 +220,12 @@ class RemoteLedgerWriter:
             raise ledger_writer.LedgerUnavailable(f"ledger writer process: {first.reason}")
         assert isinstance(first, Ready)
         self._size = first.size
+        # Results are read by a thread of ours until an event loop takes them over (attach_pump).
+        self._stop_reader = False
+        self._pump_sock: socket.socket | None = None
+        self._pump_buf = bytearray()
+        self._pump_lock = threading.Lock()
+        self._pump_thread = 0
         self._reader = threading.Thread(target=self._read_loop, name="ledger-results", daemon=True)
         self._reader.start()
 
@@ -297,6 +312,8 @@ class RemoteLedgerWriter:
             done.set()
 
         self.submit(drafts, on_done)
+        if self._pump_thread == threading.get_ident():  # we are the reader: read until answered
+            self._pump_until(done, timeout_s)
         if not done.wait(timeout_s):
             raise ledger_writer.LedgerTimeout(f"ledger append not answered within {timeout_s} s")
         entries, error = box[0]
@@ -313,13 +330,18 @@ class RemoteLedgerWriter:
                     self._conn.send_bytes(_encoder.encode(Close(timeout_s)))
             except (OSError, ValueError):
                 pass
-            self._closed.wait(None if timeout_s is None else timeout_s + 5)
+            wait_s = None if timeout_s is None else timeout_s + 5
+            if self._pump_sock is not None:  # nobody else reads now: read until Closed
+                self._pump_until(self._closed, wait_s)
+            self._closed.wait(wait_s)
         self._proc.join(10)
         if self._proc.is_alive():
             log.error("ledger writer process did not stop; terminating it")
             self._kill()
         self._fail("ledger writer is closed")
         self._conn.close()
+        if self._pump_sock is not None:
+            self._pump_sock.close()
         atexit.unregister(self._at_exit)
 
     # --- internals -----------------------------------------------------------------------------------
@@ -353,29 +375,122 @@ class RemoteLedgerWriter:
             except Exception:
                 log.exception("arm completion callback failed")
 
+    # --- reading the child's messages: a thread, or the event loop (attach_pump / pump) -------------
+    def attach_pump(self) -> socket.socket:
+        """Stop the results thread and let the caller read the child's messages: it waits until the
+        returned socket is readable, then calls `pump()` (the trio core does, on the trio thread).
+
+        Why: with a thread, every result had to win the GIL from the busy trio thread (up to a switch
+        interval, 5 ms) and then wake the event loop again through `run_sync_soon`; measured with the
+        stage trace at 2,400 purchases/s, each of the two hops of a purchase cost a median of 3.6 ms.
+        Read by the loop itself, a result is handled in the scheduling round that sees it arrive.
+        Callbacks then run on the caller's thread; a blocking `append` from that thread reads itself."""
+        self._stop_reader = True
+        self._reader.join()
+        with self._pump_lock:
+            if self._pump_sock is None:
+                self._pump_sock = socket.socket(fileno=os.dup(self._conn.fileno()))
+        self._pump_thread = threading.get_ident()
+        return self._pump_sock
+
+    def pump(self) -> bool:
+        """Read what the child has sent, without blocking, and handle every complete message. False
+        once the child is gone (its results failed, as with the thread)."""
+        sock = self._pump_sock
+        if sock is None:
+            return False
+        with self._pump_lock:
+            buf = self._pump_buf
+            eof = False
+            while True:
+                try:
+                    chunk = sock.recv(PUMP_RECEIVE_BYTES, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    eof = True
+                    break
+                buf += chunk
+                if len(chunk) < PUMP_RECEIVE_BYTES:
+                    break
+            msgs: list[Any] = []
+            pos = 0
+            with memoryview(buf) as view:
+                while len(buf) - pos >= 4:
+                    (n,) = _LEN.unpack_from(buf, pos)
+                    head = 4
+                    if n == -1:  # multiprocessing.connection's header of a message above 2 GiB
+                        if len(buf) - pos < 12:
+                            break
+                        (n,) = _LEN64.unpack_from(buf, pos + 4)
+                        head = 12
+                    if len(buf) - pos - head < n:
+                        break
+                    try:
+                        msgs.append(_to_parent.decode(view[pos + head : pos + head + n]))
+                    except msgspec.DecodeError as exc:
+                        msgs.append(exc)
+                    pos += head + n
+            del buf[:pos]
+        for msg in msgs:
+            self._handle(msg)
+        if eof:
+            self._gone()
+            return False
+        return True
+
+    def _pump_until(self, done: threading.Event, timeout_s: float | None) -> None:
+        """Read on this thread (the pump's owner, blocked in a call) until `done` is set."""
+        sock = self._pump_sock
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while sock is not None and not done.is_set():
+            left = READER_POLL_S if deadline is None else min(READER_POLL_S, deadline - time.monotonic())
+            if left <= 0:
+                return
+            try:
+                ready, _, _ = select.select([sock], [], [], left)
+            except (OSError, ValueError):
+                return
+            if ready and not self.pump():
+                return
+
     def _read_loop(self) -> None:
         conn = self._conn
-        while True:
+        while not self._stop_reader:
             try:
-                msg = _to_parent.decode(conn.recv_bytes())
+                if not conn.poll(READER_POLL_S):
+                    continue
+                raw = conn.recv_bytes()
             except (EOFError, OSError):
-                if not self._closed.is_set():
-                    log.critical("ledger writer process exited (code %s)", self._proc.exitcode)
-                self._fail(f"ledger writer process exited (code {self._proc.exitcode})")
-                self._closed.set()
+                self._gone()
                 return
+            try:
+                msg: Any = _to_parent.decode(raw)
             except msgspec.DecodeError as exc:
-                log.critical("ledger writer process sent an unreadable message: %s", exc)
-                self._fail("ledger writer process sent an unreadable message")
-                continue
-            if isinstance(msg, Results):
-                self._size = max(self._size, msg.size)
-                if msg.armed:
-                    self._deliver_armed(msg.armed)
-                self._deliver(msg.done)
-            elif isinstance(msg, Closed):
-                self._size = max(self._size, msg.size)
-                self._closed.set()
+                msg = exc
+            self._handle(msg)
+
+    def _gone(self) -> None:
+        """End of file from the child: everything pending fails."""
+        if not self._closed.is_set():
+            log.critical("ledger writer process exited (code %s)", self._proc.exitcode)
+        self._fail(f"ledger writer process exited (code {self._proc.exitcode})")
+        self._closed.set()
+
+    def _handle(self, msg: Any) -> None:
+        if isinstance(msg, msgspec.DecodeError):
+            log.critical("ledger writer process sent an unreadable message: %s", msg)
+            self._fail("ledger writer process sent an unreadable message")
+        elif isinstance(msg, Results):
+            self._size = max(self._size, msg.size)
+            if msg.armed:
+                self._deliver_armed(msg.armed)
+            self._deliver(msg.done)
+        elif isinstance(msg, Closed):
+            self._size = max(self._size, msg.size)
+            self._closed.set()
 
     def _deliver_armed(self, armed: list[tuple[int, str]]) -> None:
         with self._lock:

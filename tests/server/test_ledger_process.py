@@ -183,3 +183,41 @@ def test_exit_without_close_commits_what_was_submitted(config, tmp_path: Path) -
     )
     assert p.returncode == 0, p.stderr
     assert [d.idempotency_key for d in _stored(config)] == ["late"]
+
+
+def test_results_read_by_the_event_loop_after_attach_pump(config) -> None:
+    """attach_pump: the thread stops, the caller reads (trio does, switch.server.core.ledger_pump):
+    results arrive only through pump(), a blocking append on the pumping thread reads for itself,
+    and a dead child makes pump() report it and fail what is pending."""
+    import select
+
+    w = RemoteLedgerWriter(config)
+    try:
+        w.append([draft("k1", EntryKind.PURCHASE, "000000000001", 500)], timeout_s=30)  # the thread
+        sock = w.attach_pump()
+        done: list = []
+        w.submit([draft("k2", EntryKind.PURCHASE, "000000000002", 700)], lambda e, err: done.append((e, err)))
+        for _ in range(300):  # nobody else reads now: nothing arrives until we pump
+            if done:
+                break
+            ready, _, _ = select.select([sock], [], [], 0.1)
+            if ready:
+                assert w.pump()
+        assert [e.seq for e in done[0][0]] == [1] and done[0][1] is None
+        # a blocking append from the pumping thread itself pumps until answered
+        again = w.append([draft("k3", EntryKind.PURCHASE, "000000000003", 5)], timeout_s=30)
+        assert [e.seq for e in again] == [2]
+        failed: list = []
+        w._proc.kill()
+        w._proc.join(10)
+        w.submit([draft("k4", EntryKind.PURCHASE, "000000000004", 9)], lambda e, err: failed.append(err))
+        for _ in range(300):
+            ready, _, _ = select.select([sock], [], [], 0.1)
+            if ready and not w.pump():
+                break
+        assert failed and isinstance(failed[0], LedgerUnavailable)
+        with pytest.raises(LedgerUnavailable):
+            w.submit([draft("k5", EntryKind.PURCHASE, "000000000005", 9)], lambda e, err: None)
+    finally:
+        w.close(30)
+    assert [d.idempotency_key for d in _stored(config)] == ["k1", "k2", "k3"]
