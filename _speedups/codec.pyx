@@ -141,6 +141,11 @@ cdef struct Op:
 
 cdef const char* HEX_UPPER = b"0123456789ABCDEF"
 cdef unsigned char HEX_VAL[256]
+# The two upper-case hex digits of each byte value, so a byte is converted with one 2-byte copy.
+cdef unsigned char HEX_PAIR[512]
+for _i in range(256):
+    HEX_PAIR[2 * _i] = HEX_UPPER[_i >> 4]
+    HEX_PAIR[2 * _i + 1] = HEX_UPPER[_i & 15]
 memset(HEX_VAL, 255, 256)
 for _i in range(10):
     HEX_VAL[48 + _i] = _i
@@ -277,8 +282,7 @@ cdef inline object _hex(const unsigned char* p, Py_ssize_t n):
     cdef char* o = <char*>PyUnicode_DATA(out)
     cdef Py_ssize_t i
     for i in range(n):
-        o[2 * i] = HEX_UPPER[p[i] >> 4]
-        o[2 * i + 1] = HEX_UPPER[p[i] & 15]
+        memcpy(o + 2 * i, HEX_PAIR + 2 * p[i], 2)
     return out
 
 
@@ -676,7 +680,7 @@ cdef object _enc_data(Op* op, object value, long long* enc_len):
     cdef unsigned char* dst
     cdef int pad = -1
     cdef bint pad_left = False
-    cdef unsigned char hi, lo
+    cdef unsigned char hi, lo, bad
     if type(value) is not str:
         return None
     if op.data == DATA_BIN:
@@ -702,21 +706,34 @@ cdef object _enc_data(Op* op, object value, long long* enc_len):
         nbytes = (nchars + 1) >> 1
         out = PyBytes_FromStringAndSize(NULL, nbytes)
         dst = <unsigned char*>PyBytes_AS_STRING(out)
-        k = 0
-        for i in range(nbytes):
-            if pad_left and i == 0:
-                hi = HEX_VAL[pad]
-            else:
-                hi = HEX_VAL[src[k]]
-                k += 1
-            if pad >= 0 and not pad_left and i == nbytes - 1:
-                lo = HEX_VAL[pad]
-            else:
-                lo = HEX_VAL[src[k]]
-                k += 1
-            if hi > 15 or lo > 15:
-                return None
-            dst[i] = (hi << 4) | lo
+        # HEX_VAL is 255 for a non-hex character, so one OR over all digits tells if any was bad.
+        bad = 0
+        if pad < 0:
+            for i in range(nbytes):
+                hi = HEX_VAL[src[2 * i]]
+                lo = HEX_VAL[src[2 * i + 1]]
+                bad |= hi | lo
+                dst[i] = <unsigned char>((hi << 4) | lo)
+        elif pad_left:
+            lo = HEX_VAL[src[0]]
+            bad |= lo
+            dst[0] = <unsigned char>((HEX_VAL[pad] << 4) | lo)
+            for i in range(1, nbytes):
+                hi = HEX_VAL[src[2 * i - 1]]
+                lo = HEX_VAL[src[2 * i]]
+                bad |= hi | lo
+                dst[i] = <unsigned char>((hi << 4) | lo)
+        else:
+            for i in range(nbytes - 1):
+                hi = HEX_VAL[src[2 * i]]
+                lo = HEX_VAL[src[2 * i + 1]]
+                bad |= hi | lo
+                dst[i] = <unsigned char>((hi << 4) | lo)
+            hi = HEX_VAL[src[nchars - 1]]
+            bad |= hi
+            dst[nbytes - 1] = <unsigned char>((hi << 4) | HEX_VAL[pad])
+        if bad > 15:
+            return None
         enc_len[0] = nchars if op.nibbles else nbytes
         return out
     if op.data == DATA_ASCII:
