@@ -6,6 +6,8 @@ entry). Callers `submit` a list of drafts (one outcome: all of them are written 
 callback; the writer collects submissions for at most `batch_window_ms` or until `max_batch_entries`,
 checks them, writes the batch in one transaction and calls every callback from its own thread:
 `on_done(entries, None)` once the batch is durable, `on_done(None, error)` otherwise.
+`submit_many` queues many outcomes under one lock and answers each caller once per batch
+(`on_batch`): per outcome, a callback and a lock round cost more than its share of the commit.
 
 What can fail, and for whom:
 - a draft that is malformed or unbalanced: `submit` raises at once (InvalidDraft, UnbalancedEntry);
