@@ -1,10 +1,11 @@
 """switch.codec against pyiso8583 itself: same bytes, same dicts (values, key order, types), same errors.
 
-Every case runs twice: on the Cython fast path and on the reference path (the `path` fixture flips
-`switch.codec.use_fast_path`). Inputs are generated for every shipped spec and for random specs that
-exercise each feature the plan compiler knows (binary/BCD/text lengths, nibble counts, pads, headers,
-ASCII bitmaps, other codecs, and features it must leave to pyiso8583), valid and then mutated: values
-too long, non-hex, non-ASCII, wrong types, strange keys; bytes truncated, flipped, inserted, deleted.
+Every case runs three times: on the Cython fast path filling result dicts in place, on the fast path
+building them through PyDict_SetItem, and on the reference path (the `path` fixture). Inputs are
+generated for every shipped spec and for random specs that exercise each feature the plan compiler
+knows (binary/BCD/text lengths, nibble counts, pads, headers, ASCII bitmaps, other codecs, and
+features it must leave to pyiso8583), valid and then mutated: values too long, non-hex, non-ASCII,
+wrong types, strange keys; bytes truncated, flipped, inserted, deleted.
 
 How errors are compared: our exception must be an instance of pyiso8583's exception class, with the
 same field and position, pyiso8583's partial dicts as `masking.mask_fields`/`mask_encoded_fields` make
@@ -38,15 +39,23 @@ SLOW_OK = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 MAX_GEN_LEN = 300
 
 
-@pytest.fixture(params=["fast", "pure"])
+@pytest.fixture(params=["fast", "fast-setitem", "pure"])
 def path(request: pytest.FixtureRequest) -> Iterator[str]:
-    if request.param == "fast" and codec._fast is None:
+    """fast: the Cython plan, result dicts filled in place where the interpreter allows it;
+    fast-setitem: the Cython plan building every dict through PyDict_SetItem; pure: pyiso8583."""
+    fast = request.param != "pure"
+    if fast and codec._fast is None:
         pytest.fail("the codec extension is not built (run: make build)")
-    previous = codec.use_fast_path(request.param == "fast")
+    previous = codec.use_fast_path(fast)
+    fill = None
+    if codec._fast is not None:
+        fill = codec._fast.set_dict_fill(request.param == "fast" and codec._fast.dict_fill_available())
     try:
         yield request.param
     finally:
         codec.use_fast_path(previous)
+        if fill is not None:
+            codec._fast.set_dict_fill(fill)
 
 
 # --------------------------------------------------------------------------------------------------
