@@ -53,21 +53,34 @@ class FeeTerms(msgspec.Struct, frozen=True):
     refundable_minor: int
 
 
+#: Leading digits that decide the brand (the longest range prefix): brand() is cached on them.
+_BRAND_DIGITS = max(len(low) for low, _, _ in _BRAND_RANGES)
+_brand_cache: dict[str, str] = {}
+
+
 def brand(pan_prefix: str) -> str:
     """Card brand from the leading PAN digits (at least 6 recommended); "other" when unknown."""
-    for low, high, name in _BY_LENGTH:
-        head = pan_prefix[: len(low)]
-        if len(head) == len(low) and head.isdigit() and low <= head <= high:
-            return name
-    return "other"
+    head4 = pan_prefix[:_BRAND_DIGITS]
+    hit = _brand_cache.get(head4)  # at most ~11,000 keys of <= 4 digits: no card data kept
+    if hit is None:
+        hit = "other"
+        for low, high, name in _BY_LENGTH:
+            head = head4[: len(low)]
+            if len(head) == len(low) and head.isdigit() and low <= head <= high:
+                hit = name
+                break
+        if head4.isdigit():
+            _brand_cache[head4] = hit
+    return hit
 
 
 def card_type(pan_prefix: str, bin_classes: dict[str, str]) -> str:
     """The contract's card type: the longest matching configured BIN class, else the brand."""
-    for n in range(min(11, len(pan_prefix)), 5, -1):
-        hit = bin_classes.get(pan_prefix[:n])
-        if hit is not None:
-            return hit
+    if bin_classes:
+        for n in range(min(11, len(pan_prefix)), 5, -1):
+            hit = bin_classes.get(pan_prefix[:n])
+            if hit is not None:
+                return hit
     return brand(pan_prefix)
 
 

@@ -22,7 +22,7 @@ class RrnError(ValueError):
 
 
 class RrnAllocator:
-    __slots__ = ("_blocks", "_end", "_high", "_next", "block_size", "low_water", "requested")
+    __slots__ = ("_blocks", "_end", "_high", "_next", "_queued", "block_size", "low_water", "requested")
 
     def __init__(self, block_size: int, low_water: int) -> None:
         if block_size < 1 or not 0 <= low_water < block_size:
@@ -33,11 +33,12 @@ class RrnAllocator:
         self._end = 0
         self._high = 0  # highest RRN ever granted + 1, to refuse overlapping blocks
         self._blocks: deque[tuple[int, int]] = deque()
+        self._queued = 0  # RRNs in _blocks (kept so `remaining` is O(1): it runs per request)
         self.requested = False
 
     @property
     def remaining(self) -> int:
-        return (self._end - self._next) + sum(end - start for start, end in self._blocks)
+        return (self._end - self._next) + self._queued
 
     def grant(self, start: int, count: int) -> None:
         if count < 1 or start < 1 or start + count > RRN_LIMIT:
@@ -46,6 +47,7 @@ class RrnAllocator:
             raise RrnError(f"RRN block {start}+{count} overlaps RRNs already granted (below {self._high})")
         self._high = start + count
         self._blocks.append((start, start + count))
+        self._queued += count
         self.requested = False
 
     def allocate(self) -> str | None:
@@ -54,6 +56,7 @@ class RrnAllocator:
             if not self._blocks:
                 return None
             self._next, self._end = self._blocks.popleft()
+            self._queued -= self._end - self._next
         n = self._next
         self._next = n + 1
         return f"{n:012d}"
