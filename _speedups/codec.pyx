@@ -64,6 +64,33 @@ cdef extern from *:
     #endif
     typedef struct { PyObject *me_key; PyObject *me_value; } sw_entry;
 
+    /* 8 hex digits (either case) at s -> 4 bytes at d, or 0 if any is not a hex digit. SWAR on
+       little-endian machines (~25 operations instead of 8 table look-ups and branches). */
+    static inline int sw_unhex8(const unsigned char* s, unsigned char* d) {
+    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        const uint64_t ones = 0x0101010101010101ULL, high = 0x8080808080808080ULL;
+        uint64_t w, lw, digit, letter, nib, t;
+        uint32_t out;
+        memcpy(&w, s, 8);
+        if (w & high) return 0;
+        /* For bytes below 0x80: byte >= c exactly when bit 7 of (byte + 0x80 - c) is set. */
+        digit = (w + ones * (0x80 - '0')) & ~(w + ones * (0x80 - '9' - 1)) & high;
+        lw = w | (ones * 0x20);
+        letter = (lw + ones * (0x80 - 'a')) & ~(lw + ones * (0x80 - 'f' - 1)) & high;
+        if ((digit | letter) != high) return 0;
+        nib = (w & (ones * 0x0F)) + (letter >> 7) * 9;
+        t = ((nib & 0x000F000F000F000FULL) << 4) | ((nib >> 8) & 0x000F000F000F000FULL);
+        t = (t | (t >> 8)) & 0x0000FFFF0000FFFFULL;
+        t = (t | (t >> 16)) & 0x00000000FFFFFFFFULL;
+        out = (uint32_t)t;
+        memcpy(d, &out, 4);
+        return 1;
+    #else
+        (void)s; (void)d;
+        return 0;  /* the caller's table loop does it */
+    #endif
+    }
+
     /* The entries of `d` if it is a combined unicode-keys table of exactly n live entries that no one
        else shares (what PyDict_Copy makes of our templates), else NULL. */
     static inline sw_entry* sw_entries(PyObject* d, Py_ssize_t n) {
@@ -97,6 +124,7 @@ cdef extern from *:
         PyObject* me_value
     sw_entry* sw_entries(object d, Py_ssize_t n)
     int sw_put(sw_entry* e, Py_ssize_t i, PyObject* key, PyObject* value)
+    int sw_unhex8(const unsigned char* s, unsigned char* d)
     int SW_DICT_FILL
     int PyObject_GC_IsTracked(object o)
     void PyObject_GC_Track(object o)
@@ -709,11 +737,15 @@ cdef object _enc_data(Op* op, object value, long long* enc_len):
         # HEX_VAL is 255 for a non-hex character, so one OR over all digits tells if any was bad.
         bad = 0
         if pad < 0:
-            for i in range(nbytes):
+            i = 0
+            while i + 4 <= nbytes and sw_unhex8(src + 2 * i, dst + i):
+                i += 4
+            while i < nbytes:
                 hi = HEX_VAL[src[2 * i]]
                 lo = HEX_VAL[src[2 * i + 1]]
                 bad |= hi | lo
                 dst[i] = <unsigned char>((hi << 4) | lo)
+                i += 1
         elif pad_left:
             lo = HEX_VAL[src[0]]
             bad |= lo
@@ -954,6 +986,7 @@ cdef object _encode_body(Plan plan, dict dd, bint lean, EncState* st):
     cdef int num, i, lz, base
     cdef uint64_t bm[3]
     cdef uint64_t word, bit
+    cdef bint drops = False
     cdef object de = None
     cdef object hex0 = None, hex1 = None, hex2 = None
     cdef char* dst
@@ -965,6 +998,8 @@ cdef object _encode_body(Plan plan, dict dd, bint lean, EncState* st):
         if num < 0:
             return None
         if num == 0 or num == 1 or num == 65:  # "1" and "65" are dropped, bitmaps are recomputed
+            if num:
+                drops = True
             continue
         bit = (<uint64_t>1) << (63 - ((num - 1) & 63))
         Py_INCREF(v)
@@ -1042,10 +1077,11 @@ cdef object _encode_body(Plan plan, dict dd, bint lean, EncState* st):
     if lean:
         return out
     # Success is certain: now the side effects pyiso8583 has on the caller's dict, in its order.
-    if PyDict_GetItem(dd, K_1) != NULL:
-        PyDict_DelItem(dd, K_1)
-    if PyDict_GetItem(dd, K_65) != NULL:
-        PyDict_DelItem(dd, K_65)
+    if drops:
+        if PyDict_GetItem(dd, K_1) != NULL:
+            PyDict_DelItem(dd, K_1)
+        if PyDict_GetItem(dd, K_65) != NULL:
+            PyDict_DelItem(dd, K_65)
     PyDict_SetItem(dd, K_P, hex0)
     if bm[1]:
         PyDict_SetItem(dd, K_1, hex1)
