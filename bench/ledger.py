@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import sys
 import sysconfig
 import tempfile
@@ -47,8 +48,14 @@ from switch.ledger.writer import LedgerWriter  # noqa: E402
 
 #: Batch windows tried besides the default one (ms).
 WINDOWS_MS = (0.5, 5.0)
-MERCHANTS = 200
 ACQUIRERS = 4
+#: Key shapes (--keys): "switch" = what the running switch posts (idempotency key = terminal key
+#: 41/42/11/13-12/MTI class, terminals chosen at random, so keys land all over the key index; RRNs
+#: allocated in order; `MERCHANTS` merchants of `TERMINALS_PER_MERCHANT` terminals); "sequential" =
+#: the old shape (keys and merchants in submission order, 200 merchants), which flatters B-tree indexes.
+MERCHANTS = 1_000
+TERMINALS_PER_MERCHANT = 5
+SEQUENTIAL_MERCHANTS = 200
 
 
 def interpreter() -> str:
@@ -59,21 +66,34 @@ def interpreter() -> str:
     )
 
 
-def make_drafts(n: int, prefix: str) -> list[EntryDraft]:
-    """n distinct purchases spread over merchants and acquirers (built before the clock starts)."""
+def make_drafts(n: int, prefix: str, keys: str = "switch") -> list[EntryDraft]:
+    """n distinct purchases spread over merchants, terminals and acquirers (built before the clock
+    starts); `keys` as in the module constants. `prefix` makes the keys of each run distinct."""
     drafts = []
     base_ms = 1_760_000_000_000
+    rnd = random.Random(n)
+    terminals = MERCHANTS * TERMINALS_PER_MERCHANT
+    stans: dict[int, int] = {}
     for i in range(n):
-        m = f"M{i % MERCHANTS:05d}"
+        if keys == "sequential":
+            m = f"M{i % SEQUENTIAL_MERCHANTS:05d}"
+            t = f"T{i % 5000:07d}"
+            key = f"{prefix}-{i}"
+        else:
+            ti = rnd.randrange(terminals)
+            m = f"M{ti % MERCHANTS:014d}"
+            t = f"T{ti:07d}"
+            stan = stans[ti] = stans.get(ti, 0) + 1
+            key = f"tk:{t}/{m}/{stan % 1_000_000:06d}/{(stan // 1_000_000) % 10_000:04d}120000/02:out"
         amount = 100 + (i * 7919) % 100_000
         drafts.append(
             EntryDraft(
-                idempotency_key=f"{prefix}-{i}",
+                idempotency_key=key,
                 kind=EntryKind.PURCHASE,
-                rrn=f"{i:012d}",
+                rrn=f"{i + 1:012d}",
                 at_ms=base_ms + i,
                 merchant_id=m,
-                terminal_id=f"T{i % 5000:07d}",
+                terminal_id=t,
                 pan_masked="411111******1111",
                 pan_hash=f"{i:064x}",
                 amount_minor=amount,
@@ -95,11 +115,12 @@ def run(
     max_batch: int,
     inflight: int,
     group: int,
+    keys: str = "switch",
 ) -> dict[str, object]:
     """Post n entries through a fresh writer; return throughput, latency percentiles and verify's verdict."""
     key = Ed25519PrivateKey.generate()
     cfg = LedgerConfig(batch_window_ms=window_ms, max_batch_entries=max_batch)
-    drafts = make_drafts(n, f"b{time.time_ns()}")
+    drafts = make_drafts(n, f"b{time.time_ns()}", keys)
     latencies_ns = [0] * n
     slots = threading.BoundedSemaphore(inflight)
     all_done = threading.Event()
@@ -199,6 +220,7 @@ def run(
         "max_batch_entries": max_batch,
         "inflight": inflight,
         "group": group,
+        "keys": keys,
         "entries_per_s": round(n / elapsed_s),
         "p50_commit_ms": round(lat[n // 2] / 1e6, 2),
         "p99_commit_ms": round(lat[min(n - 1, (n * 99) // 100)] / 1e6, 2),
@@ -235,6 +257,12 @@ def main() -> int:
         help="outcomes per submit_many call, as the switch's ledger process receives them per flush "
         "(1: one submit and one callback per outcome)",
     )
+    ap.add_argument(
+        "--keys",
+        choices=("switch", "sequential"),
+        default="switch",
+        help="key shapes: the switch's (random terminal keys, 1,000 merchants) or the old sequential ones",
+    )
     ap.add_argument("--quick", action="store_true", help="a tenth of the entries (smoke run)")
     ap.add_argument("--no-postgres", action="store_true")
     ap.add_argument("--no-sqlite", action="store_true", help="(then the last line is not SQLite's)")
@@ -258,7 +286,8 @@ def main() -> int:
             for w in windows:
                 dsn = cluster.create_database()
                 r = run(lambda dsn=dsn: PostgresBackend(dsn, writer=True), n=args.pg_entries, window_ms=w,
-                        max_batch=args.max_batch, inflight=args.inflight, group=args.group)  # fmt: skip
+                        max_batch=args.max_batch, inflight=args.inflight, group=args.group,
+                        keys=args.keys)  # fmt: skip
                 results.append({"backend": "postgres", **r})
                 print(f"  postgres window {w} ms: {r['entries_per_s']} entries/s", file=sys.stderr)
 
@@ -267,7 +296,8 @@ def main() -> int:
         for w in [] if args.no_sqlite else [x for x in windows if x != default_window] + [default_window]:
             path = os.path.join(tmp, f"ledger-{w}.db")
             r = run(lambda path=path: SqliteBackend(path), n=args.entries, window_ms=w,
-                    max_batch=args.max_batch, inflight=args.inflight, group=args.group)  # fmt: skip
+                    max_batch=args.max_batch, inflight=args.inflight, group=args.group,
+                    keys=args.keys)  # fmt: skip
             results.append({"backend": "sqlite", **r})
             print(f"  sqlite window {w} ms: {r['entries_per_s']} entries/s", file=sys.stderr)
 
