@@ -131,6 +131,17 @@ cdef inline dict pair_known_hash(object l, object d):
     return p
 
 
+cdef dict PAIR_TEMPLATE = {K_LEN: EMPTY, K_DATA: EMPTY}
+
+
+cdef inline object pair_in_place(object l, object d):
+    cdef object p = PyDict_Copy(PAIR_TEMPLATE)
+    cdef fl_entry* e = fl_entries(p)
+    fl_put(e, 0, <PyObject*>l)
+    fl_put(e, 1, <PyObject*>d)
+    return p
+
+
 cdef inline dict pair_set_item(object l, object d):
     cdef dict p = _PyDict_NewPresized(2)
     PyDict_SetItem(p, K_LEN, l)
@@ -165,7 +176,7 @@ cdef object template_set_item():
 
 
 cdef object in_place():
-    """switch.codec today: template copies with their values replaced in place (CPython 3.11)."""
+    """switch.codec today: template copies (outer dicts and pairs) with values replaced in place."""
     cdef const char* b = PyBytes_AS_STRING(message)
     cdef object dd = PyDict_Copy(template_dec), de = PyDict_Copy(template_enc)
     cdef fl_entry* ed = fl_entries(dd)
@@ -173,7 +184,7 @@ cdef object in_place():
     PyObject_GC_Track(de)
     for i in range(count):
         s = text(<const unsigned char*>b + data_at[i], data_size[i], as_hex[i], left_pad[i])
-        p = pair_known_hash(prefix(b, i), PyBytes_FromStringAndSize(b + data_at[i], data_size[i]))
+        p = pair_in_place(prefix(b, i), PyBytes_FromStringAndSize(b + data_at[i], data_size[i]))
         fl_put(ed, i, <PyObject*>s)
         fl_put(ee, i, <PyObject*>p)
     return dd, de
