@@ -115,6 +115,10 @@ class LedgerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_batch_entries: int = 1_000
     max_queue_entries: int = 100_000
     checkpoint_every_entries: int = 10_000
+    #: Entries past which the writer copies the unindexed tail into the key and merchant index
+    #: tables in one sorted run (switch.ledger.backend, "Why index runs"); lookups scan at most
+    #: about this many tail entries, and the writer keeps their keys in memory.
+    index_run_entries: int = 20_000
     #: Environment variable / file holding the checkpoint signing key (hex). Never logged.
     checkpoint_key_env: str = "SWITCH_CHECKPOINT_KEY"
     checkpoint_key_file: str = ""
@@ -246,6 +250,9 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: shutdown (bench/e2e.py --trace). Empty: off.
     stage_trace_path: str = ""
     stage_trace_max_txns: int = 500_000
+    #: Flush each trio scheduling round's arms, posts and store-and-forward work at the round's end (a
+    #: trio instrument, before the I/O poll) instead of in a flusher task that runs in the next round.
+    flush_at_round_end: bool = True
 
 
 class MerchantServicesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

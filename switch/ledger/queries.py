@@ -145,7 +145,8 @@ class LedgerReader:
 
     def rebuild_check(self) -> RebuildReport:
         """Fold the whole log: balances must equal every balance_history row at its seq and the
-        current balances; every entry must pass the hold/refund rules. Memory: one dict entry per
+        current balances; every entry must pass the hold/refund rules; the key and merchant index
+        tables must hold exactly the entries below the watermark. Memory: one dict entry per
         account and per transaction."""
         problems: list[str] = []
         folded: dict[tuple[str, str], int] = {}
@@ -180,6 +181,7 @@ class LedgerReader:
             book.check()
         except LedgerCorrupt as exc:
             problems.append(str(exc))
+        problems.extend(self.backend.index_problems())
         latest = {(r.account, r.currency): r.balance_minor for r in self.backend.latest_balances()}
         for key in sorted(set(latest) | set(folded)):
             if latest.get(key, 0) != folded.get(key, 0):

@@ -35,6 +35,7 @@ from switch.ledger.backend import (
     NODE_COLUMNS,
     SQLITE,
     TXN_COLUMNS,
+    WATERMARK_SQL,
     LedgerStorageError,
     SqlBackend,
     TxnRow,
@@ -51,9 +52,15 @@ _TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "balance_history": BALANCE_COLUMNS,
 }
 _json = msgspec.json.Encoder()
+#: The writer's lookup: the key index only (it keeps the unindexed tail's keys in memory).
+_SQL_IDEMPOTENCY_INDEXED = (
+    "SELECT e.idempotency_key, e.seq, e.body FROM key_index k JOIN entries e ON e.seq = k.seq "
+    "WHERE k.idempotency_key IN (SELECT value FROM json_each(?1))"
+)
+#: Everyone else's: the key index plus the tail, in one statement (one snapshot).
 _SQL_IDEMPOTENCY = (
-    "SELECT idempotency_key, seq, body FROM entries "
-    "WHERE idempotency_key IN (SELECT value FROM json_each(?1))"
+    f"{_SQL_IDEMPOTENCY_INDEXED} UNION ALL SELECT idempotency_key, seq, body FROM entries "
+    f"WHERE seq >= {WATERMARK_SQL} AND idempotency_key IN (SELECT value FROM json_each(?1))"
 )
 _SQL_TXN_ROWS = (
     f"SELECT {TXN_COLUMNS} FROM entries WHERE rrn IN (SELECT value FROM json_each(?1)) "
@@ -110,6 +117,12 @@ class SqliteBackend(SqlBackend):
         if not keys:
             return {}
         rows = self._all(_SQL_IDEMPOTENCY, (_json.encode(list(keys)),))
+        return {key: (seq, bytes(body)) for key, seq, body in rows}
+
+    def find_idempotency_indexed(self, keys: Sequence[str]) -> dict[str, tuple[int, bytes]]:
+        if not keys:
+            return {}
+        rows = self._all(_SQL_IDEMPOTENCY_INDEXED, (_json.encode(list(keys)),))
         return {key: (seq, bytes(body)) for key, seq, body in rows}
 
     def txn_rows(self, rrns: Iterable[str]) -> list[TxnRow]:

@@ -17,6 +17,14 @@ What can fail, and for whom:
   success); the writer re-reads its state from the database before the next batch and stops
   (LedgerUnavailable for everyone after) if it cannot.
 The queue is bounded by `max_queue_entries`: past it `submit` raises LedgerBusy instead of waiting.
+
+Index runs (switch.ledger.backend, "Why index runs"): `entries` has no index on idempotency keys or
+merchants; once `index_run_entries` entries are past the watermark, the writer -- between batches,
+after answering -- copies them into the index tables in one sorted run. Until then their keys live in
+`_tail` (key -> (seq, body), reloaded from storage by `_load_state`), so a batch's idempotency check
+is the in-memory tail plus one indexed lookup: exact across restarts, as before. A failed run changes
+nothing (its transaction rolls back) and is retried after the next batch; past MAX_TAIL_RUNS runs'
+worth of unindexed entries the writer stops rather than grow without bound.
 """
 
 from __future__ import annotations
@@ -51,6 +59,8 @@ OnBatch = Callable[[BatchResult], None]
 _HEADER = struct.Struct(">BQ")
 #: Current balances kept in memory by the writer (cleared, then reloaded on demand, past this).
 MAX_CACHED_BALANCES = 1_000_000
+#: Unindexed entries allowed, in runs (index runs failing again and again): past it the writer stops.
+MAX_TAIL_RUNS = 8
 _sha256 = hashlib.sha256
 _DEBIT = Side.DEBIT
 
@@ -111,6 +121,8 @@ class LedgerWriter:
             raise ValueError("ledger: need 1 <= max_batch_entries <= max_queue_entries")
         if cfg.batch_window_ms < 0 or cfg.checkpoint_every_entries < 1:
             raise ValueError("ledger: batch_window_ms must be >= 0 and checkpoint_every_entries >= 1")
+        if cfg.index_run_entries < 1:
+            raise ValueError("ledger: index_run_entries must be >= 1")
         self._backend = backend
         self._key = signing_key
         self._clock_ms = clock_ms
@@ -118,6 +130,9 @@ class LedgerWriter:
         self._max_batch = cfg.max_batch_entries
         self._max_queue = cfg.max_queue_entries
         self._checkpoint_every = cfg.checkpoint_every_entries
+        self._run_entries = cfg.index_run_entries
+        self._watermark = 0
+        self._tail: dict[str, tuple[int, bytes]] = {}
         self._cond = threading.Condition()
         self._queue: deque[_Submission] = deque()
         self._queued_entries = 0
@@ -263,6 +278,24 @@ class LedgerWriter:
         self._frontier = frontier
         self._checkpointed_size = b.last_checkpoint_size()
         self._balances = {}
+        self._watermark = b.index_watermark()
+        if size - self._watermark >= self._run_entries:  # e.g. a ledger upgraded from schema 1
+            self._index_run()
+        self._tail = {key: (seq, body) for key, seq, body in b.tail_keys(self._watermark)}
+
+    def _index_run(self) -> None:
+        """Index the tail in one sorted run (see the module docstring). Raises only past MAX_TAIL_RUNS."""
+        size = self._frontier.size
+        try:
+            self._backend.write_index_run(self._watermark, size, self._clock_ms())
+        except Exception as exc:
+            log.error("ledger index run %d..%d failed (retried after the next batch): %s",
+                      self._watermark, size, exc)  # fmt: skip
+            if size - self._watermark > MAX_TAIL_RUNS * self._run_entries:
+                raise
+            return
+        self._watermark = size
+        self._tail = {}
 
     # --- the thread -------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -309,7 +342,18 @@ class LedgerWriter:
     def _process(self, subs: list[_Submission]) -> None:
         b = self._backend
         try:
-            existing = b.find_idempotency([d.idempotency_key for s in subs for d in s.drafts])
+            tail = self._tail
+            existing: dict[str, tuple[int, bytes]] = {}
+            unknown: list[str] = []
+            for s in subs:
+                for d in s.drafts:
+                    hit = tail.get(d.idempotency_key)
+                    if hit is None:
+                        unknown.append(d.idempotency_key)
+                    else:
+                        existing[d.idempotency_key] = hit
+            if unknown:
+                existing.update(b.find_idempotency_indexed(unknown))
             rrns: set[str] = set()
             for s in subs:
                 for d in s.drafts:
@@ -370,12 +414,17 @@ class LedgerWriter:
                 self._fail_batch(subs, exc)
                 return
             self._frontier = frontier
+            tail = self._tail
+            for seq, d, body in new:
+                tail[d.idempotency_key] = (seq, body)
             if len(self._balances) + len(balances) > MAX_CACHED_BALANCES:
                 self._balances.clear()
             self._balances.update(balances)
             if rows.checkpoint is not None:
                 self._checkpointed_size = rows.checkpoint[0]
         self._answer(subs)
+        if self._frontier.size - self._watermark >= self._run_entries:
+            self._index_run()
 
     def _rows(
         self, frontier: Frontier, new: list[tuple[int, EntryDraft, bytes]]

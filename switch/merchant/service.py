@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import msgspec
 
 from switch.config import MerchantServicesConfig
+from switch.ledger.backend import merchant_seqs_sql
 from switch.ledger.model import Entry, EntryDraft, EntryKind, IdempotencyConflict
 from switch.merchant import deposit, drafts, lifecycle, settlement, subscription
 from switch.merchant.model import (
@@ -454,9 +455,7 @@ class MerchantService:
     def _merchant_entries(self, merchant_id: str, from_ms: int, to_ms: int) -> list[Entry]:
         p = self.store.p
         rows = self.store._rows(
-            f"SELECT seq FROM entries WHERE merchant_id = {p} AND at_ms >= {p} AND at_ms <= {p} ORDER BY seq "
-            f"LIMIT {int(self.cfg.max_report_entries)}",
-            (merchant_id, from_ms, to_ms),
+            merchant_seqs_sql(p, self.cfg.max_report_entries), (merchant_id, from_ms, to_ms) * 2
         )
         out = []
         for (seq,) in rows:

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from switch.ledger.backend import key_range_seqs_sql
 from switch.merchant.model import (
     AuditRecord,
     Contract,
@@ -306,23 +307,20 @@ class RegistryStore:
 
     def ledger_seqs_by_key_prefix(self, prefix: str, limit: int = 100) -> list[int]:
         """Seqs of ledger entries whose idempotency key starts with `prefix` (a range scan of the
-        ledger's unique key index; used for status by terminal + STAN). Read-only on the ledger.
+        ledger's key index plus its unindexed tail, switch.ledger.backend.key_range_seqs_sql; used for
+        status by terminal + STAN). Read-only on the ledger.
 
         A prefix is a byte-order range only under a C collation. SQLite compares bytes; a PostgreSQL
         database with a linguistic collation (en_US, ICU) sorts '/' and digits differently (keys
         of another STAN may fall inside the range, keys of this one outside), so there the range is
         taken in the "C" collation, served by an index in that collation which the registry adds
-        to the ledger's `entries` on first use (the database's own order is used when it is C)."""
+        to the ledger's `key_index` on first use (the database's own order is used when it is C)."""
         p = self.p
         upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
         key = "idempotency_key"
         if self.dialect == "postgres" and not self._byte_ordered():
             key = 'idempotency_key COLLATE "C"'
-        rows = self._rows(
-            f"SELECT seq FROM entries WHERE {key} >= {p} AND {key} < {p} "
-            f"ORDER BY seq DESC LIMIT {int(limit)}",
-            (prefix, upper),
-        )
+        rows = self._rows(key_range_seqs_sql(p, limit, key), (prefix, upper) * 2)
         return [int(r[0]) for r in rows]
 
     _byte_order: bool | None = None
@@ -336,8 +334,8 @@ class RegistryStore:
             if not self._byte_order:
                 self._write(
                     lambda cur: cur.execute(
-                        "CREATE INDEX IF NOT EXISTS reg_entries_key_c "
-                        'ON entries (idempotency_key COLLATE "C")'
+                        "CREATE INDEX IF NOT EXISTS reg_key_index_c "
+                        'ON key_index (idempotency_key COLLATE "C")'
                     )
                 )
         return self._byte_order

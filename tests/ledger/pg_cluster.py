@@ -15,7 +15,17 @@ from switch.ledger.backend import LedgerBackend
 from switch.ledger.postgres import PostgresBackend
 
 #: Every table of the ledger schema (switch.ledger.backend.schema), copied by tampered_copy.
-LEDGER_TABLES = ("entries", "merkle_nodes", "tree_heads", "checkpoints", "balance_history", "ledger_meta")
+LEDGER_TABLES = (
+    "entries",
+    "merkle_nodes",
+    "tree_heads",
+    "checkpoints",
+    "balance_history",
+    "key_index",
+    "merchant_index",
+    "index_runs",
+    "ledger_meta",
+)
 
 
 class PgLedgerDb:
