@@ -1,0 +1,213 @@
+"""Index runs (switch.ledger.backend, "Why index runs"): the idempotency-key and merchant indexes are
+filled in sorted runs, and every lookup stays exact on both sides of the watermark, across restarts,
+after a failed run, and on a ledger upgraded from schema 1."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from switch.config import LedgerConfig
+from switch.ledger.backend import LedgerBackend, LedgerStorageError, key_range_seqs_sql, merchant_seqs_sql
+from switch.ledger.model import EntryKind, IdempotencyConflict
+from switch.ledger.queries import LedgerReader
+from switch.ledger.sqlite import SqliteBackend
+from switch.ledger.verify import verify_ledger
+from switch.ledger.writer import LedgerWriter
+from tests.ledger.conftest import LedgerDb, SqliteDb
+from tests.ledger.drafts import draft
+
+#: Small runs so a test crosses several watermarks.
+RUN = 7
+CFG = LedgerConfig(batch_window_ms=0, max_batch_entries=4, index_run_entries=RUN)
+
+
+def _sale(i: int, amount: int = 100) -> object:
+    return draft(f"tk:T{i % 3}/M{i % 2}/{i:06d}:out", EntryKind.PURCHASE, f"{i:012d}", amount,
+                 at_ms=1_000 + i, merchant_id=f"M{i % 2}")  # fmt: skip
+
+
+def _post(writer: LedgerWriter, lo: int, hi: int) -> None:
+    for i in range(lo, hi):
+        writer.append([_sale(i)])  # type: ignore[list-item]
+
+
+def _writer(db: LedgerDb, key: Ed25519PrivateKey, cfg: LedgerConfig = CFG) -> LedgerWriter:
+    return LedgerWriter(db.open(), signing_key=key, config=cfg)
+
+
+def test_repeats_and_conflicts_are_exact_on_both_sides_of_the_watermark_and_after_restart(
+    ledger_backend: LedgerDb, signing_key: Ed25519PrivateKey
+) -> None:
+    w = _writer(ledger_backend, signing_key)
+    _post(w, 0, 17)
+    w.close()
+    reader = ledger_backend.open()
+    watermark = reader.index_watermark()
+    assert 0 < watermark < 17, "17 entries with runs of 7: some indexed, a tail left"
+    reader.close()
+
+    w = _writer(ledger_backend, signing_key)  # restart: the tail's keys come back from storage
+    try:
+        for i in (0, watermark - 1, watermark, 16):  # below the watermark and in the tail
+            assert w.append([_sale(i)])[0].seq == i  # type: ignore[list-item]
+            with pytest.raises(IdempotencyConflict):
+                w.append([_sale(i, amount=999)])  # type: ignore[list-item]
+        assert w.size == 17, "no repeat and no conflict posted anything"
+        _post(w, 17, 30)
+    finally:
+        w.close()
+
+    reader = ledger_backend.open()
+    try:
+        keys = [str(_sale(i).idempotency_key) for i in range(30)]  # type: ignore[attr-defined]
+        found = reader.find_idempotency([*keys, "tk:unknown"])
+        assert {k: v[0] for k, v in found.items()} == {k: i for i, k in enumerate(keys)}
+        assert verify_ledger(reader, signing_key.public_key()).ok
+    finally:
+        reader.close()
+
+
+def test_merchant_queries_cover_index_and_tail(
+    ledger_backend: LedgerDb, signing_key: Ed25519PrivateKey
+) -> None:
+    w = _writer(ledger_backend, signing_key)
+    _post(w, 0, 23)
+    w.close()
+    be = ledger_backend.open()
+    try:
+        assert 0 < be.index_watermark() < 23
+        totals = LedgerReader(be).merchant_totals("M1", 1_003, 1_020)  # at_ms 1003..1019
+        expected = [i for i in range(3, 20) if i % 2 == 1]
+        assert [(t.kind, t.count, t.amount_minor) for t in totals] == [
+            ("purchase", len(expected), 100 * len(expected))
+        ]
+        p = be.dialect.placeholder
+        rows = be._all(merchant_seqs_sql(p, 100), ("M0", 1_000, 1_022) * 2)  # type: ignore[attr-defined]
+        assert [r[0] for r in rows] == list(range(0, 23, 2))
+        rows = be._all(merchant_seqs_sql(p, 3), ("M0", 1_000, 1_022) * 2)  # type: ignore[attr-defined]
+        assert [r[0] for r in rows] == [0, 2, 4]
+        rows = be._all(key_range_seqs_sql(p, 100), ("tk:T1/", "tk:T10") * 2)  # type: ignore[attr-defined]
+        assert [r[0] for r in rows] == [i for i in range(22, -1, -1) if i % 3 == 1]
+    finally:
+        be.close()
+
+
+def test_a_failed_run_changes_nothing_and_is_retried(
+    ledger_backend: LedgerDb, signing_key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = ledger_backend.open()
+    real = backend.write_index_run
+    calls: list[tuple[int, int]] = []
+
+    def flaky(from_seq: int, to_seq: int, at_ms: int) -> None:
+        calls.append((from_seq, to_seq))
+        if len(calls) == 1:
+            raise LedgerStorageError("disk said no")
+        real(from_seq, to_seq, at_ms)
+
+    monkeypatch.setattr(backend, "write_index_run", flaky)
+    w = LedgerWriter(backend, signing_key=signing_key, config=CFG)
+    _post(w, 0, 12)  # every append is its own batch: the run is due after entry 7
+    assert w.append([_sale(3)])[0].seq == 3  # type: ignore[list-item]
+    w.close()
+    assert calls[0] == (0, RUN) and calls[1] == (0, RUN + 1), "retried after the next batch, same start"
+    reader = ledger_backend.open()
+    try:
+        assert reader.index_watermark() == RUN + 1
+        assert reader.index_problems() == []
+        assert verify_ledger(reader, signing_key.public_key()).ok
+    finally:
+        reader.close()
+
+
+def test_a_run_must_start_at_the_watermark(ledger_backend: LedgerDb, signing_key: Ed25519PrivateKey) -> None:
+    w = _writer(ledger_backend, signing_key, LedgerConfig(batch_window_ms=0, index_run_entries=1_000))
+    _post(w, 0, 5)
+    w.close()
+    be = ledger_backend.open()
+    try:
+        with pytest.raises(LedgerStorageError, match="watermark"):
+            be.write_index_run(2, 5, 0)  # entries 0 and 1 would never be indexed
+        assert be.index_watermark() == 0
+    finally:
+        be.close()
+
+
+@pytest.mark.parametrize(
+    ("statement", "problem"),
+    [
+        ("DELETE FROM key_index WHERE seq = 3", "key_index holds 6 rows"),
+        ("UPDATE merchant_index SET merchant_id = 'M9' WHERE seq = 2",
+         "merchant_index holds 7 rows (6 matching"),
+        ("UPDATE entries SET idempotency_key = (SELECT idempotency_key FROM entries WHERE seq = 0) "
+         "WHERE seq = 9", "more than one entry"),
+    ],
+)  # fmt: skip
+def test_verify_names_index_tables_that_disagree_with_the_entries(
+    tmp_path: Path, signing_key: Ed25519PrivateKey, statement: str, problem: str
+) -> None:
+    db = SqliteDb(tmp_path / "ledger.db")
+    w = _writer(db, signing_key)
+    _post(w, 0, 10)
+    w.close()
+    tampered = db.tampered_copy([statement])
+    be = tampered.open()
+    try:
+        assert not verify_ledger(be, signing_key.public_key()).ok
+        assert any(problem in p for p in be.index_problems())
+    finally:
+        be.close()
+
+
+def _downgrade_to_schema_1(path: Path) -> None:
+    """What a schema 1 ledger looked like: B-tree indexes on entries, no index runs yet."""
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE UNIQUE INDEX entries_idempotency_key ON entries (idempotency_key)")
+    conn.execute("CREATE INDEX entries_merchant_time ON entries (merchant_id, at_ms)")
+    conn.execute("UPDATE ledger_meta SET value = '1' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+
+
+def test_a_schema_1_ledger_is_upgraded_and_indexed_on_first_writer_start(
+    tmp_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    db = SqliteDb(tmp_path / "ledger.db")
+    w = _writer(db, signing_key, LedgerConfig(batch_window_ms=0, index_run_entries=1_000))
+    _post(w, 0, 9)
+    w.close()
+    _downgrade_to_schema_1(db.path)
+
+    be: LedgerBackend = SqliteBackend(db.path)  # create=True upgrades
+    names = {r[0] for r in be._all("SELECT name FROM sqlite_master WHERE type = 'index'")}  # type: ignore[attr-defined]
+    assert "entries_idempotency_key" not in names and "entries_merchant_time" not in names
+    assert be.meta("schema_version") == "2"
+    assert be.find_idempotency([str(_sale(4).idempotency_key)])[str(_sale(4).idempotency_key)][0] == 4  # type: ignore[attr-defined]
+    be.close()
+
+    w = _writer(db, signing_key, LedgerConfig(batch_window_ms=0, index_run_entries=5))
+    try:
+        assert w.append([_sale(1)])[0].seq == 1  # type: ignore[list-item]
+    finally:
+        w.close()
+    be = db.open()
+    try:
+        assert be.index_watermark() == 9, "the start-up run indexed the whole history"
+        assert verify_ledger(be, signing_key.public_key()).ok
+    finally:
+        be.close()
+
+
+def test_an_unknown_schema_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    SqliteBackend(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE ledger_meta SET value = '99' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(LedgerStorageError, match="schema version 99"):
+        SqliteBackend(path)
