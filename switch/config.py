@@ -250,9 +250,6 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: shutdown (bench/e2e.py --trace). Empty: off.
     stage_trace_path: str = ""
     stage_trace_max_txns: int = 500_000
-    #: Flush each trio scheduling round's arms, posts and store-and-forward work at the round's end (a
-    #: trio instrument, before the I/O poll) instead of in a flusher task that runs in the next round.
-    flush_at_round_end: bool = True
 
 
 class MerchantServicesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
