@@ -17,6 +17,14 @@ Two paths:
 - reference: pyiso8583 itself. Used when the extension is missing, when SWITCH_CODEC_PURE=1 is set in
   the environment at import, or after `use_fast_path(False)`.
 
+On CPython 3.11 the fast path fills the result dicts in place: each is a copy of a per-bitmap (or
+per-pair) template whose values it replaces directly in CPython's table instead of through
+PyDict_SetItem, which was ~40% of building pyiso8583's result (docs/performance.md, "Codec"). That
+relies on CPython 3.11's private dict layout, so it is guarded (compiled for 3.11 only, a self-test at
+import, a layout check per copy, each entry's key compared before it is written) and falls back to
+PyDict_SetItem when anything does not match. SWITCH_CODEC_DICT_FILL=0 at import, or
+`configure(fill_dicts_in_place=False)`, turns it off; results are identical either way.
+
 Errors carry no card data, in their text or anywhere else (an exception travels: a log record with
 exc_info, a traceback formatter that prints attributes, a pickle to another process). Compared with
 pyiso8583's own:
@@ -169,6 +177,8 @@ except ImportError as exc:  # a failed build must slow the switch down, not stop
 
 #: SWITCH_CODEC_PURE=1 (read once, at import) forces pyiso8583 everywhere.
 PURE_REQUESTED: Final = os.environ.get("SWITCH_CODEC_PURE", "").strip() not in ("", "0")
+#: SWITCH_CODEC_DICT_FILL=0 (read once, at import) builds result dicts through PyDict_SetItem only.
+DICT_FILL_REFUSED: Final = os.environ.get("SWITCH_CODEC_DICT_FILL", "").strip() == "0"
 
 #: True while the Cython path is active. Read it as `switch.codec.FAST_PATH` (it changes with
 #: use_fast_path), not via `from switch.codec import FAST_PATH`.
@@ -178,6 +188,8 @@ if _fast is not None:
     _fast.configure(_reference_decode, _reference_encode, _compile_plan, DEFAULT_MAX_CACHED_PLANS)
     _fast.set_enabled(not PURE_REQUESTED)
     FAST_PATH = not PURE_REQUESTED
+    if DICT_FILL_REFUSED:
+        _fast.set_dict_fill(False)
     decode = _fast.decode
     encode = _fast.encode
     decode_fields = _fast.decode_fields
@@ -210,11 +222,19 @@ def use_fast_path(enabled: bool) -> bool:
     return previous
 
 
-def configure(*, max_cached_plans: int = DEFAULT_MAX_CACHED_PLANS) -> None:
-    """Set the codec's limits (from the switch config at start-up)."""
+def configure(
+    *, max_cached_plans: int = DEFAULT_MAX_CACHED_PLANS, fill_dicts_in_place: bool | None = None
+) -> None:
+    """Set the codec's limits (from the switch config at start-up).
+
+    fill_dicts_in_place: None keeps the current choice; True where unavailable (not CPython 3.11)
+    quietly stays off, since results are identical and only slower.
+    """
     if _fast is not None:
         _fast.configure(_reference_decode, _reference_encode, _compile_plan, max_cached_plans)
         _fast.set_enabled(FAST_PATH)
+        if fill_dicts_in_place is not None:
+            _fast.set_dict_fill(fill_dicts_in_place and _fast.dict_fill_available())
 
 
 def forget_spec(spec: Mapping[str, Any] | None = None) -> None:
@@ -226,4 +246,3 @@ def forget_spec(spec: Mapping[str, Any] | None = None) -> None:
 def uncovered(spec: Mapping[str, Any]) -> tuple[str, ...]:
     """The spec entries the fast path leaves to pyiso8583, as "field: reason" (empty: all covered)."""
     return compile_spec(spec).uncovered
-

@@ -108,6 +108,33 @@ def test_switch_codec_pure_selects_pyiso8583_in_a_fresh_process() -> None:
     assert _run(PROBE, SWITCH_CODEC_PURE="0") == {"fast": True, "reference_calls": 0}
 
 
+FILL_PROBE = """
+import json, switch.codec as c
+from switch.codec.specs import SPECS
+spec = SPECS["terminal_ascii"]
+raw = bytes(c.encode({"t": "0200", "2": "4761739001010119", "55": "AB" * 30}, spec)[0])
+result = c.decode(raw, spec)
+print(json.dumps({"in_place": c._fast.set_dict_fill(False), "same": c.decode(raw, spec) == result}))
+"""
+
+
+def test_switch_codec_dict_fill_0_turns_in_place_filling_off_in_a_fresh_process() -> None:
+    available = codec._fast is not None and codec._fast.dict_fill_available()
+    assert _run(FILL_PROBE, SWITCH_CODEC_DICT_FILL="") == {"in_place": available, "same": True}
+    assert _run(FILL_PROBE, SWITCH_CODEC_DICT_FILL="0") == {"in_place": False, "same": True}
+
+
+def test_configure_turns_in_place_filling_off_and_on(fast: None) -> None:
+    before = codec._fast.set_dict_fill(codec._fast.dict_fill_available())
+    try:
+        codec.configure(fill_dicts_in_place=False)
+        assert codec._fast.set_dict_fill(False) is False
+        codec.configure(fill_dicts_in_place=True)
+        assert codec._fast.set_dict_fill(False) is codec._fast.dict_fill_available()
+    finally:
+        codec._fast.set_dict_fill(before)
+
+
 def test_use_fast_path_toggles_and_reports(fast: None) -> None:
     assert codec.FAST_PATH is True
     assert codec.use_fast_path(False) is True
