@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from collections.abc import Iterable, Sequence
 from typing import Protocol
@@ -207,7 +206,7 @@ class HmacPanHasher:
         self._key = key
 
     def __call__(self, pan: str) -> str:
-        return hmac.digest(self._key, pan.encode("ascii"), hashlib.sha256).hex()
+        return hmac.digest(self._key, pan.encode("ascii"), "sha256").hex()  # by name: OpenSSL's fast path
 
     def __repr__(self) -> str:
         return "HmacPanHasher(<key hidden>)"
