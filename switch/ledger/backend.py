@@ -25,6 +25,8 @@ Tables (names and column orders are constants below; the PostgreSQL backend reus
                   as of any seq = previous row + fold of at most one batch. `rebuild_check` refolds it.
 - `key_index`     idempotency key -> seq, and `merchant_index` (merchant_id, at_ms, seq): the lookup
                   indexes of `entries`, filled in sorted runs (below), never per batch.
+- `balance_index` the rows of `balance_history` (which is kept in seq order) by (account, currency,
+                  seq), filled in the same runs.
 - `index_runs`    one row per run: the runs cover exactly the entries with seq < MAX(upto_seq) (the
                   watermark); entries at or past it are the unindexed tail.
 - `ledger_meta`   schema version and other facts, key/value.
@@ -35,13 +37,15 @@ dirty ~one distinct leaf page per entry once the index outgrows a batch, and WAL
 dirty page as a full 4 KiB frame at every commit. Measured (bench/ledger.py key shapes, 100,000
 entries): 1.3 -> 9.3 KB of WAL per entry from the first to the last 10,000, write_batch CPU 17 -> 64
 us/entry. So `entries` keeps only indexes that grow in sequence order (rrn: allocated in order; the
-partial indexes), and every `index_run_entries` entries the writer copies the tail into the two index
-tables in ONE sorted INSERT ... SELECT per table: a run of R entries dirties each leaf page it lands
-on once per run instead of once per batch. Lookups are exact at every moment: each query reads the
-index tables and scans the tail (seq >= watermark, a rowid range of at most about one run) in ONE
-statement, so both halves see the same snapshot; the writer keeps the tail's keys in memory. The
-index tables' primary keys still enforce unique idempotency keys (at run time), and `rebuild_check`
-(verify) proves they hold exactly the entries below the watermark.
+partial indexes), balance_history is clustered by seq, and every `index_run_entries` entries the
+writer copies the tail into the three index tables in ONE sorted INSERT ... SELECT per table (a
+balance row per account touched per batch is ~one row per entry with many merchants): a run dirties
+each leaf page it lands on once per run instead of once per batch. Lookups are exact at every
+moment: each query reads the index tables and scans the tail (seq >= watermark, a range of the
+clustering key of at most about one run) in ONE statement, so both halves see the same snapshot;
+the writer keeps the tail's keys in memory. The index tables' primary keys still enforce unique
+idempotency keys (at run time), and `rebuild_check` (verify) proves they hold exactly the entries
+(and balance rows) below the watermark.
 
 Every table but `ledger_meta` is append-only: triggers reject UPDATE and DELETE, so only
 someone who drops the triggers (as the tamper tests do, on a copy) can change history -- and then
@@ -112,6 +116,7 @@ APPEND_ONLY_TABLES: tuple[str, ...] = (
     "balance_history",
     "key_index",
     "merchant_index",
+    "balance_index",
     "index_runs",
 )
 
@@ -287,6 +292,13 @@ def schema(d: Dialect) -> list[str]:
             seq {i} NOT NULL,
             first_seq {i} NOT NULL,
             balance_minor {i} NOT NULL,
+            PRIMARY KEY (seq, account, currency)){d.without_rowid}""",
+        f"""CREATE TABLE IF NOT EXISTS balance_index (
+            account TEXT NOT NULL,
+            currency TEXT NOT NULL,
+            seq {i} NOT NULL,
+            first_seq {i} NOT NULL,
+            balance_minor {i} NOT NULL,
             PRIMARY KEY (account, currency, seq)){d.without_rowid}""",
         "CREATE TABLE IF NOT EXISTS ledger_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     ]
@@ -453,6 +465,18 @@ class SqlBackend(abc.ABC):
         lookup is still exact (the tail scan covers it)."""
         for index in ("entries_idempotency_key", "entries_merchant_time"):
             cur.execute(f"DROP INDEX IF EXISTS {index}")
+        # balance_history was clustered by (account, currency, seq): rebuild it in seq order.
+        cols = ", ".join(BALANCE_COLUMNS)
+        cur.execute("ALTER TABLE balance_history RENAME TO balance_history_v1")
+        for stmt in schema(self.dialect):
+            if stmt.startswith("CREATE TABLE IF NOT EXISTS balance_history"):
+                cur.execute(stmt)
+        cur.execute(
+            f"INSERT INTO balance_history ({cols}) SELECT {cols} FROM balance_history_v1 ORDER BY seq"
+        )
+        cur.execute("DROP TABLE balance_history_v1")
+        for stmt in self.dialect.append_only_triggers("balance_history"):
+            cur.execute(stmt)
         p = self.dialect.placeholder
         cur.execute(
             f"UPDATE ledger_meta SET value = {p} WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
@@ -519,6 +543,12 @@ class SqlBackend(abc.ABC):
                 f"FROM entries WHERE seq >= {p} AND seq < {p} ORDER BY merchant_id, at_ms, seq",
                 (from_seq, to_seq),
             )
+            cols = ", ".join(BALANCE_COLUMNS)
+            cur.execute(
+                f"INSERT INTO balance_index ({cols}) SELECT {cols} FROM balance_history "
+                f"WHERE seq >= {p} AND seq < {p} ORDER BY account, currency, seq",
+                (from_seq, to_seq),
+            )
             cur.execute(f"INSERT INTO index_runs (upto_seq, at_ms) VALUES ({p}, {p})", (to_seq, at_ms))
             self.conn.commit()
         except BaseException as exc:
@@ -554,6 +584,18 @@ class SqlBackend(abc.ABC):
                     f"{table} holds {rows} rows ({good} matching entries below the watermark), "
                     f"expected exactly the {w} entries below the watermark"
                 )
+        rows, good, below = self._all(
+            "SELECT (SELECT COUNT(*) FROM balance_index), (SELECT COUNT(*) FROM balance_index x JOIN "
+            "balance_history h ON h.seq = x.seq AND h.account = x.account AND h.currency = x.currency "
+            f"AND h.first_seq = x.first_seq AND h.balance_minor = x.balance_minor WHERE x.seq < {p}), "
+            f"(SELECT COUNT(*) FROM balance_history WHERE seq < {p})",
+            (w, w),
+        )[0]
+        if not int(rows) == int(good) == int(below):
+            problems.append(
+                f"balance_index holds {rows} rows ({good} matching balance_history), expected exactly "
+                f"the {below} balance rows below the watermark"
+            )
         dup = self._all(
             f"SELECT COUNT(*) FROM entries e WHERE e.seq >= {p} AND EXISTS (SELECT 1 FROM key_index k "
             "WHERE k.idempotency_key = e.idempotency_key)",
@@ -672,36 +714,50 @@ class SqlBackend(abc.ABC):
         return [(int(s), bytes(h), int(t), str(k), bytes(sig)) for s, h, t, k, sig in rows]
 
     def balance_at_or_before(self, account: str, currency: str, seq: int | None) -> BalanceRowT | None:
-        """The latest balance_history row of (account, currency) with row seq <= `seq` (any if None)."""
+        """The latest balance row of (account, currency) with row seq <= `seq` (any if None): the
+        latest in balance_index and the latest in the tail, in one statement (one snapshot)."""
         p = self.dialect.placeholder
-        sql = (
-            f"SELECT {', '.join(BALANCE_COLUMNS)} FROM balance_history WHERE account = {p} AND currency = {p}"
+        cols = ", ".join(BALANCE_COLUMNS)
+        cond = f"account = {p} AND currency = {p}" + ("" if seq is None else f" AND seq <= {p}")
+        params: tuple[Any, ...] = (account, currency) if seq is None else (account, currency, seq)
+        rows = self._all(
+            f"SELECT * FROM (SELECT {cols} FROM balance_index WHERE {cond} ORDER BY seq DESC LIMIT 1) a "
+            f"UNION ALL SELECT * FROM (SELECT {cols} FROM balance_history WHERE seq >= {WATERMARK_SQL} "
+            f"AND {cond} ORDER BY seq DESC LIMIT 1) b",
+            params * 2,
         )
-        params: tuple[Any, ...] = (account, currency)
-        if seq is not None:
-            sql += f" AND seq <= {p}"
-            params += (seq,)
-        rows = self._all(sql + " ORDER BY seq DESC LIMIT 1", params)
-        return BalanceRowT(*rows[0]) if rows else None
+        return BalanceRowT(*max(rows, key=lambda r: r[2])) if rows else None
 
     def balance_after(self, account: str, currency: str, seq: int) -> BalanceRowT | None:
-        """The first balance_history row of (account, currency) with row seq > `seq`."""
+        """The first balance row of (account, currency) with row seq > `seq` (index and tail)."""
         p = self.dialect.placeholder
+        cols = ", ".join(BALANCE_COLUMNS)
+        cond = f"account = {p} AND currency = {p} AND seq > {p}"
         rows = self._all(
-            f"SELECT {', '.join(BALANCE_COLUMNS)} FROM balance_history "
-            f"WHERE account = {p} AND currency = {p} AND seq > {p} ORDER BY seq LIMIT 1",
-            (account, currency, seq),
+            f"SELECT * FROM (SELECT {cols} FROM balance_index WHERE {cond} ORDER BY seq LIMIT 1) a "
+            f"UNION ALL SELECT * FROM (SELECT {cols} FROM balance_history WHERE seq >= {WATERMARK_SQL} "
+            f"AND {cond} ORDER BY seq LIMIT 1) b",
+            (account, currency, seq) * 2,
         )
-        return BalanceRowT(*rows[0]) if rows else None
+        return BalanceRowT(*min(rows, key=lambda r: r[2])) if rows else None
 
     def latest_balances(self) -> list[BalanceRowT]:
-        """The current balance of every (account, currency) ever posted to."""
+        """The current balance of every (account, currency) ever posted to: the latest row per
+        account in balance_index plus every tail row (at most about a run's worth), one statement."""
+        cols = ", ".join(BALANCE_COLUMNS)
         rows = self._all(
-            f"SELECT {', '.join('b.' + c for c in BALANCE_COLUMNS)} FROM balance_history b "
-            "WHERE b.seq = (SELECT MAX(l.seq) FROM balance_history l "
-            "WHERE l.account = b.account AND l.currency = b.currency) ORDER BY b.account, b.currency"
+            f"SELECT {', '.join('b.' + c for c in BALANCE_COLUMNS)} FROM balance_index b "
+            "WHERE b.seq = (SELECT MAX(l.seq) FROM balance_index l "
+            "WHERE l.account = b.account AND l.currency = b.currency) "
+            f"UNION ALL SELECT {cols} FROM balance_history WHERE seq >= {WATERMARK_SQL}"
         )
-        return [BalanceRowT(*r) for r in rows]
+        latest: dict[tuple[str, str], BalanceRowT] = {}
+        for r in rows:
+            row = BalanceRowT(*r)
+            have = latest.get((row.account, row.currency))
+            if have is None or have.seq < row.seq:
+                latest[(row.account, row.currency)] = row
+        return [latest[k] for k in sorted(latest)]
 
     def balance_rows_by_seq(self, chunk: int = 10_000) -> Iterator[BalanceRowT]:
         """Every balance_history row ordered by (seq, account, currency), in bounded chunks."""

@@ -23,6 +23,7 @@ LEDGER_TABLES = (
     "balance_history",
     "key_index",
     "merchant_index",
+    "balance_index",
     "index_runs",
     "ledger_meta",
 )

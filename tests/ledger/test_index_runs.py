@@ -5,6 +5,7 @@ after a failed run, and on a ledger upgraded from schema 1."""
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from switch.config import LedgerConfig
 from switch.ledger.backend import LedgerBackend, LedgerStorageError, key_range_seqs_sql, merchant_seqs_sql
-from switch.ledger.model import EntryKind, IdempotencyConflict
+from switch.ledger.model import EntryKind, IdempotencyConflict, Side
 from switch.ledger.queries import LedgerReader
 from switch.ledger.sqlite import SqliteBackend
 from switch.ledger.verify import verify_ledger
@@ -141,6 +142,7 @@ def test_a_run_must_start_at_the_watermark(ledger_backend: LedgerDb, signing_key
     ("statement", "problem"),
     [
         ("DELETE FROM key_index WHERE seq = 3", "key_index holds 6 rows"),
+        ("DELETE FROM balance_index WHERE seq = 3", "balance_index holds"),
         ("UPDATE merchant_index SET merchant_id = 'M9' WHERE seq = 2",
          "merchant_index holds 7 rows (6 matching"),
         ("UPDATE entries SET idempotency_key = (SELECT idempotency_key FROM entries WHERE seq = 0) "
@@ -164,8 +166,23 @@ def test_verify_names_index_tables_that_disagree_with_the_entries(
 
 
 def _downgrade_to_schema_1(path: Path) -> None:
-    """What a schema 1 ledger looked like: B-tree indexes on entries, no index runs yet."""
+    """What a schema 1 ledger looked like: B-tree indexes on entries, balance_history clustered by
+    account, no index tables."""
     conn = sqlite3.connect(path)
+    for table in ("key_index", "merchant_index", "balance_index", "index_runs"):
+        conn.execute(f"DROP TABLE {table}")
+    conn.execute("ALTER TABLE balance_history RENAME TO b2")
+    conn.execute(
+        "CREATE TABLE balance_history (account TEXT NOT NULL, currency TEXT NOT NULL, seq INTEGER NOT NULL, "
+        "first_seq INTEGER NOT NULL, balance_minor INTEGER NOT NULL, PRIMARY KEY (account, currency, seq)) "
+        "WITHOUT ROWID"
+    )
+    conn.execute("INSERT INTO balance_history SELECT * FROM b2")
+    conn.execute("DROP TABLE b2")
+    conn.execute(
+        "CREATE TRIGGER balance_history_no_update BEFORE UPDATE ON balance_history "
+        "BEGIN SELECT RAISE(ABORT, 'append-only'); END"
+    )
     conn.execute("CREATE UNIQUE INDEX entries_idempotency_key ON entries (idempotency_key)")
     conn.execute("CREATE INDEX entries_merchant_time ON entries (merchant_id, at_ms)")
     conn.execute("UPDATE ledger_meta SET value = '1' WHERE key = 'schema_version'")
@@ -182,7 +199,11 @@ def test_a_schema_1_ledger_is_upgraded_and_indexed_on_first_writer_start(
     w.close()
     _downgrade_to_schema_1(db.path)
 
+    before = _balances(db)
     be: LedgerBackend = SqliteBackend(db.path)  # create=True upgrades
+    assert be._all("SELECT COUNT(*) FROM balance_history")[0][0] > 0  # type: ignore[attr-defined]
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        be._all("UPDATE balance_history SET balance_minor = 0")  # type: ignore[attr-defined]
     names = {r[0] for r in be._all("SELECT name FROM sqlite_master WHERE type = 'index'")}  # type: ignore[attr-defined]
     assert "entries_idempotency_key" not in names and "entries_merchant_time" not in names
     assert be.meta("schema_version") == "2"
@@ -198,6 +219,7 @@ def test_a_schema_1_ledger_is_upgraded_and_indexed_on_first_writer_start(
     try:
         assert be.index_watermark() == 9, "the start-up run indexed the whole history"
         assert verify_ledger(be, signing_key.public_key()).ok
+        assert _balances(db) == before
     finally:
         be.close()
 
@@ -211,3 +233,53 @@ def test_an_unknown_schema_version_is_refused(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(LedgerStorageError, match="schema version 99"):
         SqliteBackend(path)
+
+
+def _balances(db: LedgerDb) -> list[tuple[str, str, list[int]]]:
+    """Every account's balance after each entry, through the reader (index + tail)."""
+    be = db.open()
+    try:
+        reader = LedgerReader(be)
+        n = be.entry_count()
+        return [(r.account, r.currency, [reader.balance(r.account, r.currency, s) for s in range(-1, n)])
+                for r in be.latest_balances()]  # fmt: skip
+    finally:
+        be.close()
+
+
+def test_balances_as_of_any_seq_equal_the_fold_on_both_sides_of_the_watermark(
+    ledger_backend: LedgerDb, signing_key: Ed25519PrivateKey
+) -> None:
+    w = _writer(
+        ledger_backend,
+        signing_key,
+        LedgerConfig(batch_window_ms=0, max_batch_entries=3, index_run_entries=10),
+    )
+    for lo in range(0, 17, 3):  # batches of 3 entries: a balance row summarises several entries
+        done = threading.Event()
+        w.submit_many(
+            [(i, [_sale(i, amount=10 + i)]) for i in range(lo, min(17, lo + 3))],
+            lambda r, done=done: done.set(),
+        )
+        assert done.wait(10)
+    w.close()
+    be = ledger_backend.open()
+    try:
+        assert be.index_watermark() == 12, "one run after the 4th batch, 5 entries in the tail"
+        effects = [
+            {(p.account, p.currency): p.amount_minor if p.side is Side.DEBIT else -p.amount_minor
+             for p in _sale(i, amount=10 + i).postings}  # type: ignore[attr-defined]
+            for i in range(17)
+        ]  # fmt: skip
+        running: dict[tuple[str, str], int] = {}
+        expected = []
+        for a, c in sorted({k for e in effects for k in e}):
+            values = [0]
+            for e in effects:
+                values.append(values[-1] + e.get((a, c), 0))
+            expected.append((a, c, values))
+            running[(a, c)] = values[-1]
+        assert _balances(ledger_backend) == expected
+        assert {(r.account, r.currency): r.balance_minor for r in be.latest_balances()} == running
+    finally:
+        be.close()
