@@ -347,7 +347,7 @@ cdef inline object _ascii(const unsigned char* p, Py_ssize_t n):
     return out
 
 
-cdef object _text(Op* op, const unsigned char* p, Py_ssize_t n):
+cdef inline object _text(Op* op, const unsigned char* p, Py_ssize_t n):
     """Decode n bytes as the op's data encoding; None when that would raise."""
     if op.data == DATA_BIN:
         return _hex(p, n)
@@ -391,7 +391,7 @@ cdef struct Sink:
     Py_ssize_t i
 
 
-cdef int _put(Sink* s, object key, object text, object pair) except -1:
+cdef inline int _put(Sink* s, object key, object text, object pair) except -1:
     """Store the next entry (pair is ignored without de). 1 when stored, 0 to bail."""
     if s.ed != NULL:
         if sw_put(s.ed, s.i, <PyObject*>key, <PyObject*>text) < 0:
@@ -869,9 +869,11 @@ cdef struct EncState:
     PyObject* de
     sw_entry* ee
     Py_ssize_t i
+    # The pieces are borrowed from the encoded dict's pairs (set when there is one), else owned.
+    bint borrowed
 
 
-cdef int _enc_put(EncState* st, object key, object len_bytes, object data) except -1:
+cdef inline int _enc_put(EncState* st, object key, object len_bytes, object data) except -1:
     """Append one field's pieces and, when building it, its {"len", "data"} pair. 1, or 0 to bail."""
     if st.de != NULL:
         pair = _pair(len_bytes, data)
@@ -881,11 +883,14 @@ cdef int _enc_put(EncState* st, object key, object len_bytes, object data) excep
         else:
             PyDict_SetItem(<object>st.de, key, pair)
         st.i += 1
+    # Without the encoded dict to keep them alive, the pieces are held here (released by the caller).
     if PyBytes_GET_SIZE(len_bytes):
-        Py_INCREF(<PyObject*>len_bytes)
+        if st.de == NULL:
+            Py_INCREF(<PyObject*>len_bytes)
         st.pieces[st.npieces] = <PyObject*>len_bytes
         st.npieces += 1
-    Py_INCREF(<PyObject*>data)
+    if st.de == NULL:
+        Py_INCREF(<PyObject*>data)
     st.pieces[st.npieces] = <PyObject*>data
     st.npieces += 1
     st.total += PyBytes_GET_SIZE(len_bytes) + PyBytes_GET_SIZE(data)
@@ -975,6 +980,7 @@ cdef object _encode_fast(Plan plan, dict dd, bint lean):
     st.de = NULL
     st.ee = NULL
     st.i = 0
+    st.borrowed = not lean
     try:
         return _encode_body(plan, dd, lean, &st)
     finally:
@@ -984,8 +990,9 @@ cdef object _encode_fast(Plan plan, dict dd, bint lean):
                 lz = __builtin_clzll(word)
                 word &= ~((<uint64_t>1) << (63 - lz))
                 Py_XDECREF(st.vals[64 * i + lz + 1])
-        for i in range(st.npieces):
-            Py_XDECREF(st.pieces[i])
+        if not st.borrowed:
+            for i in range(st.npieces):
+                Py_XDECREF(st.pieces[i])
 
 
 cdef object _encode_body(Plan plan, dict dd, bint lean, EncState* st):

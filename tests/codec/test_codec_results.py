@@ -12,6 +12,7 @@ import gc
 import platform
 import sys
 import threading
+import tracemalloc
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -182,3 +183,39 @@ def test_threads_sharing_one_plan_get_pyiso8583_answers(fill: str) -> None:
         sys.setswitchinterval(interval)
     assert not any(t.is_alive() for t in threads)
     assert errors == []
+
+
+def test_no_references_leak_on_success_or_fallback(fill: str) -> None:
+    """The C code counts references by hand: the caller's values and the shared prefixes keep their
+    counts, and memory stays flat, over many successful calls and calls handed to pyiso8583."""
+    spec = SPECS["terminal_ascii"]
+    good = purchase()
+    bad = dict(good, **{"55": "ZZ" + good["55"][2:]})  # not hex: encode bails to pyiso8583's error
+    raw = bytes(iso8583.encode(copy.deepcopy(good), spec)[0])
+    truncated = raw[:-3]
+    values = list(good.values()) + list(bad.values())
+
+    def run(rounds: int) -> None:
+        for _ in range(rounds):
+            codec.decode(raw, spec)
+            codec.decode_fields(raw, spec)
+            codec.encode(dict(good), spec)
+            codec.encode_bytes(good, spec)
+            failing = ((codec.encode, dict(bad)), (codec.encode_bytes, bad), (codec.decode, truncated))
+            for call, arg in failing:
+                with pytest.raises((codec.EncodeError, codec.DecodeError)):
+                    call(arg, spec)
+
+    run(50)
+    gc.collect()  # tracebacks of the expected errors sit in reference cycles until collected
+    counts = [sys.getrefcount(v) for v in values]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        run(400)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert [sys.getrefcount(v) for v in values] == counts
+    assert grown < 8 * 1024, f"{grown} bytes still allocated after 400 rounds"
