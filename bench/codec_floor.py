@@ -1,11 +1,12 @@
-"""How fast can an exact pyiso8583 decode be on this interpreter? Measures the floor.
+"""How fast can an exact pyiso8583 decode (and encode) be on this interpreter? Measures the floor.
 
 Compiles bench/codec_floor.pyx (Cython, into a temporary directory) and, for the 0200 purchase of
 bench/codec.py in each of the switch's three profiles, times in turn: pyiso8583.decode,
 switch.codec.decode, and building (then dropping) only the output objects of that decode from
 precomputed offsets, by four methods (codec_floor.pyx says which). The best method is the floor: no
 decoder returning pyiso8583's exact (doc_dec, doc_enc) can beat it here, so pyiso8583 / floor is the
-highest decode_ratio bench/codec.py could ever print on this interpreter.
+highest decode_ratio bench/codec.py could ever print on this interpreter. The same for encode: read
+the caller's values, build doc_enc, the output bytearray and set "p", with nothing converted or checked.
 
 Prints a table, then as its last line one JSON object.
 
@@ -91,6 +92,19 @@ def decoder(fn: Callable[[bytes, dict], Any], raw: bytes, spec: dict, n: int) ->
     return run
 
 
+def encoder(fn: Callable[[dict, dict], Any], fields: dict, spec: dict, n: int) -> Callable[[], float]:
+    """A timer of n encodes of fresh copies (encode writes "p" into its input): CPU ns per call."""
+
+    def run() -> float:
+        copies = [dict(fields) for _ in range(n)]
+        start = time.thread_time_ns()
+        for c in copies:
+            fn(c, spec)
+        return (time.thread_time_ns() - start) / n
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few repeats (smoke test)")
@@ -109,9 +123,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if bench.same(floor.result(variant), expected) is not True:
                 raise AssertionError(f"{variant} does not build pyiso8583's result for {profile}")
 
+        fields = bench.purchase(profile)
+        floor_fields = dict(fields)
+        if bench.same(floor.encode_result(floor_fields), iso8583.encode(dict(fields), spec)) is not True:
+            raise AssertionError(f"the encode floor does not build pyiso8583's result for {profile}")
         cases = {
             "pyiso8583": decoder(iso8583.decode, raw, spec, ref_batch),
             "switch.codec": decoder(codec.decode, raw, spec, batch),
+            "enc_pyiso8583": encoder(iso8583.encode, fields, spec, ref_batch),
+            "enc_switch.codec": encoder(codec.encode, fields, spec, batch),
+            "enc_floor": lambda f=fields: floor.encode_cpu_ns_per_message(f, batch),
         }
         for variant in floor.VARIANTS:
             cases[variant] = lambda v=variant: floor.cpu_ns_per_message(v, batch)
@@ -148,6 +169,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "quick": args.quick,
     }
+    print(f"{'profile':16} {'enc pyiso8583':>13} {'enc codec':>9} {'enc floor':>9}")
+    for r in rows:
+        print(
+            f"{r['profile']:16} {r['enc_pyiso8583']:13.0f} {r['enc_switch.codec']:9.0f} {r['enc_floor']:9.0f}"
+        )
+    summary.update(
+        {
+            "encode_floor_ns": round(total("enc_floor") / len(rows)),
+            "encode_ns": round(total("enc_switch.codec") / len(rows)),
+            "max_encode_ratio": round(total("enc_pyiso8583") / total("enc_floor"), 2),
+            "encode_ratio": round(total("enc_pyiso8583") / total("enc_switch.codec"), 2),
+        }
+    )
+    print(
+        f"encode floor {summary['encode_floor_ns']} ns: no exact encode can exceed "
+        f"{summary['max_encode_ratio']}x here; switch.codec.encode {summary['encode_ns']} ns = "
+        f"{summary['encode_ratio']}x"
+    )
     print(
         f"floor ({best}) {summary['floor_ns']} ns vs pyiso8583 {summary['pyiso8583_ns']} ns: no exact decode "
         f"can exceed {summary['max_decode_ratio']}x here ({summary['max_decode_ratio_public_api']}x with the "
