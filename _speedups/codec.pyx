@@ -64,6 +64,40 @@ cdef extern from *:
     #endif
     typedef struct { PyObject *me_key; PyObject *me_value; } sw_entry;
 
+    #if defined(__SSE2__)
+    #include <emmintrin.h>
+    /* 16 hex digits (either case) at s -> 8 bytes at d, or 0 (d untouched) if any is not a hex digit. */
+    static inline int sw_unhex16(const unsigned char* s, unsigned char* d) {
+        const __m128i c = _mm_loadu_si128((const __m128i*)s);
+        /* Signed compares: bytes >= 0x80 are negative and fall outside both ranges. */
+        const __m128i digit = _mm_and_si128(_mm_cmpgt_epi8(c, _mm_set1_epi8('0' - 1)),
+                                            _mm_cmplt_epi8(c, _mm_set1_epi8('9' + 1)));
+        const __m128i lower = _mm_or_si128(c, _mm_set1_epi8(0x20));
+        const __m128i letter = _mm_and_si128(_mm_cmpgt_epi8(lower, _mm_set1_epi8('a' - 1)),
+                                             _mm_cmplt_epi8(lower, _mm_set1_epi8('f' + 1)));
+        __m128i nib, lane;
+        if (_mm_movemask_epi8(_mm_or_si128(digit, letter)) != 0xFFFF) return 0;
+        nib = _mm_add_epi8(_mm_and_si128(c, _mm_set1_epi8(0x0F)), _mm_and_si128(letter, _mm_set1_epi8(9)));
+        /* 16-bit lane k holds digits 2k (low byte) and 2k+1 (high byte): byte k = d[2k] << 4 | d[2k+1]. */
+        lane = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(nib, _mm_set1_epi16(0x00FF)), 4),
+                            _mm_srli_epi16(nib, 8));
+        _mm_storel_epi64((__m128i*)d, _mm_packus_epi16(lane, lane));
+        return 1;
+    }
+    /* 8 bytes at p -> their 16 upper-case hex digits at o. */
+    static inline int sw_hex8(const unsigned char* p, unsigned char* o) {
+        const __m128i b = _mm_loadl_epi64((const __m128i*)p);
+        const __m128i n = _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F)),
+                                            _mm_and_si128(b, _mm_set1_epi8(0x0F)));
+        const __m128i letter = _mm_and_si128(_mm_cmpgt_epi8(n, _mm_set1_epi8(9)), _mm_set1_epi8('A' - '0' - 10));
+        _mm_storeu_si128((__m128i*)o, _mm_add_epi8(n, _mm_add_epi8(_mm_set1_epi8('0'), letter)));
+        return 1;
+    }
+    #else
+    static inline int sw_unhex16(const unsigned char* s, unsigned char* d) { (void)s; (void)d; return 0; }
+    static inline int sw_hex8(const unsigned char* p, unsigned char* o) { (void)p; (void)o; return 0; }
+    #endif
+
     /* 8 hex digits (either case) at s -> 4 bytes at d, or 0 if any is not a hex digit. SWAR on
        little-endian machines (~25 operations instead of 8 table look-ups and branches). */
     static inline int sw_unhex8(const unsigned char* s, unsigned char* d) {
@@ -125,6 +159,8 @@ cdef extern from *:
     sw_entry* sw_entries(object d, Py_ssize_t n)
     int sw_put(sw_entry* e, Py_ssize_t i, PyObject* key, PyObject* value)
     int sw_unhex8(const unsigned char* s, unsigned char* d)
+    int sw_unhex16(const unsigned char* s, unsigned char* d)
+    int sw_hex8(const unsigned char* p, unsigned char* o)
     int SW_DICT_FILL
     int PyObject_GC_IsTracked(object o)
     void PyObject_GC_Track(object o)
@@ -308,9 +344,12 @@ cdef inline object _hex(const unsigned char* p, Py_ssize_t n):
     """Upper-case hex of n bytes (bytes.hex().upper())."""
     cdef object out = PyUnicode_New(2 * n, 127)
     cdef char* o = <char*>PyUnicode_DATA(out)
-    cdef Py_ssize_t i
-    for i in range(n):
+    cdef Py_ssize_t i = 0
+    while i + 8 <= n and sw_hex8(p + i, <unsigned char*>o + 2 * i):  # SSE2: 8 bytes at a time
+        i += 8
+    while i < n:
         memcpy(o + 2 * i, HEX_PAIR + 2 * p[i], 2)
+        i += 1
     return out
 
 
@@ -750,6 +789,8 @@ cdef object _enc_data(Op* op, object value, long long* enc_len):
         bad = 0
         if pad < 0:
             i = 0
+            while i + 8 <= nbytes and sw_unhex16(src + 2 * i, dst + i):
+                i += 8
             while i + 4 <= nbytes and sw_unhex8(src + 2 * i, dst + i):
                 i += 4
             while i < nbytes:

@@ -219,3 +219,34 @@ def test_no_references_leak_on_success_or_fallback(fill: str) -> None:
         tracemalloc.stop()
     assert [sys.getrefcount(v) for v in values] == counts
     assert grown < 8 * 1024, f"{grown} bytes still allocated after 400 rounds"
+
+
+def test_every_character_at_every_position_of_a_hex_field(fill: str) -> None:
+    """Binary fields are converted 16, 8 and 1 hex digits at a time (SSE2, SWAR, table): a 42-digit
+    value crosses all three. Any character at any position must give pyiso8583's bytes or error."""
+    spec = SPECS["terminal_ascii"]  # 55: binary, LLL
+    base = "0123456789ABCDEFabcdef" * 2
+    base = base[:42]
+    for position in range(len(base)):
+        for code in [*range(0x100), 0x100, 0x2028, 0xFFFD]:
+            value = base[:position] + chr(code) + base[position + 1 :]
+            fields = {"t": "0200", "55": value}
+            try:
+                expected: Any = iso8583.encode(dict(fields), spec)
+            except iso8583.EncodeError as e:
+                with pytest.raises(codec.EncodeError) as info:
+                    codec.encode(dict(fields), spec)
+                assert info.value.msg == e.msg
+                continue
+            assert codec.encode(dict(fields), spec) == expected
+            raw = bytes(expected[0])
+            assert codec.decode(raw, spec) == iso8583.decode(raw, spec)
+
+
+def test_every_byte_value_decodes_to_pyiso8583_hex() -> None:
+    spec = SPECS["terminal_ascii"]
+    for size in (0, 1, 7, 8, 9, 15, 16, 17, 255):
+        for start in range(0, 256, 64):
+            data = bytes((start + i) % 256 for i in range(size))
+            raw = bytes(iso8583.encode({"t": "0200", "55": data.hex()}, spec)[0])
+            assert codec.decode(raw, spec) == iso8583.decode(raw, spec)
