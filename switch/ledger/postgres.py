@@ -148,6 +148,16 @@ class PostgresBackend(SqlBackend):
             ) from None
         conn.execute("RESET lock_timeout")
 
+    def open_reader(self) -> PostgresBackend:
+        """A second session for the writer's lookups while a batch commits (switch.ledger.writer,
+        "Pipeline"); it never writes, so it takes no writer lock."""
+        return PostgresBackend(
+            self.dsn,
+            create=False,
+            connect_timeout_s=self.connect_timeout_s,
+            statement_timeout_ms=self.statement_timeout_ms,
+        )
+
     def _has_schema(self) -> bool:
         row = self._all("SELECT to_regclass('ledger_meta') IS NOT NULL")[0]
         return bool(row[0]) and self.meta("schema_version") is not None

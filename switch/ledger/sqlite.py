@@ -100,6 +100,13 @@ class SqliteBackend(SqlBackend):
     def _begin(self, cur: Any) -> None:
         cur.execute("BEGIN IMMEDIATE")
 
+    def open_reader(self) -> SqliteBackend | None:
+        """A second connection for the writer's lookups while a batch commits (switch.ledger.writer,
+        "Pipeline"); None for an in-memory database, which a second connection would not see."""
+        if self.path == ":memory:":
+            return None
+        return SqliteBackend(self.path, create=False, busy_timeout_ms=self.busy_timeout_ms)
+
     def _insert_many(self, cur: Any, table: str, sql: str, rows: list[tuple[Any, ...]]) -> None:
         """Multi-row INSERTs in chunks of MAX_ROWS_PER_INSERT, then of falling powers of two."""
         columns = _TABLE_COLUMNS.get(table)

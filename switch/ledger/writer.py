@@ -25,6 +25,18 @@ after answering -- copies them into the index tables in one sorted run. Until th
 is the in-memory tail plus one indexed lookup: exact across restarts, as before. A failed run changes
 nothing (its transaction rolls back) and is retried after the next batch; past MAX_TAIL_RUNS runs'
 worth of unindexed entries the writer stops rather than grow without bound.
+
+Pipeline: the commit of batch k (SQLite steps and fsync, or PostgreSQL's COPY and COMMIT, all with the
+GIL released) runs on a committer thread while the writer thread checks and builds batch k+1 in
+Python, so a batch costs max(Python, storage) instead of their sum. At most one batch is in flight.
+Batch k+1 is built on top of batch k as if k were durable: its lookups go to a second (read)
+connection, which sees every batch before k; k's own keys are in `_tail` and its transaction rows in
+an overlay, its balances in the cache, its leaves in the frontier. Batch k+1 is handed to the
+committer only after k is durable, so nothing is ever acknowledged before everything it was checked
+against is durable. If k fails, its callers fail, the writer reloads its state from storage and
+checks batch k+1 again from scratch (its callers are not failed for k's fault). Index runs, the
+final checkpoint and reloads happen only with nothing in flight. A backend without `open_reader`
+(or an in-memory SQLite) commits in line, as before.
 """
 
 from __future__ import annotations
@@ -41,7 +53,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from switch.config import LedgerConfig
 from switch.ledger import fast
-from switch.ledger.backend import NODE_MIN_LEVEL, BatchRows, LedgerBackend
+from switch.ledger.backend import NODE_MIN_LEVEL, BatchRows, LedgerBackend, TxnRow
 from switch.ledger.codec import ENTRY_FORMAT
 from switch.ledger.keys import sign_checkpoint
 from switch.ledger.merkle import Frontier
@@ -104,6 +116,71 @@ class _Submission:
         self.error: BaseException | None = None
 
 
+class _Committer:
+    """The thread that commits one batch at a time and answers its callers (see "Pipeline")."""
+
+    def __init__(
+        self, backend: LedgerBackend, answer: Callable[[list[_Submission]], None], name: str
+    ) -> None:
+        self._backend = backend
+        self._answer = answer
+        self._cond = threading.Condition()
+        self._job: tuple[list[_Submission], BatchRows | None] | None = None
+        self._busy = False
+        self._error: BaseException | None = None
+        self._closed = False
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread.start()
+
+    def submit(self, subs: list[_Submission], rows: BatchRows | None) -> None:
+        """Commit `rows` (if any), then answer `subs`. Only after wait() returned."""
+        with self._cond:
+            if self._busy:
+                raise RuntimeError("ledger committer: a batch is already in flight")
+            self._job, self._busy = (subs, rows), True
+            self._cond.notify_all()
+
+    def wait(self) -> BaseException | None:
+        """Block until nothing is in flight; the failure of the batch that was, if it failed."""
+        with self._cond:
+            while self._busy:
+                self._cond.wait()
+            error, self._error = self._error, None
+            return error
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self.thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._job is None and not self._closed:
+                    self._cond.wait()
+                if self._job is None:
+                    return
+                subs, rows = self._job
+            error: BaseException | None = None
+            if rows is not None:
+                try:
+                    self._backend.write_batch(rows)
+                except BaseException as exc:  # every caller of the batch must hear of it
+                    error = exc
+                    log.error("ledger batch of %d submissions failed: %s", len(subs), exc)
+                    for sub in subs:
+                        if sub.error is None:
+                            sub.entries = None
+                            sub.error = exc
+            try:
+                self._answer(subs)
+            finally:
+                with self._cond:
+                    self._job, self._busy, self._error = None, False, error
+                    self._cond.notify_all()
+
+
 class LedgerWriter:
     """Owns `backend` (closes it on close()). Use as a context manager or call close()."""
 
@@ -142,6 +219,13 @@ class LedgerWriter:
         self._checkpointed_size = 0
         self._balances: dict[tuple[str, str], int] = {}
         self._load_state()
+        open_reader = getattr(backend, "open_reader", None)
+        #: Lookups while a batch is in flight (None: no pipeline, commits in line).
+        self._reader: LedgerBackend | None = open_reader() if open_reader is not None else None
+        self._committer: _Committer | None = None
+        self._overlay: list[TxnRow] = []  # the in-flight batch's transaction rows
+        if self._reader is not None:
+            self._committer = _Committer(backend, self._answer, f"{name}-committer")
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -305,16 +389,57 @@ class LedgerWriter:
                 if batch is None:
                     break
                 self._process(batch)
+            self._drain()
             if self._failure is None:
                 self._final_checkpoint()
         except BaseException as exc:  # a bug: fail everyone rather than leave callers waiting forever
             log.exception("ledger writer stopped")
             self._stop(exc)
         finally:
-            try:
-                self._backend.close()
-            except Exception:
-                log.exception("closing the ledger backend failed")
+            if self._committer is not None:
+                self._committer.close()
+            for backend in (self._backend, self._reader):
+                try:
+                    if backend is not None:
+                        backend.close()
+                except Exception:
+                    log.exception("closing the ledger backend failed")
+
+    def _drain(self) -> bool:
+        """Wait until no batch is in flight. False if it failed: its callers have been answered, the
+        state is reloaded from storage (the writer stops if that fails too)."""
+        if self._committer is None:
+            return True
+        error = self._committer.wait()
+        self._overlay = []
+        if error is None:
+            return True
+        try:
+            self._load_state()
+        except BaseException as reload_exc:
+            log.error("ledger writer cannot recover its state: %s", reload_exc)
+            self._stop(reload_exc)
+        return False
+
+    def _after_failed_drain(self, subs: list[_Submission]) -> None:
+        """The in-flight batch failed while `subs` were checked against it: check them again from the
+        reloaded state, or refuse them if the writer has stopped."""
+        if self._failure is None:
+            self._process(subs)
+            return
+        for sub in subs:
+            sub.entries = None
+            sub.error = LedgerUnavailable(f"ledger writer stopped: {self._failure}")
+        self._answer(subs)
+
+    def _txn_rows(self, rrns: set[str]) -> list[TxnRow]:
+        """Stored transaction rows of `rrns` (read connection) plus the in-flight batch's."""
+        reader = self._reader if self._reader is not None else self._backend
+        rows = reader.txn_rows(rrns)
+        overlay = self._overlay
+        if overlay:
+            rows.extend(t for t in overlay if t.rrn in rrns or (t.original_rrn and t.original_rrn in rrns))
+        return rows
 
     def _take_batch(self) -> list[_Submission] | None:
         with self._cond:
@@ -340,7 +465,7 @@ class LedgerWriter:
             return batch
 
     def _process(self, subs: list[_Submission]) -> None:
-        b = self._backend
+        b = self._reader if self._reader is not None else self._backend
         try:
             tail = self._tail
             existing: dict[str, tuple[int, bytes]] = {}
@@ -362,8 +487,11 @@ class LedgerWriter:
                     if d.kind in STARTING_KINDS:
                         rrns.add(d.rrn)
             book = Book()
-            book.replay(family_rows(b.txn_rows, rrns))
+            book.replay(family_rows(self._txn_rows, rrns))
         except BaseException as exc:
+            if not self._drain():  # the state it was checked against is gone
+                self._after_failed_drain(subs)
+                return
             self._fail_batch(subs, exc)
             return
 
@@ -405,25 +533,50 @@ class LedgerWriter:
             book.commit()
             sub.entries = out
 
+        rows: BatchRows | None = None
         if new:
             frontier = self._frontier.copy()
             try:
                 rows, balances = self._rows(frontier, new)
-                b.write_batch(rows)
+            except BaseException as exc:
+                if not self._drain():
+                    self._after_failed_drain(subs)
+                    return
+                self._fail_batch(subs, exc)
+                return
+        if not self._drain():  # batch k failed: this one was checked against it
+            self._after_failed_drain(subs)
+            return
+        committer = self._committer
+        if rows is None:
+            if committer is None:
+                self._answer(subs)
+            else:
+                committer.submit(subs, None)  # repeats and refusals: answered in order, after k
+            return
+        if committer is None:
+            try:
+                self._backend.write_batch(rows)
             except BaseException as exc:
                 self._fail_batch(subs, exc)
                 return
-            self._frontier = frontier
-            tail = self._tail
-            for seq, d, body in new:
-                tail[d.idempotency_key] = (seq, body)
-            if len(self._balances) + len(balances) > MAX_CACHED_BALANCES:
-                self._balances.clear()
-            self._balances.update(balances)
-            if rows.checkpoint is not None:
-                self._checkpointed_size = rows.checkpoint[0]
-        self._answer(subs)
-        if self._frontier.size - self._watermark >= self._run_entries:
+        # Durable (in line) or in flight: the state moves on either way; a failure reloads it.
+        self._frontier = frontier
+        tail = self._tail
+        for seq, d, body in new:
+            tail[d.idempotency_key] = (seq, body)
+        if len(self._balances) + len(balances) > MAX_CACHED_BALANCES:
+            self._balances.clear()
+        self._balances.update(balances)
+        if rows.checkpoint is not None:
+            self._checkpointed_size = rows.checkpoint[0]
+        if committer is None:
+            self._answer(subs)
+        else:
+            self._overlay = [TxnRow(seq, d.kind, d.rrn, d.original_rrn, d.amount_minor, d.currency)
+                             for seq, d, _ in new]  # fmt: skip
+            committer.submit(subs, rows)
+        if self._frontier.size - self._watermark >= self._run_entries and self._drain():
             self._index_run()
 
     def _rows(
@@ -454,7 +607,9 @@ class LedgerWriter:
         ), running
 
     def _stored_balance(self, account: str, currency: str) -> int:
-        row = self._backend.balance_at_or_before(account, currency, None)
+        # Accounts the in-flight batch touched are in the cache (cleared only with nothing in flight).
+        reader = self._reader if self._reader is not None else self._backend
+        row = reader.balance_at_or_before(account, currency, None)
         return 0 if row is None else row.balance_minor
 
     def _answer(self, subs: list[_Submission]) -> None:

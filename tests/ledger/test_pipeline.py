@@ -1,0 +1,134 @@
+"""The writer's pipeline (switch.ledger.writer, "Pipeline"): batch k+1 is checked while batch k
+commits, against k as if it were durable -- and checked again if k fails. Each test holds batch k's
+commit until batch k+1's lookups have run, so k+1 is really checked against the batch in flight."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from switch.config import LedgerConfig
+from switch.ledger.backend import BatchRows, LedgerStorageError
+from switch.ledger.model import Entry, EntryKind, IdempotencyConflict
+from switch.ledger.queries import LedgerReader
+from switch.ledger.rules import OriginalNotFound
+from switch.ledger.verify import verify_ledger
+from switch.ledger.writer import LedgerWriter
+from tests.ledger.conftest import LedgerDb
+from tests.ledger.drafts import draft
+
+K = EntryKind
+WAIT_S = 10
+
+
+class Gate:
+    """Holds the first write_batch until the writer has looked up the next batch; then lets it
+    through, or fails it."""
+
+    def __init__(self, writer: LedgerWriter, fail_first: bool) -> None:
+        self.in_flight = threading.Event()  # the first batch is committing: submit the next one
+        self.lookups_done = threading.Event()
+        backend: Any = writer._backend
+        real_write = backend.write_batch
+        calls = [0]
+
+        def write_batch(rows: BatchRows) -> None:
+            calls[0] += 1
+            if calls[0] == 1:
+                self.in_flight.set()
+                assert self.lookups_done.wait(WAIT_S), "the next batch was never checked"
+                if fail_first:
+                    raise LedgerStorageError("disk full")
+            real_write(rows)
+
+        backend.write_batch = write_batch
+        reader: Any = writer._reader
+        assert reader is not None, "this backend should pipeline"
+        real_txn_rows = reader.txn_rows
+
+        def txn_rows(rrns: Any) -> Any:
+            out = real_txn_rows(rrns)
+            if self.in_flight.is_set():
+                self.lookups_done.set()
+            return out
+
+        reader.txn_rows = txn_rows
+
+
+class Answer:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.entries: list[Entry] | None = None
+        self.error: BaseException | None = None
+
+    def __call__(self, entries: list[Entry] | None, error: BaseException | None) -> None:
+        self.entries, self.error = entries, error
+        self.done.set()
+
+    def wait(self) -> Answer:
+        assert self.done.wait(WAIT_S)
+        return self
+
+
+@pytest.fixture
+def writer(ledger_backend: LedgerDb, signing_key: Ed25519PrivateKey) -> Any:
+    w = LedgerWriter(ledger_backend.open(), signing_key=signing_key, config=LedgerConfig(batch_window_ms=0))
+    yield w
+    w.close()
+
+
+def test_a_refund_of_a_sale_still_committing_is_accepted(
+    writer: LedgerWriter, ledger_backend: LedgerDb, signing_key: Ed25519PrivateKey
+) -> None:
+    gate = Gate(writer, fail_first=False)
+    sale, refund = Answer(), Answer()
+    writer.submit([draft("s", K.PURCHASE, "R1", 1_000)], sale)
+    assert gate.in_flight.wait(WAIT_S)
+    writer.submit([draft("r", K.REFUND, "F1", 400, "R1")], refund)
+    assert sale.wait().error is None and refund.wait().error is None
+    assert [e.seq for e in sale.entries or []] == [0] and [e.seq for e in refund.entries or []] == [1]
+    writer.close()
+    be = ledger_backend.open()
+    try:
+        assert LedgerReader(be).refundable_remainder("R1") == 600
+        assert verify_ledger(be, signing_key.public_key()).ok
+    finally:
+        be.close()
+
+
+def test_a_repeat_of_an_entry_whose_commit_fails_is_posted_itself(
+    writer: LedgerWriter, ledger_backend: LedgerDb
+) -> None:
+    gate = Gate(writer, fail_first=True)
+    first, repeat = Answer(), Answer()
+    writer.submit([draft("k", K.PURCHASE, "R1", 1_000)], first)
+    assert gate.in_flight.wait(WAIT_S)
+    writer.submit([draft("k", K.PURCHASE, "R1", 1_000), draft("k2", K.PURCHASE, "R2", 5)], repeat)
+    assert isinstance(first.wait().error, LedgerStorageError)
+    assert repeat.wait().error is None, "the failure of the batch before is not the repeat's"
+    assert [e.seq for e in repeat.entries or []] == [0, 1]
+    writer.close()
+    be = ledger_backend.open()
+    try:
+        assert be.entry_count() == 2
+        assert {k: v[0] for k, v in be.find_idempotency(["k", "k2"]).items()} == {"k": 0, "k2": 1}
+    finally:
+        be.close()
+
+
+def test_a_refund_of_a_sale_whose_commit_fails_is_refused(
+    writer: LedgerWriter, ledger_backend: LedgerDb
+) -> None:
+    gate = Gate(writer, fail_first=True)
+    sale, refund = Answer(), Answer()
+    writer.submit([draft("s", K.PURCHASE, "R1", 1_000)], sale)
+    assert gate.in_flight.wait(WAIT_S)
+    writer.submit([draft("r", K.REFUND, "F1", 400, "R1")], refund)
+    assert isinstance(sale.wait().error, LedgerStorageError)
+    assert isinstance(refund.wait().error, OriginalNotFound)
+    assert writer.append([draft("s", K.PURCHASE, "R1", 1_000)])[0].seq == 0, "the writer goes on"
+    with pytest.raises(IdempotencyConflict):
+        writer.append([draft("s", K.PURCHASE, "R1", 999)])
