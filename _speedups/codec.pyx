@@ -752,7 +752,7 @@ cdef object _decode_fast(Plan plan, bytes s, bint lean):
 # Encode
 # ---------------------------------------------------------------------------------------------------
 
-cdef object _enc_data(Op* op, object value, long long* enc_len):
+cdef inline object _enc_data(Op* op, object value, long long* enc_len):
     """The data bytes of one value (pyiso8583 _encode_bindary_field/_encode_text_field) or None."""
     cdef Py_ssize_t nchars, nbytes, i, k
     cdef const unsigned char* src
@@ -938,7 +938,7 @@ cdef inline int _enc_put(EncState* st, object key, object len_bytes, object data
     return 1
 
 
-cdef int _enc_field(Op* op, object value, object key, EncState* st) except -1:
+cdef inline int _enc_field(Op* op, object value, object key, EncState* st) except -1:
     """Encode one regular field (or the header). 1, or 0 to bail."""
     cdef long long enc_len = 0
     if op.kind != KIND_FIELD:
