@@ -116,10 +116,11 @@ def run(
     inflight: int,
     group: int,
     keys: str = "switch",
+    pipeline: bool = False,
 ) -> dict[str, object]:
     """Post n entries through a fresh writer; return throughput, latency percentiles and verify's verdict."""
     key = Ed25519PrivateKey.generate()
-    cfg = LedgerConfig(batch_window_ms=window_ms, max_batch_entries=max_batch)
+    cfg = LedgerConfig(batch_window_ms=window_ms, max_batch_entries=max_batch, commit_pipeline=pipeline)
     drafts = make_drafts(n, f"b{time.time_ns()}", keys)
     latencies_ns = [0] * n
     slots = threading.BoundedSemaphore(inflight)
@@ -225,6 +226,7 @@ def run(
         "inflight": inflight,
         "group": group,
         "keys": keys,
+        "pipeline": pipeline,
         "entries_per_s": round(n / elapsed_s),
         "p50_commit_ms": round(lat[n // 2] / 1e6, 2),
         "p99_commit_ms": round(lat[min(n - 1, (n * 99) // 100)] / 1e6, 2),
@@ -268,6 +270,12 @@ def main() -> int:
         default="switch",
         help="key shapes: the switch's (random terminal keys, 1,000 merchants) or the old sequential ones",
     )
+    ap.add_argument(
+        "--pipeline", action="store_true", help="commit on a second thread (LedgerConfig.commit_pipeline)"
+    )
+    ap.add_argument(
+        "--windows", default="", help="comma-separated batch windows (ms) instead of the default set"
+    )
     ap.add_argument("--quick", action="store_true", help="a tenth of the entries (smoke run)")
     ap.add_argument("--no-postgres", action="store_true")
     ap.add_argument("--no-sqlite", action="store_true", help="(then the last line is not SQLite's)")
@@ -277,6 +285,8 @@ def main() -> int:
         args.pg_entries //= 10
     default_window = LedgerConfig().batch_window_ms
     windows = sorted({*WINDOWS_MS, default_window})
+    if args.windows:
+        windows = sorted({float(w) for w in args.windows.split(",")})
     results: list[dict[str, object]] = []
 
     if not args.no_postgres:
@@ -292,17 +302,18 @@ def main() -> int:
                 dsn = cluster.create_database()
                 r = run(lambda dsn=dsn: PostgresBackend(dsn, writer=True), n=args.pg_entries, window_ms=w,
                         max_batch=args.max_batch, inflight=args.inflight, group=args.group,
-                        keys=args.keys)  # fmt: skip
+                        keys=args.keys, pipeline=args.pipeline)  # fmt: skip
                 results.append({"backend": "postgres", **r})
                 print(f"  postgres window {w} ms: {r['entries_per_s']} entries/s", file=sys.stderr)
 
     with tempfile.TemporaryDirectory(prefix="ledger-bench-") as tmp:
         # The default configuration runs last so its line is the last one printed.
-        for w in [] if args.no_sqlite else [x for x in windows if x != default_window] + [default_window]:
+        last = [default_window] if default_window in windows else []
+        for w in [] if args.no_sqlite else [x for x in windows if x != default_window] + last:
             path = os.path.join(tmp, f"ledger-{w}.db")
             r = run(lambda path=path: SqliteBackend(path), n=args.entries, window_ms=w,
                     max_batch=args.max_batch, inflight=args.inflight, group=args.group,
-                    keys=args.keys)  # fmt: skip
+                    keys=args.keys, pipeline=args.pipeline)  # fmt: skip
             results.append({"backend": "sqlite", **r})
             print(f"  sqlite window {w} ms: {r['entries_per_s']} entries/s", file=sys.stderr)
 

@@ -35,8 +35,9 @@ an overlay, its balances in the cache, its leaves in the frontier. Batch k+1 is 
 committer only after k is durable, so nothing is ever acknowledged before everything it was checked
 against is durable. If k fails, its callers fail, the writer reloads its state from storage and
 checks batch k+1 again from scratch (its callers are not failed for k's fault). Index runs, the
-final checkpoint and reloads happen only with nothing in flight. A backend without `open_reader`
-(or an in-memory SQLite) commits in line, as before.
+final checkpoint and reloads happen only with nothing in flight. Off unless
+`LedgerConfig.commit_pipeline` (it needs a spare core to pay off); a backend without `open_reader`
+(or an in-memory SQLite) always commits in line.
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ class LedgerWriter:
         self._checkpointed_size = 0
         self._balances: dict[tuple[str, str], int] = {}
         self._load_state()
-        open_reader = getattr(backend, "open_reader", None)
+        open_reader = getattr(backend, "open_reader", None) if cfg.commit_pipeline else None
         #: Lookups while a batch is in flight (None: no pipeline, commits in line).
         self._reader: LedgerBackend | None = open_reader() if open_reader is not None else None
         self._committer: _Committer | None = None

@@ -140,6 +140,8 @@ def main() -> int:
     ap.add_argument("--inflight", type=int, default=400)
     ap.add_argument("--checkpoint-every", type=int, default=300)
     ap.add_argument("--max-seconds", type=float, default=DEFAULT_MAX_SECONDS)
+    ap.add_argument("--index-run-entries", type=int, default=500, help="small: kills land around index runs")
+    ap.add_argument("--pipeline", action="store_true", help="LedgerConfig.commit_pipeline")
     args = ap.parse_args()
     die_with_parent()
 
@@ -149,6 +151,8 @@ def main() -> int:
         max_batch_entries=args.max_batch,
         max_queue_entries=max(args.max_batch, 4 * args.inflight),
         checkpoint_every_entries=args.checkpoint_every,
+        index_run_entries=args.index_run_entries,
+        commit_pipeline=args.pipeline,
     )
     fd = os.open(args.acks, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     writer = LedgerWriter(open_backend(args.backend, args.target), signing_key=key, config=cfg)

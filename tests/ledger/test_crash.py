@@ -133,7 +133,7 @@ def _check(kind: str, target: str, acks: Acks, key: Ed25519PrivateKey, where: st
         be.close()
 
 
-def _crash_rounds(kind: str, target: str, rounds: int, tmp: Path, seed: int) -> None:
+def _crash_rounds(kind: str, target: str, rounds: int, tmp: Path, seed: int, *extra: str) -> None:
     rng = random.Random(seed)
     key = Ed25519PrivateKey.from_private_bytes(TEST_SEED)
     env = {**os.environ, "CRASH_SIGNING_KEY": TEST_SEED.hex()}
@@ -144,7 +144,7 @@ def _crash_rounds(kind: str, target: str, rounds: int, tmp: Path, seed: int) -> 
         ack_path = tmp / f"acks-{round_no}.txt"
         argv = [sys.executable, str(CRASH_WRITER), "--backend", kind, "--target", target,
                 "--acks", str(ack_path), "--round", str(round_no), "--inflight", str(INFLIGHT),
-                "--max-batch", str(MAX_BATCH)]  # fmt: skip
+                "--max-batch", str(MAX_BATCH), *extra]  # fmt: skip
         retry_keys: set[str] = set()
         prev = acks.max_index.get(round_no - 1)
         if prev is not None:
@@ -191,9 +191,9 @@ def _seed(default: int) -> int:
     return int(os.environ.get("CRASH_SEED", default))
 
 
-@pytest.mark.parametrize("seed", [101, 202, 303])
-def test_sqlite_survives_sigkill(tmp_path: Path, seed: int) -> None:
-    _crash_rounds("sqlite", str(tmp_path / "ledger.db"), 10, tmp_path, _seed(seed))
+@pytest.mark.parametrize(("seed", "extra"), [(101, ()), (202, ()), (303, ("--pipeline",))])
+def test_sqlite_survives_sigkill(tmp_path: Path, seed: int, extra: tuple[str, ...]) -> None:
+    _crash_rounds("sqlite", str(tmp_path / "ledger.db"), 10, tmp_path, _seed(seed), *extra)
 
 
 @pytest.mark.postgres

@@ -75,7 +75,11 @@ class Answer:
 
 @pytest.fixture
 def writer(ledger_backend: LedgerDb, signing_key: Ed25519PrivateKey) -> Any:
-    w = LedgerWriter(ledger_backend.open(), signing_key=signing_key, config=LedgerConfig(batch_window_ms=0))
+    w = LedgerWriter(
+        ledger_backend.open(),
+        signing_key=signing_key,
+        config=LedgerConfig(batch_window_ms=0, commit_pipeline=True),
+    )
     yield w
     w.close()
 
