@@ -120,7 +120,9 @@ def run(
 ) -> dict[str, object]:
     """Post n entries through a fresh writer; return throughput, latency percentiles and verify's verdict."""
     key = Ed25519PrivateKey.generate()
-    cfg = LedgerConfig(batch_window_ms=window_ms, max_batch_entries=max_batch, commit_pipeline=pipeline)
+    # commit_pipeline only when asked, so this script also runs against trees from before it existed.
+    extra = {"commit_pipeline": True} if pipeline else {}
+    cfg = LedgerConfig(batch_window_ms=window_ms, max_batch_entries=max_batch, **extra)
     drafts = make_drafts(n, f"b{time.time_ns()}", keys)
     latencies_ns = [0] * n
     slots = threading.BoundedSemaphore(inflight)
@@ -187,7 +189,7 @@ def run(
             raise RuntimeError(f"ledger bench: {len(refused)} outcomes refused, first: {refused[0][1]!r}")
 
     writer_clock = time.pthread_getcpuclockid(writer._thread.ident)  # type: ignore[arg-type]
-    committer = writer._committer  # the pipeline's commit thread (None: commits in line)
+    committer = getattr(writer, "_committer", None)  # the pipeline's commit thread (None: in line)
     committer_clock = None if committer is None else time.pthread_getcpuclockid(committer.thread.ident)  # type: ignore[arg-type]
     committer0 = 0.0 if committer_clock is None else time.clock_gettime(committer_clock)
     cpu0, caller0, writer0 = time.process_time(), time.thread_time(), time.clock_gettime(writer_clock)
