@@ -35,9 +35,10 @@ from switch.ledger.backend import (
     NODE_COLUMNS,
     POSTGRES,
     SCHEMA_VERSION,
+    TAIL_BLOCKS_CTE,
+    TAIL_KEY_FILTER,
     TXN_COLUMNS,
     UPGRADABLE_VERSIONS,
-    WATERMARK_SQL,
     BatchRows,
     LedgerStorageError,
     SqlBackend,
@@ -208,8 +209,9 @@ class PostgresBackend(SqlBackend):
         "WHERE k.idempotency_key = ANY(%(keys)s)"
     )
     _SQL_IDEMPOTENCY = (
-        f"{_SQL_IDEMPOTENCY_INDEXED} UNION ALL SELECT idempotency_key, seq, body FROM entries "
-        f"WHERE seq >= {WATERMARK_SQL} AND idempotency_key = ANY(%(keys)s)"
+        f"{TAIL_BLOCKS_CTE}{_SQL_IDEMPOTENCY_INDEXED} UNION ALL "
+        "SELECT idempotency_key, seq, body FROM entries "
+        f"WHERE {TAIL_KEY_FILTER} AND idempotency_key = ANY(%(keys)s)"
     )
     _SQL_TXN_ROWS = (
         f"SELECT {TXN_COLUMNS} FROM entries WHERE rrn = ANY(%s) "

@@ -34,8 +34,9 @@ from switch.ledger.backend import (
     ENTRY_COLUMNS,
     NODE_COLUMNS,
     SQLITE,
+    TAIL_BLOCKS_CTE,
+    TAIL_KEY_FILTER,
     TXN_COLUMNS,
-    WATERMARK_SQL,
     LedgerStorageError,
     SqlBackend,
     TxnRow,
@@ -59,8 +60,8 @@ _SQL_IDEMPOTENCY_INDEXED = (
 )
 #: Everyone else's: the key index plus the tail, in one statement (one snapshot).
 _SQL_IDEMPOTENCY = (
-    f"{_SQL_IDEMPOTENCY_INDEXED} UNION ALL SELECT idempotency_key, seq, body FROM entries "
-    f"WHERE seq >= {WATERMARK_SQL} AND idempotency_key IN (SELECT value FROM json_each(?1))"
+    f"{TAIL_BLOCKS_CTE}{_SQL_IDEMPOTENCY_INDEXED} UNION ALL SELECT idempotency_key, seq, body FROM entries "
+    f"WHERE {TAIL_KEY_FILTER} AND idempotency_key IN (SELECT value FROM json_each(?1))"
 )
 _SQL_TXN_ROWS = (
     f"SELECT {TXN_COLUMNS} FROM entries WHERE rrn IN (SELECT value FROM json_each(?1)) "

@@ -283,3 +283,27 @@ def test_balances_as_of_any_seq_equal_the_fold_on_both_sides_of_the_watermark(
         assert {(r.account, r.currency): r.balance_minor for r in be.latest_balances()} == running
     finally:
         be.close()
+
+
+def test_tail_lookups_span_several_blocks_of_the_block_index(
+    ledger_backend: LedgerDb, signing_key: Ed25519PrivateKey
+) -> None:
+    """entries_key_by_block groups the tail in blocks of 1,024 seqs: keys in every tail block, at
+    block edges, are found by key and by key range."""
+    w = _writer(ledger_backend, signing_key, LedgerConfig(batch_window_ms=0, index_run_entries=1_500))
+    for lo in range(0, 2_500, 500):
+        done = threading.Event()
+        w.submit_many([(i, [_sale(i)]) for i in range(lo, lo + 500)], lambda r, done=done: done.set())
+        assert done.wait(30)
+    w.close()
+    be = ledger_backend.open()
+    try:
+        assert be.index_watermark() == 1_500 and be.entry_count() == 2_500
+        seqs = [0, 1_499, 1_500, 2_047, 2_048, 2_499]
+        keys = [str(_sale(i).idempotency_key) for i in seqs]  # type: ignore[attr-defined]
+        assert {k: v[0] for k, v in be.find_idempotency(keys).items()} == dict(zip(keys, seqs))
+        for seq, key in zip(seqs, keys):
+            rows = be._all(key_range_seqs_sql(be.dialect.placeholder, 5), (key, key + " ") * 2)  # type: ignore[attr-defined]
+            assert [r[0] for r in rows] == [seq]
+    finally:
+        be.close()
