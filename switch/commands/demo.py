@@ -123,22 +123,27 @@ async def _terminal_load(term: TerminalSim, rng: random.Random, stats: Stats, un
         elif k < 0.98:
             r = await term.balance_inquiry(card(BETA_BIN, rng.randrange(1, 200)))
         else:  # a repeat (0201) of a purchase the terminal already got: must replay, not post again
-            o = approved[-1]
-            r = await term.exchange(
-                {
-                    "t": "0201",
-                    "2": o.pan,
-                    "3": "000000",
-                    "4": f"{o.amount_minor:012d}",
-                    "22": "012",
-                    "25": "00",
-                    "49": "978",
-                    "12": o.local_datetime[4:],
-                    "13": o.local_datetime[:4],
-                },
-                "repeat",
-                stan=o.stan,
-            )
+            # Taken out of `approved` while its repeat is in flight: a second worker repeating the same
+            # STAN at once would be refused by the terminal itself ("already in flight").
+            o = approved.pop()
+            try:
+                r = await term.exchange(
+                    {
+                        "t": "0201",
+                        "2": o.pan,
+                        "3": "000000",
+                        "4": f"{o.amount_minor:012d}",
+                        "22": "012",
+                        "25": "00",
+                        "49": "978",
+                        "12": o.local_datetime[4:],
+                        "13": o.local_datetime[:4],
+                    },
+                    "repeat",
+                    stan=o.stan,
+                )
+            finally:
+                approved.append(o)
             if r.rrn == o.rrn and r.response_code == o.response_code:
                 stats.duplicates_answered += 1
         stats.add(r)
