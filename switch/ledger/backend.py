@@ -69,9 +69,11 @@ from typing import Any, NamedTuple, Protocol
 import msgspec
 
 #: Version of the schema below; stored in ledger_meta('schema_version'). Bump on incompatible change.
-SCHEMA_VERSION = 2
-#: Versions `create_schema` upgrades in place (1: entries had the key and merchant B-tree indexes).
-UPGRADABLE_VERSIONS = (1,)
+#: 3: on SQLite the index tables live in their own file (INDEX_TABLES, switch.ledger.sqlite).
+SCHEMA_VERSION = 3
+#: Versions `create_schema` upgrades in place (1: entries had the key and merchant B-tree indexes;
+#: 2: SQLite's index tables were in the entries file).
+UPGRADABLE_VERSIONS = (1, 2)
 
 #: Lowest Merkle level stored in merkle_nodes (levels below are recomputed from entries.leaf_hash).
 NODE_MIN_LEVEL = 8
@@ -119,6 +121,11 @@ APPEND_ONLY_TABLES: tuple[str, ...] = (
     "balance_index",
     "index_runs",
 )
+
+#: The tables index runs write (derived from entries and balance_history; rebuildable). A backend may
+#: keep them in a database of their own (SQLite: another file, so a run's write transaction does not
+#: hold the entries file's write lock); queries name them unqualified either way.
+INDEX_TABLES: tuple[str, ...] = ("key_index", "merchant_index", "balance_index", "index_runs")
 
 #: The watermark, as a scalar subquery (0 before the first run).
 WATERMARK_SQL = "(SELECT COALESCE(MAX(upto_seq), 0) FROM index_runs)"
@@ -228,10 +235,11 @@ class Dialect(msgspec.Struct, frozen=True):
     def in_list(self, column: str, n: int) -> str:
         return f"{column} IN ({self.params(n)})"
 
-    def append_only_triggers(self, table: str) -> list[str]:
+    def append_only_triggers(self, table: str, db: str = "") -> list[str]:
+        """`db`: the SQLite schema the table lives in, with a dot ("ix."), "" for main."""
         if self.name == "sqlite":
             return [
-                f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} ON {table} "
+                f"CREATE TRIGGER IF NOT EXISTS {db}{table}_no_{op.lower()} BEFORE {op} ON {table} "
                 f"BEGIN SELECT RAISE(ABORT, 'ledger table {table} is append-only: {op} rejected'); END"
                 for op in ("UPDATE", "DELETE")
             ]
@@ -255,9 +263,11 @@ SQLITE = Dialect(
 POSTGRES = Dialect(name="postgres", placeholder="%s", bigint="BIGINT", blob="BYTEA", without_rowid="")
 
 
-def schema(d: Dialect) -> list[str]:
-    """DDL statements, idempotent (IF NOT EXISTS), in order."""
+def schema(d: Dialect, index_db: str = "") -> list[str]:
+    """DDL statements, idempotent (IF NOT EXISTS), in order. `index_db` ("ix." or ""): the SQLite
+    schema of the INDEX_TABLES."""
     i, b = d.bigint, d.blob
+    x = index_db
     stmts = [
         f"""CREATE TABLE IF NOT EXISTS entries (
             seq {i} PRIMARY KEY CHECK (seq >= 0),
@@ -276,15 +286,15 @@ def schema(d: Dialect) -> list[str]:
         "CREATE INDEX IF NOT EXISTS entries_holds ON entries (seq) WHERE kind = 'hold'",
         "CREATE INDEX IF NOT EXISTS entries_key_by_block "
         f"ON entries ((seq >> {TAIL_BLOCK_SHIFT}), idempotency_key)",
-        f"""CREATE TABLE IF NOT EXISTS key_index (
+        f"""CREATE TABLE IF NOT EXISTS {x}key_index (
             idempotency_key TEXT NOT NULL PRIMARY KEY,
             seq {i} NOT NULL){d.without_rowid}""",
-        f"""CREATE TABLE IF NOT EXISTS merchant_index (
+        f"""CREATE TABLE IF NOT EXISTS {x}merchant_index (
             merchant_id TEXT NOT NULL,
             at_ms {i} NOT NULL,
             seq {i} NOT NULL,
             PRIMARY KEY (merchant_id, at_ms, seq)){d.without_rowid}""",
-        f"""CREATE TABLE IF NOT EXISTS index_runs (
+        f"""CREATE TABLE IF NOT EXISTS {x}index_runs (
             upto_seq {i} PRIMARY KEY,
             at_ms {i} NOT NULL)""",
         f"""CREATE TABLE IF NOT EXISTS merkle_nodes (
@@ -309,7 +319,7 @@ def schema(d: Dialect) -> list[str]:
             first_seq {i} NOT NULL,
             balance_minor {i} NOT NULL,
             PRIMARY KEY (seq, account, currency)){d.without_rowid}""",
-        f"""CREATE TABLE IF NOT EXISTS balance_index (
+        f"""CREATE TABLE IF NOT EXISTS {x}balance_index (
             account TEXT NOT NULL,
             currency TEXT NOT NULL,
             seq {i} NOT NULL,
@@ -319,7 +329,7 @@ def schema(d: Dialect) -> list[str]:
         "CREATE TABLE IF NOT EXISTS ledger_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     ]
     for table in APPEND_ONLY_TABLES:
-        stmts.extend(d.append_only_triggers(table))
+        stmts.extend(d.append_only_triggers(table, x if table in INDEX_TABLES else ""))
     return stmts
 
 
@@ -407,6 +417,9 @@ class SqlBackend(abc.ABC):
     """LedgerBackend over a DB-API connection; subclasses supply the connection and dialect."""
 
     dialect: Dialect
+    #: The schema (with its dot) holding INDEX_TABLES when they are a database of their own ("ix." on
+    #: a SQLite file, see switch.ledger.sqlite); "" when they are in the main database.
+    index_db: str = ""
 
     def __init__(self) -> None:
         self.conn: Any = self._connect()
@@ -425,6 +438,16 @@ class SqlBackend(abc.ABC):
     @abc.abstractmethod
     def _begin(self, cur: Any) -> None:
         """Start a write transaction on `cur` (SQLite: BEGIN IMMEDIATE; psycopg: implicit)."""
+
+    def _begin_schema(self, cur: Any) -> None:
+        """Start create_schema's transaction (it may write every database the backend uses)."""
+        self._begin(cur)
+
+    def _begin_index_run(self, cur: Any) -> None:
+        """Start an index run's transaction. Runs happen on the writer's background indexer
+        connection (switch.ledger.writer, "Index runs"): this must not wait for the writer's commits,
+        nor make them wait."""
+        self._begin(cur)
 
     def _insert_many(self, cur: Any, table: str, sql: str, rows: list[tuple[Any, ...]]) -> None:
         """Bulk insert; PostgreSQL may override with COPY (columns: the *_COLUMNS of `table`)."""
@@ -450,8 +473,8 @@ class SqlBackend(abc.ABC):
     def create_schema(self) -> None:
         cur = self.conn.cursor()
         try:
-            self._begin(cur)
-            for stmt in schema(self.dialect):
+            self._begin_schema(cur)
+            for stmt in schema(self.dialect, self.index_db):
                 cur.execute(stmt)
             cur.execute("SELECT value FROM ledger_meta WHERE key = 'schema_version'")
             row = cur.fetchone()
@@ -461,7 +484,7 @@ class SqlBackend(abc.ABC):
                     ("schema_version", str(SCHEMA_VERSION)),
                 )
             elif int(row[0]) in UPGRADABLE_VERSIONS:
-                self._upgrade(cur)
+                self._upgrade(cur, int(row[0]))
             elif int(row[0]) != SCHEMA_VERSION:
                 raise LedgerStorageError(
                     f"ledger schema version {row[0]} is not the supported {SCHEMA_VERSION}"
@@ -474,11 +497,23 @@ class SqlBackend(abc.ABC):
             cur.close()
 
     # --- writer side -----------------------------------------------------------------------------
-    def _upgrade(self, cur: Any) -> None:
-        """Version 1 -> 2, inside create_schema's transaction: the new tables exist already (the DDL
-        above); drop the per-batch B-tree indexes they replace. The first index run (the writer starts
-        one when the tail is a run or longer) then indexes the whole history; until it has, every
-        lookup is still exact (the tail scan covers it)."""
+    def _upgrade(self, cur: Any, version: int) -> None:
+        """Version 1 or 2 -> 3, inside create_schema's transaction: the new tables exist already (the
+        DDL above). 1 -> 2: drop the per-batch B-tree indexes they replace. 2 -> 3 (index tables in a
+        database of their own): drop the old index tables of the main database (derived data). The
+        first index run (the writer starts one when the tail is a run or longer) then indexes the
+        whole history; until it has, every lookup is still exact (the tail scan covers it)."""
+        if version < 2:
+            self._upgrade_from_1(cur)
+        if self.index_db:
+            for table in INDEX_TABLES:
+                cur.execute(f"DROP TABLE IF EXISTS main.{table}")
+        p = self.dialect.placeholder
+        cur.execute(
+            f"UPDATE ledger_meta SET value = {p} WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
+        )
+
+    def _upgrade_from_1(self, cur: Any) -> None:
         for index in ("entries_idempotency_key", "entries_merchant_time"):
             cur.execute(f"DROP INDEX IF EXISTS {index}")
         # balance_history was clustered by (account, currency, seq): rebuild it in seq order.
@@ -493,10 +528,6 @@ class SqlBackend(abc.ABC):
         cur.execute("DROP TABLE balance_history_v1")
         for stmt in self.dialect.append_only_triggers("balance_history"):
             cur.execute(stmt)
-        p = self.dialect.placeholder
-        cur.execute(
-            f"UPDATE ledger_meta SET value = {p} WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
-        )
 
     def entry_count(self) -> int:
         row = self._all("SELECT MAX(seq) FROM entries")[0]
@@ -542,7 +573,7 @@ class SqlBackend(abc.ABC):
         p = self.dialect.placeholder
         cur = self.conn.cursor()
         try:
-            self._begin(cur)
+            self._begin_index_run(cur)
             cur.execute(f"SELECT {WATERMARK_SQL}")
             watermark = int(cur.fetchone()[0])
             if watermark != from_seq or to_seq <= from_seq:

@@ -159,6 +159,14 @@ class PostgresBackend(SqlBackend):
             statement_timeout_ms=self.statement_timeout_ms,
         )
 
+    def open_indexer(self) -> PostgresBackend:
+        """The session of the writer's background index runs (switch.ledger.writer)."""
+        return self.open_reader()
+
+    def write_index_run(self, from_seq: int, to_seq: int, at_ms: int) -> None:
+        self._ensure_connected()
+        super().write_index_run(from_seq, to_seq, at_ms)
+
     def _has_schema(self) -> bool:
         row = self._all("SELECT to_regclass('ledger_meta') IS NOT NULL")[0]
         return bool(row[0]) and self.meta("schema_version") is not None
@@ -184,6 +192,13 @@ class PostgresBackend(SqlBackend):
     def _begin(self, cur: Any) -> None:
         cur.execute("BEGIN")
         cur.execute(f"SELECT pg_advisory_xact_lock({_LOCK_ARGS})", (ADVISORY_LOCK_CLASS,))
+
+    def _begin_index_run(self, cur: Any) -> None:
+        # Not the writer's lock: the writer's session holds it for its life, and a run must not wait
+        # for (or hold up) the writer's commits; MVCC lets both write at once. A lock of its own
+        # keeps two runs from racing (the watermark check and the primary keys would refuse one).
+        cur.execute("BEGIN")
+        cur.execute(f"SELECT pg_advisory_xact_lock({_LOCK_ARGS})", (ADVISORY_LOCK_CLASS + 1,))
 
     def _insert_many(self, cur: Any, table: str, sql_text: str, rows: list[tuple[Any, ...]]) -> None:
         copy_sql = self._copy_sql.get(table)

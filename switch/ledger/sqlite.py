@@ -11,6 +11,22 @@ stays prepared in the connection's cache, the bind is one value, and a batch mak
 lookup instead of one per MAX_IN_LIST chunk (each statement step releases and retakes the GIL).
 Measured single-threaded (1,000-entry batches): 1.8 -> 1.4 us of writer CPU per entry for both lookups.
 
+Why the index tables are a file of their own (`<database>.index`, attached as schema `ix`): a SQLite
+write transaction holds the write lock of every file it writes for its whole duration, so an index
+run (switch.ledger.backend, "Why index runs": 140-450 ms) in the entries file stopped every commit
+behind it. In their own file, with their own WAL and write lock, a run on the writer's background
+indexer connection (switch.ledger.writer) reads `entries` from a snapshot (readers never block a WAL
+writer) while the writer keeps committing batches. The watermark (`index_runs`) is in the index file,
+in the same transaction as the rows it covers, so one statement sees index rows and watermark from
+one snapshot of that file; its snapshot of the entries file is taken first (main is opened first in a
+statement), and whatever the order, every entry at or past the watermark it sees is scanned as tail:
+no lookup misses an entry. The entries file stays the source of truth: a missing index file is
+recreated empty (the writer's first run indexes everything; lookups are exact meanwhile) and
+`verify` proves the index matches. Consequences: writes start with a deferred BEGIN (BEGIN IMMEDIATE
+would lock both files), so each transaction locks only the file it writes; the writer lock
+(switch.ledger.writer_lock) covers both files, since only the writer process writes either; a backup
+copies both (a copy of the entries file alone is complete: its index is rebuilt).
+
 Why multi-row inserts: `executemany` steps one statement per row, and Python's sqlite3 releases and
 retakes the GIL around every step; with another thread of the process running Python, each retake can
 wait for that thread's switch interval. `INSERT ... VALUES (...), (...)` with up to MAX_ROWS_PER_INSERT
@@ -33,6 +49,7 @@ from switch.ledger.backend import (
     BALANCE_COLUMNS,
     ENTRY_COLUMNS,
     NODE_COLUMNS,
+    SCHEMA_VERSION,
     SQLITE,
     TAIL_BLOCKS_CTE,
     TAIL_KEY_FILTER,
@@ -42,6 +59,9 @@ from switch.ledger.backend import (
     TxnRow,
 )
 
+#: The index file beside the database (INDEX_TABLES), and the schema name it is attached under.
+INDEX_FILE_SUFFIX = ".index"
+INDEX_SCHEMA = "ix"
 #: How long a statement waits for another connection's lock before failing.
 DEFAULT_BUSY_TIMEOUT_MS = 5_000
 #: Rows per multi-row INSERT (a power of two; 256 entries rows bind 2,816 values, well under SQLite's
@@ -83,6 +103,15 @@ class SqliteBackend(SqlBackend):
         super().__init__()
         if create:
             self.create_schema()
+        elif self.index_db and self._index_file_missing():
+            self.create_schema()  # a schema-3 ledger whose index file is gone: an empty one (all tail)
+
+    def _index_file_missing(self) -> bool:
+        """Schema 3 and no index tables in the index file (deleted, or never copied with a backup)."""
+        version = self._all("SELECT value FROM main.ledger_meta WHERE key = 'schema_version'")
+        if not version or version[0][0] != str(SCHEMA_VERSION):
+            return False
+        return not self._all(f"SELECT 1 FROM {INDEX_SCHEMA}.sqlite_master WHERE name = 'index_runs'")
 
     def _connect(self) -> Any:
         if self.path != ":memory:":
@@ -94,11 +123,22 @@ class SqliteBackend(SqlBackend):
             if mode.lower() != "wal" and self.path != ":memory:":
                 raise LedgerStorageError(f"{self.path}: cannot switch to WAL journal (got {mode})")
             conn.execute("PRAGMA synchronous = FULL")
+            if self.path != ":memory:":
+                attach_index(conn, self.path)
         except sqlite3.Error as exc:
             raise LedgerStorageError(f"cannot open ledger {self.path}: {exc}") from None
         return conn
 
+    @property
+    def index_db(self) -> str:  # type: ignore[override]
+        return "" if self.path == ":memory:" else f"{INDEX_SCHEMA}."
+
     def _begin(self, cur: Any) -> None:
+        # One file: BEGIN IMMEDIATE takes its write lock up front. Two files: IMMEDIATE would lock
+        # both, so a deferred BEGIN; the first write takes the lock of the file it writes only.
+        cur.execute("BEGIN IMMEDIATE" if self.path == ":memory:" else "BEGIN")
+
+    def _begin_schema(self, cur: Any) -> None:
         cur.execute("BEGIN IMMEDIATE")
 
     def open_reader(self) -> SqliteBackend | None:
@@ -107,6 +147,11 @@ class SqliteBackend(SqlBackend):
         if self.path == ":memory:":
             return None
         return SqliteBackend(self.path, create=False, busy_timeout_ms=self.busy_timeout_ms)
+
+    def open_indexer(self) -> SqliteBackend | None:
+        """The connection of the writer's background index runs (switch.ledger.writer); None for an
+        in-memory database (runs then happen in line)."""
+        return self.open_reader()
 
     def _insert_many(self, cur: Any, table: str, sql: str, rows: list[tuple[Any, ...]]) -> None:
         """Multi-row INSERTs in chunks of MAX_ROWS_PER_INSERT, then of falling powers of two."""
@@ -138,6 +183,22 @@ class SqliteBackend(SqlBackend):
         if not wanted:
             return []
         return [TxnRow(*r) for r in self._all(_SQL_TXN_ROWS, (_json.encode(wanted),))]
+
+
+def index_path(db_path: str | Path) -> str:
+    """The index file of the SQLite ledger at `db_path` (back it up with the database)."""
+    return f"{db_path}{INDEX_FILE_SUFFIX}"
+
+
+def attach_index(conn: sqlite3.Connection, db_path: str | Path) -> None:
+    """Attach the ledger's index file to `conn` (a connection to the ledger file at `db_path`), so the
+    index tables resolve by their plain names. Raw-SQL readers of the ledger (the merchant registry)
+    use this too; they must not write in a transaction that spans both files."""
+    conn.execute(f"ATTACH DATABASE ? AS {INDEX_SCHEMA}", (index_path(db_path),))
+    mode = conn.execute(f"PRAGMA {INDEX_SCHEMA}.journal_mode = WAL").fetchone()[0]
+    if mode.lower() != "wal":
+        raise LedgerStorageError(f"{index_path(db_path)}: cannot switch to WAL (got {mode})")
+    conn.execute(f"PRAGMA {INDEX_SCHEMA}.synchronous = FULL")
 
 
 _multi_cache: dict[tuple[str, int], str] = {}

@@ -454,7 +454,7 @@ class MerchantService:
 
     def _merchant_entries(self, merchant_id: str, from_ms: int, to_ms: int) -> list[Entry]:
         p = self.store.p
-        rows = self.store._rows(
+        rows = self.store.ledger_rows(
             merchant_seqs_sql(p, self.cfg.max_report_entries), (merchant_id, from_ms, to_ms) * 2
         )
         out = []

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from switch.ledger.backend import key_range_seqs_sql
+from switch.ledger.sqlite import attach_index
 from switch.merchant.model import (
     AuditRecord,
     Contract,
@@ -109,9 +110,14 @@ class Cutover(msgspec.Struct, frozen=True):
 class RegistryStore:
     """One DB-API connection (sqlite3 or psycopg) to the ledger's database. One thread at a time."""
 
-    def __init__(self, conn: Any, dialect: str) -> None:
+    def __init__(self, conn: Any, dialect: str, ledger_path: str = "") -> None:
         self.conn = conn
         self.dialect = dialect
+        #: SQLite file ledgers: reads of the ledger's index tables go through a second connection with
+        #: the index file attached (switch.ledger.sqlite.attach_index), opened on first use, so the
+        #: registry's own BEGIN IMMEDIATE never locks the index file (nor waits for an index run).
+        self._ledger_path = ledger_path
+        self._ledger_conn: Any = None
         self.p = "%s" if dialect == "postgres" else "?"
         self._write(lambda cur: [cur.execute(s) for s in schema(dialect)])
 
@@ -123,7 +129,7 @@ class RegistryStore:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
-        return cls(conn, "sqlite")
+        return cls(conn, "sqlite", "" if str(path) == ":memory:" else str(path))
 
     @classmethod
     def open_postgres(cls, dsn: str) -> RegistryStore:
@@ -133,6 +139,24 @@ class RegistryStore:
 
     def close(self) -> None:
         self.conn.close()
+        if self._ledger_conn is not None:
+            self._ledger_conn.close()
+
+    def ledger_rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Rows of a read-only query on the ledger's tables, index tables included."""
+        if not self._ledger_path:
+            return self._rows(sql, params)
+        if self._ledger_conn is None:
+            conn = sqlite3.connect(self._ledger_path, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            attach_index(conn, self._ledger_path)
+            self._ledger_conn = conn
+        cur = self._ledger_conn.cursor()
+        try:
+            cur.execute(sql, params)
+            return cur.fetchall()
+        finally:
+            cur.close()
 
     # --- plumbing --------------------------------------------------------------------------------
     def _write(self, fn: Any) -> Any:
@@ -320,7 +344,7 @@ class RegistryStore:
         key = "idempotency_key"
         if self.dialect == "postgres" and not self._byte_ordered():
             key = 'idempotency_key COLLATE "C"'
-        rows = self._rows(key_range_seqs_sql(p, limit, key), (prefix, upper) * 2)
+        rows = self.ledger_rows(key_range_seqs_sql(p, limit, key), (prefix, upper) * 2)
         return [int(r[0]) for r in rows]
 
     _byte_order: bool | None = None

@@ -16,7 +16,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from switch.ledger.backend import APPEND_ONLY_TABLES, LedgerBackend
-from switch.ledger.sqlite import SqliteBackend
+from switch.ledger.sqlite import SqliteBackend, index_path
 from tests.pgcluster import pg_cluster, pg_database_dsn, pg_dsn, pg_session_db  # noqa: F401  (fixtures)
 
 LEDGER_BACKENDS = ["sqlite", "postgres"]
@@ -46,16 +46,21 @@ class SqliteDb:
     def tampered_copy(self, statements: list[str]) -> SqliteDb:
         self._copies += 1
         dst_path = self.path.with_name(f"{self.path.stem}-tampered{self._copies}.db")
-        src = sqlite3.connect(self.path)
+        for src_path, to_path in ((self.path, dst_path), (index_path(self.path), index_path(dst_path))):
+            src = sqlite3.connect(src_path)  # both files: entries, and the index tables (schema 3)
+            dst = sqlite3.connect(to_path)
+            try:
+                src.backup(dst)
+            finally:
+                src.close()
+                dst.close()
         dst = sqlite3.connect(dst_path)
-        try:
-            src.backup(dst)
-        finally:
-            src.close()
+        dst.execute("ATTACH DATABASE ? AS ix", (index_path(dst_path),))
         try:
             for table in APPEND_ONLY_TABLES:
-                dst.execute(f"DROP TRIGGER IF EXISTS {table}_no_update")
-                dst.execute(f"DROP TRIGGER IF EXISTS {table}_no_delete")
+                for db in ("main", "ix"):
+                    dst.execute(f"DROP TRIGGER IF EXISTS {db}.{table}_no_update")
+                    dst.execute(f"DROP TRIGGER IF EXISTS {db}.{table}_no_delete")
             for stmt in statements:
                 dst.execute(stmt)
             dst.commit()

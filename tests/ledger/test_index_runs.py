@@ -15,7 +15,7 @@ from switch.config import LedgerConfig
 from switch.ledger.backend import LedgerBackend, LedgerStorageError, key_range_seqs_sql, merchant_seqs_sql
 from switch.ledger.model import EntryKind, IdempotencyConflict, Side
 from switch.ledger.queries import LedgerReader
-from switch.ledger.sqlite import SqliteBackend
+from switch.ledger.sqlite import SqliteBackend, index_path
 from switch.ledger.verify import verify_ledger
 from switch.ledger.writer import LedgerWriter
 from tests.ledger.conftest import LedgerDb, SqliteDb
@@ -101,24 +101,28 @@ def test_a_failed_run_changes_nothing_and_is_retried(
     ledger_backend: LedgerDb, signing_key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     backend = ledger_backend.open()
-    real = backend.write_index_run
+    real = type(backend).write_index_run  # the indexer thread's backend is another instance
     calls: list[tuple[int, int]] = []
+    on_indexer: list[bool] = []
 
-    def flaky(from_seq: int, to_seq: int, at_ms: int) -> None:
+    def flaky(self: LedgerBackend, from_seq: int, to_seq: int, at_ms: int) -> None:
         calls.append((from_seq, to_seq))
+        on_indexer.append(threading.current_thread().name.endswith("-indexer"))
         if len(calls) == 1:
             raise LedgerStorageError("disk said no")
-        real(from_seq, to_seq, at_ms)
+        real(self, from_seq, to_seq, at_ms)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(backend, "write_index_run", flaky)
+    monkeypatch.setattr(type(backend), "write_index_run", flaky)
     w = LedgerWriter(backend, signing_key=signing_key, config=CFG)
     _post(w, 0, 12)  # every append is its own batch: the run is due after entry 7
     assert w.append([_sale(3)])[0].seq == 3  # type: ignore[list-item]
     w.close()
-    assert calls[0] == (0, RUN) and calls[1] == (0, RUN + 1), "retried after the next batch, same start"
+    assert all(on_indexer), "runs happen on the indexer thread, off the commit path"
+    assert calls[0] == (0, RUN), "the first run covers the first run's worth"
+    assert calls[1][0] == 0 and calls[1][1] > RUN, "retried after a later batch, same start"
     reader = ledger_backend.open()
     try:
-        assert reader.index_watermark() == RUN + 1
+        assert reader.index_watermark() == calls[-1][1]
         assert reader.index_problems() == []
         assert verify_ledger(reader, signing_key.public_key()).ok
     finally:
@@ -168,9 +172,8 @@ def test_verify_names_index_tables_that_disagree_with_the_entries(
 def _downgrade_to_schema_1(path: Path) -> None:
     """What a schema 1 ledger looked like: B-tree indexes on entries, balance_history clustered by
     account, no index tables."""
+    Path(index_path(path)).unlink()  # schema 1 had no index file (nor index tables)
     conn = sqlite3.connect(path)
-    for table in ("key_index", "merchant_index", "balance_index", "index_runs"):
-        conn.execute(f"DROP TABLE {table}")
     conn.execute("ALTER TABLE balance_history RENAME TO b2")
     conn.execute(
         "CREATE TABLE balance_history (account TEXT NOT NULL, currency TEXT NOT NULL, seq INTEGER NOT NULL, "
@@ -206,7 +209,7 @@ def test_a_schema_1_ledger_is_upgraded_and_indexed_on_first_writer_start(
         be._all("UPDATE balance_history SET balance_minor = 0")  # type: ignore[attr-defined]
     names = {r[0] for r in be._all("SELECT name FROM sqlite_master WHERE type = 'index'")}  # type: ignore[attr-defined]
     assert "entries_idempotency_key" not in names and "entries_merchant_time" not in names
-    assert be.meta("schema_version") == "2"
+    assert be.meta("schema_version") == "3"
     assert be.find_idempotency([str(_sale(4).idempotency_key)])[str(_sale(4).idempotency_key)][0] == 4  # type: ignore[attr-defined]
     be.close()
 
@@ -305,5 +308,63 @@ def test_tail_lookups_span_several_blocks_of_the_block_index(
         for seq, key in zip(seqs, keys):
             rows = be._all(key_range_seqs_sql(be.dialect.placeholder, 5), (key, key + " ") * 2)  # type: ignore[attr-defined]
             assert [r[0] for r in rows] == [seq]
+    finally:
+        be.close()
+
+
+def test_a_run_in_progress_does_not_hold_up_commits(
+    ledger_backend: LedgerDb, signing_key: Ed25519PrivateKey
+) -> None:
+    """An index run's write transaction (here held open on an indexer connection, uncommitted) used to
+    hold the entries file's write lock: every commit waited for it. Now commits go through meanwhile."""
+    w = _writer(ledger_backend, signing_key, LedgerConfig(batch_window_ms=0, index_run_entries=1_000))
+    ix = ledger_backend.open().open_indexer()  # type: ignore[attr-defined]
+    cur = ix.conn.cursor()
+    try:
+        _post(w, 0, 2)
+        ix._begin_index_run(cur)
+        cur.execute("INSERT INTO key_index (idempotency_key, seq) VALUES ('held-by-a-run', 0)")
+        for i in range(2, 6):  # the writer commits while the run's transaction is open
+            assert w.append([_sale(i)], timeout_s=30)[0].seq == i  # type: ignore[list-item]
+        ix.conn.rollback()
+    finally:
+        cur.close()
+        ix.close()
+        w.close()
+    be = ledger_backend.open()
+    try:
+        assert be.entry_count() == 6 and be.index_problems() == []
+    finally:
+        be.close()
+
+
+def test_the_index_file_is_rebuilt_from_the_entries_when_lost(
+    tmp_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    """SQLite: the entries file is the source of truth; without its index file (a backup of the
+    entries file alone) lookups stay exact and the writer's first start indexes everything again."""
+    db = SqliteDb(tmp_path / "ledger.db")
+    w = _writer(db, signing_key)
+    _post(w, 0, 17)
+    w.close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(index_path(db.path) + suffix).unlink(missing_ok=True)
+    reader = db.open(create=False)
+    try:
+        assert reader.index_watermark() == 0
+        key = str(_sale(12).idempotency_key)  # type: ignore[attr-defined]
+        assert reader.find_idempotency([key])[key][0] == 12
+    finally:
+        reader.close()
+    w = _writer(db, signing_key)
+    try:
+        assert w.append([_sale(5)])[0].seq == 5  # type: ignore[list-item]
+        with pytest.raises(IdempotencyConflict):
+            w.append([_sale(5, amount=7)])  # type: ignore[list-item]
+    finally:
+        w.close()
+    be = db.open()
+    try:
+        assert be.index_watermark() >= RUN * 2 and verify_ledger(be, signing_key.public_key()).ok
     finally:
         be.close()
