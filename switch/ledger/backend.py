@@ -38,7 +38,9 @@ dirty page as a full 4 KiB frame at every commit. Measured (bench/ledger.py key 
 entries): 1.3 -> 9.3 KB of WAL per entry from the first to the last 10,000, write_batch CPU 17 -> 64
 us/entry. So `entries` keeps only indexes that grow in sequence order (rrn: allocated in order; the
 partial indexes), balance_history is clustered by seq, and every `index_run_entries` entries the
-writer copies the tail into the three index tables in ONE sorted INSERT ... SELECT per table (a
+writer's background indexer (its own thread and connection, off the commit path: switch.ledger.writer
+"Index runs"; on SQLite the index tables are a file of their own, switch.ledger.sqlite) copies the
+tail into the three index tables in ONE sorted INSERT ... SELECT per table (a
 balance row per account touched per batch is ~one row per entry with many merchants): a run dirties
 each leaf page it lands on once per run instead of once per batch. Lookups are exact at every
 moment: each query reads the index tables and scans the tail (seq >= watermark, a range of the

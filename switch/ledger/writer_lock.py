@@ -10,6 +10,9 @@ belong to the open file description, so the kernel drops the lock when the holde
 dies in any way (SIGKILL included): there is no stale lock to clean up, and a leftover file means
 nothing. Two opens in one process conflict too, so tests can show the refusal in-process. The holder
 writes its pid into the file (after taking the lock) so the refusal can name it.
+
+One lock covers both files of a SQLite ledger (`<database>` and its index file `<database>.index`,
+switch.ledger.sqlite): only the writer process writes either (its indexer thread writes the index).
 """
 
 from __future__ import annotations

@@ -12,7 +12,15 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from switch.config import LedgerConfig
-from switch.ledger.backend import LedgerBackend, LedgerStorageError, key_range_seqs_sql, merchant_seqs_sql
+from switch.ledger.backend import (
+    INDEX_TABLES,
+    SQLITE,
+    LedgerBackend,
+    LedgerStorageError,
+    key_range_seqs_sql,
+    merchant_seqs_sql,
+    schema,
+)
 from switch.ledger.model import EntryKind, IdempotencyConflict, Side
 from switch.ledger.queries import LedgerReader
 from switch.ledger.sqlite import SqliteBackend, index_path
@@ -366,5 +374,85 @@ def test_the_index_file_is_rebuilt_from_the_entries_when_lost(
     be = db.open()
     try:
         assert be.index_watermark() >= RUN * 2 and verify_ledger(be, signing_key.public_key()).ok
+    finally:
+        be.close()
+
+
+def test_lookups_stay_exact_while_a_run_is_in_flight(
+    ledger_backend: LedgerDb, signing_key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the indexer's run is held (not committed), the writer keeps committing, and repeats and
+    conflicts of keys in the run's range, below it and past it are all recognised."""
+    backend = ledger_backend.open()
+    real = type(backend).write_index_run
+    started, release = threading.Event(), threading.Event()
+
+    def held(self: LedgerBackend, from_seq: int, to_seq: int, at_ms: int) -> None:
+        started.set()
+        release.wait(30)
+        real(self, from_seq, to_seq, at_ms)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(type(backend), "write_index_run", held)
+    w = LedgerWriter(backend, signing_key=signing_key, config=CFG)
+    try:
+        _post(w, 0, RUN)  # the run [0, RUN) is handed to the indexer after this batch
+        assert started.wait(30)
+        _post(w, RUN, 2 * RUN + 3)  # committed while the run is held
+        for i in (0, RUN - 1, RUN, 2 * RUN + 2):  # in the held run, and past it
+            assert w.append([_sale(i)])[0].seq == i  # type: ignore[list-item]
+            with pytest.raises(IdempotencyConflict):
+                w.append([_sale(i, amount=999)])  # type: ignore[list-item]
+        assert w.size == 2 * RUN + 3
+        release.set()
+        _post(w, 2 * RUN + 3, 3 * RUN + 3)  # the run settles; the next ones follow
+        for i in (1, 2 * RUN + 4):
+            assert w.append([_sale(i)])[0].seq == i  # type: ignore[list-item]
+    finally:
+        release.set()
+        w.close()
+    reader = ledger_backend.open()
+    try:
+        assert reader.index_watermark() > RUN
+        assert reader.index_problems() == []
+        assert verify_ledger(reader, signing_key.public_key()).ok
+    finally:
+        reader.close()
+
+
+def test_a_schema_2_ledger_moves_its_index_to_the_index_file(
+    tmp_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    """Schema 2 kept the index tables in the entries file: the upgrade drops them there (derived data)
+    and the writer's start-up run rebuilds them in the index file."""
+    db = SqliteDb(tmp_path / "ledger.db")
+    w = _writer(db, signing_key)
+    _post(w, 0, 17)
+    w.close()
+    before = _balances(db)
+    conn = sqlite3.connect(db.path)  # what schema 2 looked like: the same tables, in the main file
+    conn.execute("ATTACH DATABASE ? AS ix", (index_path(db.path),))
+    for stmt in schema(SQLITE):
+        if any(f"EXISTS {t} " in stmt or f"ON {t} " in stmt for t in INDEX_TABLES):
+            conn.execute(stmt.replace(" IF NOT EXISTS ", " IF NOT EXISTS main."))
+    for table in INDEX_TABLES:
+        conn.execute(f"INSERT INTO main.{table} SELECT * FROM ix.{table}")
+    conn.execute("UPDATE ledger_meta SET value = '2' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(index_path(db.path) + suffix).unlink(missing_ok=True)
+
+    w = _writer(db, signing_key, LedgerConfig(batch_window_ms=0, index_run_entries=5))
+    try:
+        assert w.append([_sale(16)])[0].seq == 16  # type: ignore[list-item]
+    finally:
+        w.close()
+    be = db.open()
+    try:
+        assert be.meta("schema_version") == "3"
+        main_tables = {r[0] for r in be._all("SELECT name FROM main.sqlite_master")}  # type: ignore[attr-defined]
+        assert not main_tables & set(INDEX_TABLES), "the entries file no longer holds index tables"
+        assert be.index_watermark() == 17 and verify_ledger(be, signing_key.public_key()).ok
+        assert _balances(db) == before
     finally:
         be.close()
