@@ -106,6 +106,21 @@ class SqliteBackend(SqlBackend):
         elif self.index_db and self._index_file_missing():
             self.create_schema()  # a schema-3 ledger whose index file is gone: an empty one (all tail)
 
+    def create_schema(self) -> None:
+        """Create or upgrade the schema; a current one is left alone without a write transaction:
+        BEGIN IMMEDIATE takes the write locks of both files, and holding the entries file's while
+        waiting for the index file's (an index run in progress) would stop the writer's commits."""
+        if self.index_db and self._schema_current():
+            return
+        super().create_schema()
+
+    def _schema_current(self) -> bool:
+        main = self._all("SELECT 1 FROM main.sqlite_master WHERE name = 'ledger_meta'")
+        if not main:
+            return False
+        version = self._all("SELECT value FROM main.ledger_meta WHERE key = 'schema_version'")
+        return bool(version) and version[0][0] == str(SCHEMA_VERSION) and not self._index_file_missing()
+
     def _index_file_missing(self) -> bool:
         """Schema 3 and no index tables in the index file (deleted, or never copied with a backup)."""
         version = self._all("SELECT value FROM main.ledger_meta WHERE key = 'schema_version'")

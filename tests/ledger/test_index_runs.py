@@ -334,6 +334,7 @@ def test_a_run_in_progress_does_not_hold_up_commits(
         cur.execute("INSERT INTO key_index (idempotency_key, seq) VALUES ('held-by-a-run', 0)")
         for i in range(2, 6):  # the writer commits while the run's transaction is open
             assert w.append([_sale(i)], timeout_s=30)[0].seq == i  # type: ignore[list-item]
+            ledger_backend.open().close()  # and readers open (a current schema takes no write lock)
         ix.conn.rollback()
     finally:
         cur.close()
