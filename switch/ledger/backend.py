@@ -542,7 +542,8 @@ class SqlBackend(abc.ABC):
             n = len(chunk)
             sql = (
                 f"{TAIL_BLOCKS_CTE}SELECT e.idempotency_key, e.seq, e.body FROM key_index k "
-                f"JOIN entries e ON e.seq = k.seq WHERE {self.dialect.in_list('k.idempotency_key', n)} "
+                f"JOIN entries e ON e.seq = k.seq AND e.idempotency_key = k.idempotency_key "
+                f"WHERE {self.dialect.in_list('k.idempotency_key', n)} "
                 f"UNION ALL SELECT idempotency_key, seq, body FROM entries WHERE {TAIL_KEY_FILTER} AND "
                 + self.dialect.in_list("idempotency_key", n)
             )
@@ -554,7 +555,8 @@ class SqlBackend(abc.ABC):
         found: dict[str, tuple[int, bytes]] = {}
         for chunk in _chunks(list(keys)):
             sql = (
-                "SELECT e.idempotency_key, e.seq, e.body FROM key_index k JOIN entries e ON e.seq = k.seq "
+                "SELECT e.idempotency_key, e.seq, e.body FROM key_index k "
+                "JOIN entries e ON e.seq = k.seq AND e.idempotency_key = k.idempotency_key "
                 f"WHERE {self.dialect.in_list('k.idempotency_key', len(chunk))}"
             )
             for key, seq, body in self._all(sql, chunk):

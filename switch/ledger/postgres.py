@@ -220,7 +220,8 @@ class PostgresBackend(SqlBackend):
     # prepares it once, and PostgreSQL plans it in microseconds (measured: the IN-list versions cost
     # ~30 us per entry, more than the COPY and the commit together).
     _SQL_IDEMPOTENCY_INDEXED = (
-        "SELECT e.idempotency_key, e.seq, e.body FROM key_index k JOIN entries e ON e.seq = k.seq "
+        "SELECT e.idempotency_key, e.seq, e.body FROM key_index k "
+        "JOIN entries e ON e.seq = k.seq AND e.idempotency_key = k.idempotency_key "
         "WHERE k.idempotency_key = ANY(%(keys)s)"
     )
     _SQL_IDEMPOTENCY = (

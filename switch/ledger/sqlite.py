@@ -75,7 +75,8 @@ _TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
 _json = msgspec.json.Encoder()
 #: The writer's lookup: the key index only (it keeps the unindexed tail's keys in memory).
 _SQL_IDEMPOTENCY_INDEXED = (
-    "SELECT e.idempotency_key, e.seq, e.body FROM key_index k JOIN entries e ON e.seq = k.seq "
+    "SELECT e.idempotency_key, e.seq, e.body FROM key_index k "
+    "JOIN entries e ON e.seq = k.seq AND e.idempotency_key = k.idempotency_key "
     "WHERE k.idempotency_key IN (SELECT value FROM json_each(?1))"
 )
 #: Everyone else's: the key index plus the tail, in one statement (one snapshot).

@@ -445,6 +445,15 @@ class LedgerWriter:
             self._indexer.poll(wait=True)  # settled either way: the watermark is re-read below
         self._indexing = {}
         self._watermark = b.index_watermark()
+        if self._watermark > size:
+            # The index claims entries this ledger does not have: its file belongs to another copy
+            # (an entries file restored from an older backup beside a newer index). Trusting it would
+            # hide new entries from the idempotency lookup (double postings after a restart).
+            raise LedgerCorrupt(
+                f"the ledger's index covers {self._watermark} entries but the ledger holds {size}: "
+                "the index does not belong to these entries; move the index away (SQLite: the "
+                "'<db>.index' file) and restart, it is rebuilt from the entries"
+            )
         if size - self._watermark >= self._run_entries:  # e.g. a ledger upgraded from schema 1
             self._index_run()
         self._tail = {key: (seq, body) for key, seq, body in b.tail_keys(self._watermark)}
@@ -456,10 +465,21 @@ class LedgerWriter:
         try:
             self._backend.write_index_run(self._watermark, size, self._clock_ms())
         except Exception as exc:
-            self._run_failed(size, exc)
-            return
+            if not self._run_committed_anyway(size):
+                self._run_failed(size, exc)
+                return
         self._watermark = size
         self._tail = {}
+
+    def _run_committed_anyway(self, to_seq: int) -> bool:
+        """A run that raised may still have committed (PostgreSQL: the connection dropped after COMMIT
+        was sent). Its retry would then never start at the stored watermark and the writer would stop
+        once MAX_TAIL_RUNS runs' worth waited: so ask storage where the watermark is."""
+        reader = self._reader if self._reader is not None else self._backend
+        try:
+            return reader.index_watermark() == to_seq
+        except Exception:
+            return False
 
     def _run_failed(self, to_seq: int, exc: BaseException) -> None:
         log.error("ledger index run %d..%d failed (retried after the next batch): %s",
@@ -484,7 +504,7 @@ class LedgerWriter:
         if result is None:
             return
         to_seq, error = result
-        if error is None:
+        if error is None or self._run_committed_anyway(to_seq):
             self._watermark = to_seq
             self._indexing = {}
             return
@@ -618,6 +638,10 @@ class LedgerWriter:
         batch_keys: dict[str, tuple[int, bytes]] = existing
         apply = book.apply
         for sub in subs:
+            # A submission checked again after the in-flight batch failed (_after_failed_drain) must
+            # not keep the first check's outcome: an old refusal next to new entries would tell the
+            # caller "refused" for a posting that is written.
+            sub.entries = sub.error = None
             start_seq, start_new = seq, len(new)
             added: list[str] = []
             out: list[Entry] = []

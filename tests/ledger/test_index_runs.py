@@ -23,6 +23,7 @@ from switch.ledger.backend import (
 )
 from switch.ledger.model import EntryKind, IdempotencyConflict, Side
 from switch.ledger.queries import LedgerReader
+from switch.ledger.rules import LedgerCorrupt
 from switch.ledger.sqlite import SqliteBackend, index_path
 from switch.ledger.verify import verify_ledger
 from switch.ledger.writer import LedgerWriter
@@ -457,3 +458,66 @@ def test_a_schema_2_ledger_moves_its_index_to_the_index_file(
         assert _balances(db) == before
     finally:
         be.close()
+
+
+def test_an_index_ahead_of_its_entries_is_refused_at_writer_start(
+    tmp_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    """SQLite: an entries file restored from an older copy beside a newer index file. The index claims
+    seqs the entries do not hold; trusting it would hide new entries from the idempotency lookup (a
+    repeat posted twice after a restart), so the writer refuses to start and says what to do."""
+    newer = SqliteDb(tmp_path / "newer.db")
+    w = _writer(newer, signing_key)
+    _post(w, 0, 17)
+    w.close()
+    older = SqliteDb(tmp_path / "older.db")
+    w = _writer(older, signing_key)
+    _post(w, 0, 3)
+    w.close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(index_path(older.path) + suffix).unlink(missing_ok=True)
+        src = Path(index_path(newer.path) + suffix)
+        if src.exists():
+            Path(index_path(older.path) + suffix).write_bytes(src.read_bytes())
+    with pytest.raises(LedgerCorrupt, match="index does not belong to these entries"):
+        _writer(older, signing_key)
+    for suffix in ("", "-wal", "-shm"):  # the remedy the message names: move the index away
+        Path(index_path(older.path) + suffix).unlink(missing_ok=True)
+    w = _writer(older, signing_key)
+    try:
+        assert w.size == 3 and w.append([_sale(2)])[0].seq == 2  # type: ignore[list-item]
+    finally:
+        w.close()
+
+
+def test_a_run_that_raised_after_committing_is_taken_as_done(
+    ledger_backend: LedgerDb, signing_key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL can lose the connection after COMMIT was sent: the run is stored but reported as
+    failed. The writer asks storage for the watermark instead of retrying from the old one forever
+    (every retry would be refused as not starting at the watermark)."""
+    backend = ledger_backend.open()
+    real = type(backend).write_index_run
+    calls: list[tuple[int, int]] = []
+
+    def commits_then_raises(self: LedgerBackend, from_seq: int, to_seq: int, at_ms: int) -> None:
+        calls.append((from_seq, to_seq))
+        real(self, from_seq, to_seq, at_ms)  # type: ignore[arg-type]
+        if len(calls) == 1:
+            raise LedgerStorageError("connection lost after COMMIT")
+
+    monkeypatch.setattr(type(backend), "write_index_run", commits_then_raises)
+    w = LedgerWriter(backend, signing_key=signing_key, config=CFG)
+    try:
+        _post(w, 0, 3 * RUN + 2)
+        assert w.append([_sale(1)])[0].seq == 1  # type: ignore[list-item]
+    finally:
+        w.close()
+    starts = [lo for lo, _ in calls]
+    assert starts == sorted(set(starts)), f"no run retried from a stale watermark: {calls}"
+    reader = ledger_backend.open()
+    try:
+        assert reader.index_watermark() == calls[-1][1] >= 2 * RUN
+        assert reader.index_problems() == []
+    finally:
+        reader.close()

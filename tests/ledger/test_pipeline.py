@@ -136,3 +136,26 @@ def test_a_refund_of_a_sale_whose_commit_fails_is_refused(
     assert writer.append([draft("s", K.PURCHASE, "R1", 1_000)])[0].seq == 0, "the writer goes on"
     with pytest.raises(IdempotencyConflict):
         writer.append([draft("s", K.PURCHASE, "R1", 999)])
+
+
+def test_a_conflict_with_a_failed_batch_is_posted_and_answered_as_posted(
+    writer: LedgerWriter, ledger_backend: LedgerDb
+) -> None:
+    """k+1 reuses k's key with another payload: refused while k is in flight. k fails, so k+1 is
+    checked again and posted -- and its caller must hear the entries, not the first check's
+    refusal (else a terminal hears 'refused' for money the ledger holds)."""
+    gate = Gate(writer, fail_first=True)
+    first, other = Answer(), Answer()
+    writer.submit([draft("k", K.PURCHASE, "R1", 1_000)], first)
+    assert gate.in_flight.wait(WAIT_S)
+    writer.submit([draft("k", K.PURCHASE, "R1", 999)], other)
+    assert isinstance(first.wait().error, LedgerStorageError)
+    other.wait()
+    assert other.error is None, f"posted, so not refused: {other.error!r}"
+    assert [e.seq for e in other.entries or []] == [0]
+    writer.close()
+    be = ledger_backend.open()
+    try:
+        assert be.entry_count() == 1
+    finally:
+        be.close()
