@@ -69,6 +69,31 @@ def test_valid_messages_never_reach_pyiso8583_on_the_fast_path(name: str, fast: 
         assert codec.encode_bytes(fields, spec) == expected_raw
 
 
+class _Key(str):
+    """A str subclass key: pyiso8583 accepts it; the fast path must not treat it as an exact str."""
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_keys_equal_to_but_not_the_interned_field_numbers_encode_the_same(name: str, fast: None) -> None:
+    """The encoder finds a field's number by identity with its own interned keys; keys built at run
+    time (equal, other objects) take the parsing path, and give the same bytes, dicts and side effects
+    on the fast path (pyiso8583 is not called for them)."""
+    spec = SPECS[name]
+    fields = purchase(name)
+    fields["64"] = "A1B2C3D4E5F60718"
+    expected_fields = copy.deepcopy(fields)
+    expected = iso8583.encode(expected_fields, spec)
+    rebuilt = {"".join(list(k)) if len(k) > 1 else k: v for k, v in fields.items()}
+    assert any(k is not original for k, original in zip(rebuilt, fields) if len(k) > 1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(iso8583, "encode", lambda *a: pytest.fail("pyiso8583.encode was called"))
+        assert codec.encode(rebuilt, spec) == expected
+        assert list(rebuilt.items()) == list(expected_fields.items())
+        assert codec.encode_bytes(rebuilt, spec) == expected[0]
+    subclassed = {_Key(k) if k.isdigit() else k: v for k, v in fields.items()}
+    assert codec.encode(dict(subclassed), spec) == iso8583.encode(dict(subclassed), spec)
+
+
 def test_malformed_input_goes_to_pyiso8583_for_its_error(fast: None, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
     real = iso8583.decode
