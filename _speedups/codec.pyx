@@ -223,12 +223,13 @@ cdef struct Op:
     int left_pad
     int right_pad
     const char* codec
-    unsigned char digit_val[256]
-    unsigned char digit_byte[10]
+    # What encoding a field reads comes first (one or two cache lines per field, not three).
     PyObject* key
     # Length prefix bytes by length value (< len_cache_size), filled on first use; NULL until then.
     PyObject** len_cache
     Py_ssize_t len_cache_size
+    unsigned char digit_byte[10]
+    unsigned char digit_val[256]
 
 cdef const char* HEX_UPPER = b"0123456789ABCDEF"
 cdef unsigned char HEX_VAL[256]
