@@ -257,6 +257,8 @@ def _http(method: str, url: str, body: Any, headers: dict[str, str], timeout_s: 
     except urllib.error.HTTPError as exc:
         return int(exc.code), bytes(exc.read())
     except urllib.error.URLError as exc:
+        if isinstance(exc.reason, TimeoutError):
+            raise TimeoutError(str(exc.reason)) from None
         raise OSError(f"cannot reach the admin API at {url}: {exc.reason}") from None
 
 
@@ -277,6 +279,15 @@ def _forward(
     headers = {"Authorization": f"Bearer {token}", "X-Actor": _actor(args)}
     try:
         status, raw = _http(method, base_url + path, body, headers, float(limits.cli_api_timeout_s))
+    except TimeoutError:
+        # The request may have reached the switch and been posted: never let a retry look safe.
+        print(
+            f"outcome unknown: the admin API did not answer {method} {path} within "
+            f"{limits.cli_api_timeout_s} s; it may have been applied -- look it up (show/status/audit) "
+            "before trying again",
+            file=sys.stderr,
+        )
+        return 3
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -73,3 +73,42 @@ def test_cli_register_renew_report_and_refusals(
     assert code == 0 and json.loads(out)["state"] == "pending"
     code, out, _ = run(capsys, "merchant", "audit", opt, db, "--kind", "merchant")
     assert code == 0 and json.loads(out)[0]["actor"] == "ops"
+
+
+def test_a_forwarded_command_without_an_answer_reports_its_outcome_as_unknown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The admin API took the request and went silent: the renewal may have been posted, so the
+    command must not say 'error' (which reads as 'not done, retry'): exit 3, 'outcome unknown'."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept_and_stay_silent() -> None:
+        conn, _ = server.accept()
+        accepted.append(conn)
+        stop.wait(10)
+
+    t = threading.Thread(target=accept_and_stay_silent, daemon=True)
+    t.start()
+    toml = tmp_path / "switch.toml"
+    toml.write_text("[merchant_services]\ncli_api_timeout_s = 1\n")
+    monkeypatch.setenv("SWITCH_ADMIN_TOKEN", "t")
+    url = f"http://127.0.0.1:{server.getsockname()[1]}"
+    try:
+        code, _, err = run(
+            capsys, "terminal-admin", "renew", "--id", "T0000001", "--config", str(toml), "--api", url
+        )
+    finally:
+        stop.set()
+        t.join(5)
+        for c in accepted:
+            c.close()
+        server.close()
+    assert code == 3, err
+    assert "outcome unknown" in err and "may have been applied" in err
