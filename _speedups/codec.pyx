@@ -986,6 +986,12 @@ cdef inline int _enc_put(EncState* st, object key, object len_bytes, object data
     return 1
 
 
+cdef int _enc_put_fixed(EncState* st, object key, object data) except -1:
+    """_enc_put for the MTI and bitmaps (no length prefix), out of line: with one call site left,
+    gcc inlines _enc_put into the per-field loop."""
+    return _enc_put(st, key, EMPTY, data)
+
+
 cdef inline int _enc_field(Op* op, object value, object key, EncState* st) except -1:
     """Encode one regular field (or the header). 1, or 0 to bail."""
     cdef long long enc_len = 0
@@ -1152,14 +1158,14 @@ cdef object _encode_body(Plan plan, dict dd, bint lean, EncState* st):
     mti = _enc_data(&plan.t, <object>item, &enc_len)
     if mti is None or PyBytes_GET_SIZE(mti) != (2 if plan.t.data == DATA_BIN else 4):
         return None
-    if not _enc_put(st, K_T, EMPTY, mti):
+    if not _enc_put_fixed(st, K_T, mti):
         return None
 
     if plan.p.kind != KIND_FIELD:
         return None
     hex0 = _bitmap_hex(bm[0])
     prim = _bitmap_bytes(&plan.p, bm[0], hex0)
-    if prim is None or not _enc_put(st, K_P, EMPTY, prim):
+    if prim is None or not _enc_put_fixed(st, K_P, prim):
         return None
     if bm[1]:
         if plan.s.kind != KIND_FIELD:
@@ -1175,7 +1181,7 @@ cdef object _encode_body(Plan plan, dict dd, bint lean, EncState* st):
                 return None
             sec = sec + ter
             hex1 = hex1 + hex2
-        if not _enc_put(st, K_1, EMPTY, sec):
+        if not _enc_put_fixed(st, K_1, sec):
             return None
 
     for i in range(3):
