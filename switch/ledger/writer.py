@@ -296,15 +296,24 @@ class LedgerWriter:
         self._load_state()
         open_reader = getattr(backend, "open_reader", None) if cfg.commit_pipeline else None
         #: Lookups while a batch is in flight (None: no pipeline, commits in line).
-        self._reader: LedgerBackend | None = open_reader() if open_reader is not None else None
+        self._reader: LedgerBackend | None = None
         self._committer: _Committer | None = None
         self._overlay: list[TxnRow] = []  # the in-flight batch's transaction rows
-        if self._reader is not None:
-            self._committer = _Committer(backend, self._answer, f"{name}-committer")
-        open_indexer = getattr(backend, "open_indexer", None)
-        indexer_backend = open_indexer() if open_indexer is not None else None
-        if indexer_backend is not None:
-            self._indexer = _Indexer(indexer_backend, f"{name}-indexer")
+        try:
+            self._reader = open_reader() if open_reader is not None else None
+            if self._reader is not None:
+                self._committer = _Committer(backend, self._answer, f"{name}-committer")
+            open_indexer = getattr(backend, "open_indexer", None)
+            indexer_backend = open_indexer() if open_indexer is not None else None
+            if indexer_backend is not None:
+                self._indexer = _Indexer(indexer_backend, f"{name}-indexer")
+        except BaseException:
+            # E.g. PostgreSQL refused the indexer's connection: leave no thread or connection behind.
+            if self._committer is not None:
+                self._committer.close()
+            if self._reader is not None:
+                self._reader.close()
+            raise
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 

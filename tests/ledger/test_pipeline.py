@@ -159,3 +159,39 @@ def test_a_conflict_with_a_failed_batch_is_posted_and_answered_as_posted(
         assert be.entry_count() == 1
     finally:
         be.close()
+
+
+def test_a_writer_that_cannot_open_its_indexer_leaves_no_thread_or_connection(
+    ledger_backend: LedgerDb, signing_key: Ed25519PrivateKey
+) -> None:
+    """PostgreSQL refusing the indexer's connection at start-up: the writer raises, and the committer
+    thread and the reader connection it had already opened are gone."""
+    backend: Any = ledger_backend.open()
+    readers: list[Any] = []
+    real_open_reader = backend.open_reader
+
+    closed: list[Any] = []
+
+    def open_reader() -> Any:
+        r = real_open_reader()
+        real_close = r.close
+
+        def close() -> None:
+            closed.append(r)
+            real_close()
+
+        r.close = close
+        readers.append(r)
+        return r
+
+    def open_indexer() -> Any:
+        raise LedgerStorageError("too many connections")
+
+    backend.open_reader, backend.open_indexer = open_reader, open_indexer
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(LedgerStorageError, match="too many connections"):
+        LedgerWriter(backend, signing_key=signing_key, config=LedgerConfig(commit_pipeline=True))
+    assert len(readers) == 1
+    assert not [t for t in threading.enumerate() if t.name not in before and t.is_alive()]
+    assert closed == readers, "the reader connection was closed"
+    backend.close()
