@@ -324,6 +324,7 @@ class SwitchCore:
                     # that never signed on gets 58, not A0). Unmaced (no key), nothing posted; merchant
                     # services log and record the reason. Unknown terminals keep A0 below.
                     if mac_fn is None and (code := self.refuse_unkeyed(fields, now)) is not None:
+                        self.metrics.unkeyed_refusals.inc()
                         conn.request_started()
                         self._remember(conn, fields, t0)
                         self._answer(conn, _bare_answer(fields, code), mac=False)

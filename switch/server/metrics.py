@@ -151,6 +151,11 @@ class Metrics:
         self.mac_failures = Counter(
             "switch_mac_failures_total", "Messages whose MAC did not verify", ["side"], registry=r
         )
+        self.unkeyed_refusals = Counter(
+            "switch_unkeyed_refusals_total",
+            "Requests of registered terminals that never signed on, answered 58 before any MAC check",
+            registry=r,
+        )
         self.decode_errors = Counter(
             "switch_decode_errors_total",
             "Frames that could not be decoded (format errors), by side",

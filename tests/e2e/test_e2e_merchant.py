@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import msgspec
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from switch.codec import keys as keymod
 from switch.ledger.model import EntryKind, Side, accounts
@@ -121,6 +122,17 @@ async def with_mcc(term: TerminalSim, pan: str, amount_minor: int, mcc: str) -> 
     fields = {"t": "0200", "2": pan, "3": "000000", "4": f"{amount_minor:012d}", "18": mcc}
     fields.update({"22": "012", "25": "00", "49": "978"})
     return await term.exchange(fields, "purchase")
+
+
+async def unkeyed_refusals(metrics_port: int) -> float:
+    """switch_unkeyed_refusals_total as the switch's /metrics shows it."""
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "switch_unkeyed_refusals_total":
+                return float(sample.value)
+    raise AssertionError("switch_unkeyed_refusals_total is not exported")
 
 
 def mine(h: Harness) -> list[Any]:
@@ -285,7 +297,7 @@ async def test_expiry_renewal_cutover_settlement_and_reconciliation(tmp_path: Pa
 
 @trio_test
 async def test_registered_terminal_that_never_signed_on_gets_58_over_tcp(tmp_path: Path) -> None:
-    async with running_switch(tmp_path, **SWITCH) as h, admin_api(h) as api:
+    async with running_switch(tmp_path, metrics_enabled=True, **SWITCH) as h, admin_api(h) as api:
         cfg = await onboard(h, api)
         before = len(mine(h))
         async with TerminalSim.connect(cfg) as term:
@@ -296,6 +308,7 @@ async def test_registered_terminal_that_never_signed_on_gets_58_over_tcp(tmp_pat
             (seen,) = await call(api, "GET", f"/terminals/{TID}/refusals")
             assert (seen["stan"], seen["response_code"]) == (refused.stan, "58")
             assert "has not signed on" in seen["reason"]
+            assert await unkeyed_refusals(h.ports.metrics) == 1.0, "operators see it in /metrics"
             # Sign-on is what it may do; then its test purchase is processed as before.
             assert (await term.sign_on()).response_code == "00"
             assert (await term.purchase(card(ALPHA_BIN, 6), 100)).response_code == "00"
