@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from functools import partial
+from typing import Any
 
 import httpx
 import msgspec
 import pytest
 import trio
-from starlette.testclient import TestClient
 
 from switch.config import AdminConfig, MerchantServicesConfig
 from switch.ledger.queries import LedgerReader
@@ -39,17 +39,41 @@ def service(registry_db: RegistryDb) -> Iterator[MerchantService]:
     store.close()
 
 
+class AppClient:
+    """The admin app called in process through httpx's own ASGI transport, one `trio.run` per request.
+    (starlette.testclient is deprecated with httpx and warns at import; the app has no lifespan.)"""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def request(self, method: str, url: str, **kw: Any) -> httpx.Response:
+        async def send() -> httpx.Response:
+            transport = httpx.ASGITransport(app=self.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://admin.test") as c:
+                return await c.request(method, url, **kw)
+
+        return trio.run(send)
+
+    def get(self, url: str, **kw: Any) -> httpx.Response:
+        return self.request("GET", url, **kw)
+
+    def post(self, url: str, **kw: Any) -> httpx.Response:
+        return self.request("POST", url, **kw)
+
+    def put(self, url: str, **kw: Any) -> httpx.Response:
+        return self.request("PUT", url, **kw)
+
+
 @pytest.fixture
-def client(service: MerchantService) -> Iterator[TestClient]:
-    with TestClient(build_app(service, TOKEN), backend="trio") as c:
-        yield c
+def client(service: MerchantService) -> AppClient:
+    return AppClient(build_app(service, TOKEN))
 
 
 CONTRACT = {"id": "c1", "merchant_id": "M1", "currency": "978", "rates": {"default": {"bps": 120}},
             "subscription_fee_minor": 900, "deposit_minor": 2500}  # fmt: skip
 
 
-def test_every_route_needs_the_token(client: TestClient) -> None:
+def test_every_route_needs_the_token(client: AppClient) -> None:
     for method, path, *_ in OPERATIONS:
         url = path.replace("{", "").replace("}", "")
         r = client.request(method.upper(), url)
@@ -59,7 +83,7 @@ def test_every_route_needs_the_token(client: TestClient) -> None:
     assert client.get("/merchants", headers=AUTH).status_code == 200
 
 
-def test_merchant_contract_terminal_flow_with_bodies_and_errors(client: TestClient) -> None:
+def test_merchant_contract_terminal_flow_with_bodies_and_errors(client: AppClient) -> None:
     r = client.post(
         "/merchants", headers=AUTH, json={"id": "M1", "name": "Shop", "mcc": "5411", "currency": "978"}
     )
@@ -105,7 +129,7 @@ def test_merchant_contract_terminal_flow_with_bodies_and_errors(client: TestClie
     assert cut["merchants"][0]["net_payable_minor"] == -(2500 + 900)
 
 
-def test_openapi_is_generated_from_the_types(client: TestClient) -> None:
+def test_openapi_is_generated_from_the_types(client: AppClient) -> None:
     doc = client.get("/openapi.json").json()
     assert doc["openapi"].startswith("3.1")
     assert {"Merchant", "Contract", "Terminal", "TxnStatus", "MerchantSettlement", "Error"} <= set(
@@ -132,3 +156,18 @@ def test_serve_admin_over_tcp_on_trio(service: MerchantService) -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_this_module_imports_without_a_warning() -> None:
+    """Importing starlette.testclient with httpx (not httpx2) warns at import, before any test runs;
+    this module must not depend on it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    code = "import tests.merchant.test_admin_api"
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, cwd=root
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
