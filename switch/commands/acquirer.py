@@ -1,22 +1,111 @@
 """`switch acquirer sim`: run the acquirer host simulator until interrupted.
 
 Settings come from a TOML file of switch.sim.acquirer.AcquirerSimConfig fields (``--config``); the flags
-override the few things one changes on the command line (port, fault, latency, seed, MAC key).
+override the few things one changes on the command line (port, fault, latency, seed).
+
+The link MAC key (the clear twin of the switch's ``[[acquirers]] mac_key_sealed_hex``) never comes from
+the command line, where `ps` and shell history would see it. In order of precedence it comes from
+``--mac-key-file PATH`` (hex; refused when group or others may read it, as ssh refuses a private key),
+the environment variable ``SWITCH_SIM_MAC_KEY`` (hex), or ``mac_key_hex`` in the ``--config`` file
+(which is then a key file: refused on the same terms). None of them: the links are not MACed. The
+start-up line names where the key came from and its check value, never the key.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import stat
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import msgspec
 import trio
 
+from switch.codec.keys import SecretKey
 from switch.sim.acquirer import AcquirerSim, AcquirerSimConfig, Fault
 
 log = logging.getLogger(__name__)
+
+#: Environment variable holding the simulator's link MAC key (32 hex digits).
+MAC_KEY_ENV = "SWITCH_SIM_MAC_KEY"
+#: Largest key file read (a hex key with whitespace is far smaller).
+MAX_KEY_FILE_BYTES = 4096
+
+
+class SimKeyError(ValueError):
+    """A simulator key that cannot be used; the message names where it came from, never its value."""
+
+
+def parse_hex_key(text: str, where: str, length: int = 16) -> bytes:
+    """`length` key bytes from hex text (whitespace ignored). Errors name `where`, never the text."""
+    try:
+        key = bytes.fromhex("".join(text.split()))
+    except ValueError:
+        key = None
+    if key is None:  # raised outside the handler: no exception chain leads back to the text
+        raise SimKeyError(f"the key from {where} is not hex text")
+    if len(key) != length:
+        raise SimKeyError(f"the key from {where} must be {length} bytes ({2 * length} hex digits)")
+    return key
+
+
+def read_private_file(path: Path, what: str, limit: int = MAX_KEY_FILE_BYTES) -> str:
+    """The text of a file that holds a key: refused when group or others may read or write it (as ssh
+    refuses a private key file), when it is not a regular file, or not ASCII text of `limit` bytes at
+    most. The checks are on the file opened, not on whatever the path names a moment later."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SimKeyError(f"cannot read {what} {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SimKeyError(f"{what} {path} is not a regular file")
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise SimKeyError(
+                f"{what} {path} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                "chmod 600 it"
+            )
+        raw = os.read(fd, limit + 1)
+    except OSError as exc:
+        raise SimKeyError(f"cannot read {what} {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > limit or not raw.isascii():  # checked, not caught: no file bytes in a chain
+        raise SimKeyError(f"{what} {path} is not ASCII text of at most {limit} bytes")
+    return raw.decode("ascii")
+
+
+def sim_mac_key(
+    args: argparse.Namespace, config: AcquirerSimConfig, environ: Mapping[str, str]
+) -> tuple[bytes | None, str]:
+    """The link MAC key and where it came from: --mac-key-file, then $SWITCH_SIM_MAC_KEY, then the
+    config file's mac_key_hex (that file must then be private too); (None, "") when none is given."""
+    if args.mac_key_file is not None:
+        where = f"--mac-key-file {args.mac_key_file}"
+        return parse_hex_key(read_private_file(args.mac_key_file, "MAC key file"), where), where
+    if environ.get(MAC_KEY_ENV):
+        where = f"${MAC_KEY_ENV}"
+        return parse_hex_key(environ[MAC_KEY_ENV], where), where
+    if config.mac_key_hex:
+        where = f"mac_key_hex of {args.config}"
+        if args.config is not None:
+            read_private_file(args.config, "config file holding mac_key_hex", limit=1 << 20)
+        return parse_hex_key(config.mac_key_hex, where), where
+    return None, ""
+
+
+class _RefuseClearKey(argparse.Action):
+    """`--mac-key HEX` (removed): a key on the command line is seen by `ps` and kept in shell history."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        parser.error(
+            f"--mac-key is refused: a key on the command line shows in `ps` and shell history; "
+            f"use --mac-key-file FILE (mode 0600) or ${MAC_KEY_ENV}"
+        )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,13 +119,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sim.add_argument("--fault-rate", type=float, help="fraction of authorisations that get the fault")
     sim.add_argument("--latency-ms", type=float, help="fixed answer delay (or lognormal median)")
     sim.add_argument("--seed", type=int, help="seed of latency and fault draws")
-    sim.add_argument("--mac-key", help="hex double-length MAC key shared with the switch")
+    sim.add_argument(
+        "--mac-key-file",
+        type=Path,
+        help="file (mode 0600) holding the hex double-length link MAC key shared with the switch "
+        f"(default: ${MAC_KEY_ENV}, else the config's mac_key_hex, else no MACs)",
+    )
+    # Named so that argparse does not take it as an abbreviation of --mac-key-file; its value is dropped.
+    sim.add_argument("--mac-key", action=_RefuseClearKey, help=argparse.SUPPRESS)
     sim.set_defaults(handler=run_sim)
     group.set_defaults(handler=lambda args: group.print_help() or 2)
 
 
-def load_sim_config(args: argparse.Namespace) -> AcquirerSimConfig:
-    """The file's settings with the flags applied; errors name the setting."""
+def load_sim_config(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> tuple[AcquirerSimConfig, str]:
+    """The file's settings with the flags and the MAC key applied, and a line saying where the key came
+    from (check value only). Errors name the setting or the key's source (SystemExit with the message)."""
     config = AcquirerSimConfig()
     if args.config is not None:
         try:
@@ -52,14 +151,22 @@ def load_sim_config(args: argparse.Namespace) -> AcquirerSimConfig:
         "fault_rate": args.fault_rate,
         "latency_ms": args.latency_ms,
         "seed": args.seed,
-        "mac_key_hex": args.mac_key,
     }
-    return msgspec.structs.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    config = msgspec.structs.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    try:
+        key, where = sim_mac_key(args, config, os.environ if environ is None else environ)
+    except SimKeyError as exc:
+        raise SystemExit(f"switch acquirer sim: {exc}") from None
+    if key is None:
+        return msgspec.structs.replace(config, mac_key_hex=""), "links not MACed"
+    note = f"link MAC key check value {SecretKey(key).check_value()} from {where}"
+    return msgspec.structs.replace(config, mac_key_hex=key.hex().upper()), note
 
 
 def run_sim(args: argparse.Namespace) -> int:
-    config = load_sim_config(args)
+    config, note = load_sim_config(args)
     sim = AcquirerSim(config)
+    print(f"acquirer simulator {config.name}: {note}", file=sys.stderr, flush=True)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
