@@ -734,6 +734,8 @@ def run_load(
         profiler = _start_profiler(bed, seconds, profile_to) if profile_to is not None else None
         before = scrape(bed.metrics_port)
         cpu_before = {p.name: proc_cpu_s(p.popen.pid) for p in bed.procs}
+        switch_pid = bed.switch.popen.pid if bed.switch is not None else 0
+        switch_alone_before = proc_cpu_s(switch_pid, family=False) if switch_pid else 0.0
         for p in procs:
             assert p.stdin is not None
             p.stdin.write("go\n")
@@ -785,6 +787,8 @@ def run_load(
     inside = switch_view(before, scrape(bed.metrics_port))
     cpu = {name: round(proc_cpu_s(p.popen.pid) - t, 2) for name, t in cpu_before.items() for p in bed.procs
            if p.name == name}  # fmt: skip
+    if switch_pid and "switch" in cpu:  # the switch's share without its ledger child
+        cpu["switch alone"] = round(proc_cpu_s(switch_pid, family=False) - switch_alone_before, 2)
     cpu["loadgens"] = round(sum(r["cpu_s"] for r in results), 2)
     lat = sorted(x for r in results for x in r["latencies_ms"])
     errors: Counter[str] = Counter()
@@ -853,9 +857,12 @@ def _stat(pid: int) -> list[str] | None:
         return None
 
 
-def proc_cpu_s(pid: int) -> float:
+def proc_cpu_s(pid: int, family: bool = True) -> float:
     """User + system CPU seconds so far of a process, its threads and its live descendants (e.g. the
-    switch's ledger-writer process), from Linux /proc; 0 when gone."""
+    switch's ledger-writer process; `family=False`: the process alone), from Linux /proc; 0 when gone."""
+    if not family:
+        fields = _stat(pid)
+        return 0.0 if fields is None else (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -1044,6 +1051,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", default="", help="state directory (default: a temporary one, deleted)")
     parser.add_argument("--profile", action="store_true", help="py-spy the switch during the max run")
     parser.add_argument(
+        "--profile-fixed", action="store_true", help="py-spy the switch and its ledger child in the fixed run"
+    )
+    parser.add_argument(
+        "--fixed-only", action="store_true", help="skip the max run (needs --rate): quicker A/B at that rate"
+    )
+    parser.add_argument(
         "--trace",
         action="store_true",
         help="stage timestamps of every purchase of the fixed run (switch.server.stagetrace): where it waits",
@@ -1095,19 +1108,27 @@ def main(argv: list[str] | None = None) -> int:
             if args.warmup_seconds > 0:
                 runs.append(run_load(bed, "warm-up", seconds=args.warmup_seconds, loadgens=args.loadgens,
                                      window=args.window, stan_base=0, out=out))  # fmt: skip
-            best = run_load(bed, "max", seconds=args.seconds, loadgens=args.loadgens, window=args.window,
-                            stan_base=100_000, out=out, profile_to=profile_path)  # fmt: skip
-            runs.append(best)
-            rate = args.rate or max(1.0, round(best.approved_per_s / 2))
+            if args.fixed_only:
+                best = None
+            else:
+                best = run_load(bed, "max", seconds=args.seconds, loadgens=args.loadgens, window=args.window,
+                                stan_base=100_000, out=out, profile_to=profile_path)  # fmt: skip
+                runs.append(best)
+            rate = args.rate or max(1.0, round(best.approved_per_s / 2))  # type: ignore[union-attr]
+            fixed_profile = directory / "switch-fixed.pyspy.txt" if args.profile_fixed else None
             half = run_load(bed, "fixed", seconds=args.seconds, loadgens=args.loadgens, window=args.window,
-                            rate=rate, stan_base=300_000, out=out,
+                            rate=rate, stan_base=300_000, out=out, profile_to=fixed_profile,
                             trace_to=directory / "loadgen-trace" if args.trace else None)  # fmt: skip
             runs.append(half)
         approved_total = sum(r.approved for r in runs)
         ledger_report = bed.ledger_report(approved_total)
         profile = (
-            profile_summary(profile_path, best.seconds) if profile_path and profile_path.exists() else None
+            profile_summary(profile_path, best.seconds)
+            if best is not None and profile_path and profile_path.exists()
+            else None
         )
+        if fixed_profile is not None and fixed_profile.exists():
+            profile = profile_summary(fixed_profile, half.seconds)
         breakdown = (
             trace_breakdown(stage_trace, sorted(directory.glob("loadgen-trace.*.json")))
             if args.trace
@@ -1117,6 +1138,8 @@ def main(argv: list[str] | None = None) -> int:
     if breakdown is not None:
         print_breakdown(breakdown, out)
     errors = sum(sum(r.errors.values()) for r in runs)
+    if best is None:  # --fixed-only
+        best = half
     result = {
         "auth_per_s": best.approved_per_s,
         "p50_ms": best.p50_ms,
