@@ -98,14 +98,19 @@ def sim_mac_key(
     return None, ""
 
 
-class _RefuseClearKey(argparse.Action):
-    """`--mac-key HEX` (removed): a key on the command line is seen by `ps` and kept in shell history."""
+def refuse_clear_key(instead: str) -> type[argparse.Action]:
+    """An argparse action for a removed `--...-key HEX` flag: a key on the command line is seen by `ps`
+    and kept in shell history. It fails naming `instead`, never echoing the value. (The flag stays
+    declared so that argparse does not take it as an abbreviation of the matching --...-key-file.)"""
 
-    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
-        parser.error(
-            f"--mac-key is refused: a key on the command line shows in `ps` and shell history; "
-            f"use --mac-key-file FILE (mode 0600) or ${MAC_KEY_ENV}"
-        )
+    class RefuseClearKey(argparse.Action):
+        def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+            parser.error(
+                f"{self.option_strings[0]} is refused: a key on the command line shows in `ps` and "
+                f"shell history; use {instead}"
+            )
+
+    return RefuseClearKey
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -125,8 +130,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="file (mode 0600) holding the hex double-length link MAC key shared with the switch "
         f"(default: ${MAC_KEY_ENV}, else the config's mac_key_hex, else no MACs)",
     )
-    # Named so that argparse does not take it as an abbreviation of --mac-key-file; its value is dropped.
-    sim.add_argument("--mac-key", action=_RefuseClearKey, help=argparse.SUPPRESS)
+    sim.add_argument(
+        "--mac-key",
+        action=refuse_clear_key(f"--mac-key-file FILE (mode 0600) or ${MAC_KEY_ENV}"),
+        help=argparse.SUPPRESS,
+    )
     sim.set_defaults(handler=run_sim)
     group.set_defaults(handler=lambda args: group.print_help() or 2)
 

@@ -2,8 +2,9 @@
 
 - `generate-kek --out FILE`: a new AES-256 KEK in a 0600 file; prints its check value only.
 - `seal --terminal ID | --acquirer NAME`: seals a clear terminal master key or acquirer link MAC key
-  under the config's current KEK and prints the config line. The clear key is read from --key-file or
-  stdin (not echoed on a terminal), never from the command line, where `ps` and shell history see it.
+  under the config's current KEK and prints the config line. The clear key is read from --key-file (a
+  0600 file: one group or others can read is refused) or stdin (not echoed on a terminal), never from
+  the command line, where `ps` and shell history see it.
 - `reseal`: KEK rotation. With the new KEK configured as current and the old one listed in
   keys.previous_kek_envs/previous_kek_files, re-seals under the current KEK everything sealed under a
   previous one: the config file's master keys and link MAC keys (rewritten in place: only those values
@@ -22,6 +23,7 @@ import argparse
 import getpass
 import os
 import secrets
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -56,7 +58,7 @@ def register(subparsers: Any) -> None:
     which = s.add_mutually_exclusive_group(required=True)
     which.add_argument("--terminal", help="terminal id: seal its master key (master_key_encrypted_hex)")
     which.add_argument("--acquirer", help="acquirer name: seal its link MAC key (mac_key_sealed_hex)")
-    s.add_argument("--key-file", help="file holding the clear key in hex (default: read stdin)")
+    s.add_argument("--key-file", help="0600 file holding the clear key in hex (default: read stdin)")
     s.set_defaults(handler=_guard(_seal))
 
     for name, handler, text in (
@@ -96,9 +98,28 @@ def _generate_kek(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_key_file(key_file: str) -> str:
+    """A clear key file's text: refused when group or others may read it (as ssh refuses a private
+    key), and read as bytes so that no decode error can carry (or print) any of the key."""
+    path = Path(key_file)
+    try:
+        mode = path.stat().st_mode
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read key file {path}: {exc.strerror}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ValueError(
+            f"key file {path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); "
+            "chmod 600 it (and treat the key as seen)"
+        )
+    if not raw.isascii():  # checked, not caught: a UnicodeDecodeError would carry the file's bytes
+        raise ValueError(f"key file {path} is not hex text")
+    return raw.decode("ascii")
+
+
 def _read_clear_key(key_file: str | None) -> bytes:
     if key_file:
-        text = Path(key_file).read_text(encoding="ascii")
+        text = _read_key_file(key_file)
     elif sys.stdin.isatty():
         text = getpass.getpass("clear key (hex, not echoed): ")
     else:

@@ -1,20 +1,28 @@
 """`switch terminal ...`: one transaction (or a random mix) from a simulated POS terminal.
 
-Each call connects, signs on (installing the working keys when --master-key is given), sends the
-transaction and prints the answer as one JSON line with card data masked. STANs continue across calls
-through --stan-file (default var/terminal-<tid>.stan).
+Each call connects, signs on (installing the working keys when a terminal master key is given), sends
+the transaction and prints the answer as one JSON line with card data masked. STANs continue across
+calls through --stan-file (default var/terminal-<tid>.stan).
+
+The terminal master key (hex) never comes from the command line, where `ps` and shell history see it:
+``--master-key-file PATH`` (refused when group or others may read it) or the environment variable
+``SWITCH_SIM_MASTER_KEY``, in that order. Without either the terminal signs on but installs no keys.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import trio
 
+from switch.commands.acquirer import parse_hex_key, read_private_file, refuse_clear_key
 from switch.sim.terminal import (
     TerminalError,
     TerminalSim,
@@ -23,6 +31,9 @@ from switch.sim.terminal import (
     parse_amount,
     run_mix,
 )
+
+#: Environment variable holding the simulated terminal's master key (32 hex digits).
+MASTER_KEY_ENV = "SWITCH_SIM_MASTER_KEY"
 
 TXN_KINDS = (
     "signon",
@@ -48,7 +59,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--framing", default="binary2", choices=["binary2", "ascii4"])
     p.add_argument("--tpdu", default="", help="10 hex digits, e.g. 6000030000 (packed terminals)")
     p.add_argument("--currency", default="978")
-    p.add_argument("--master-key", default="", help="terminal master key, hex (unwraps sign-on keys)")
+    p.add_argument(
+        "--master-key-file",
+        type=Path,
+        help=f"0600 file holding the terminal master key in hex (unwraps the sign-on's working keys; "
+        f"default: ${MASTER_KEY_ENV}, else no keys)",
+    )
+    p.add_argument(
+        "--master-key",
+        action=refuse_clear_key(f"--master-key-file FILE (mode 0600) or ${MASTER_KEY_ENV}"),
+        help=argparse.SUPPRESS,
+    )
     p.add_argument("--no-signon", action="store_true", help="do not sign on first")
     p.add_argument("--stan-file", default=None, help="file keeping the last STAN (default per tid)")
     p.add_argument("--timeout-ms", type=int, default=30_000)
@@ -80,7 +101,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.set_defaults(handler=lambda args: group.print_help() or 2)
 
 
-def _config(args: argparse.Namespace) -> TerminalSimConfig:
+def master_key_hex(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
+    """The terminal master key from --master-key-file, else $SWITCH_SIM_MASTER_KEY; "" when neither.
+    Errors (SimKeyError, a ValueError) name the source, never the key."""
+    if args.master_key_file is not None:
+        text = read_private_file(args.master_key_file, "master key file")
+        return parse_hex_key(text, f"--master-key-file {args.master_key_file}").hex().upper()
+    if environ.get(MASTER_KEY_ENV):
+        return parse_hex_key(environ[MASTER_KEY_ENV], f"${MASTER_KEY_ENV}").hex().upper()
+    return ""
+
+
+def _config(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> TerminalSimConfig:
     stan_file = args.stan_file if args.stan_file is not None else f"var/terminal-{args.tid.strip()}.stan"
     return TerminalSimConfig(
         host=args.host,
@@ -92,7 +124,7 @@ def _config(args: argparse.Namespace) -> TerminalSimConfig:
         merchant_id=args.mid,
         currency=args.currency,
         stan_path=stan_file,
-        master_key_hex=args.master_key,
+        master_key_hex=master_key_hex(args, os.environ if environ is None else environ),
         request_timeout_ms=args.timeout_ms,
     )
 

@@ -175,6 +175,12 @@ def _need(ok: bool, message: str) -> None:
         raise RegistryError(message)
 
 
+def _shape(value: str) -> str:
+    """A refused value described without its characters (it may be a PAN pasted in the wrong place)."""
+    digits = sum(ch.isdigit() for ch in value)
+    return f"of {len(value)} characters ({digits} digits)"
+
+
 def _digits(value: str, n: int) -> bool:
     return len(value) == n and value.isascii() and value.isdigit()
 
@@ -205,12 +211,16 @@ def validate_contract(c: Contract) -> Contract:
     _need(_digits(c.currency, 3), "contract currency must be 3 digits")
     _need("default" in c.rates, "contract rates need a 'default' entry")
     for card_type, rate in c.rates.items():
-        _need(bool(CARD_TYPE_RE.match(card_type)), f"card type {card_type!r} malformed")
+        # a malformed value is not echoed: it may be a card number pasted in the wrong place
+        _need(bool(CARD_TYPE_RE.match(card_type)), f"card type {_shape(card_type)} malformed")
         _need(0 <= rate.bps <= MAX_RATE_BPS, f"rate for {card_type} must be 0..{MAX_RATE_BPS} bps")
         _amount(f"fixed fee for {card_type}", rate.fixed_minor)
     for prefix, card_type in c.bin_classes.items():
-        _need(6 <= len(prefix) <= 11 and prefix.isdigit(), f"bin class prefix {prefix!r} must be 6-11 digits")
-        _need(bool(CARD_TYPE_RE.match(card_type)), f"bin class card type {card_type!r} malformed")
+        _need(
+            6 <= len(prefix) <= 11 and prefix.isascii() and prefix.isdigit(),
+            f"bin class prefix {_shape(prefix)} must be 6-11 digits",
+        )
+        _need(bool(CARD_TYPE_RE.match(card_type)), f"bin class card type {_shape(card_type)} malformed")
     _days("refund_window_days", c.refund_window_days)
     _amount("single_refund_cap_minor", c.single_refund_cap_minor, optional=True)
     _amount("daily_refund_cap_minor", c.daily_refund_cap_minor, optional=True)

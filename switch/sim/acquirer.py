@@ -91,6 +91,17 @@ class AcquirerSimConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     #: Delay of a ``late`` answer.
     late_ms: int = 10_000
 
+    def __repr__(self) -> str:
+        """Settings without the MAC key (named by presence only) and with every PAN masked."""
+        cards = {*self.declined_pans, *self.balances, *self.card_faults}
+        return (
+            f"AcquirerSimConfig(name={self.name!r} {self.host}:{self.port} {self.profile} {self.framing} "
+            f"mac={'on' if self.mac_key_hex else 'off'} fault={self.fault.value} "
+            f"cards=[{', '.join(sorted(mask_pan(c) for c in cards))}])"
+        )
+
+    __str__ = __repr__
+
 
 class Authorisation(msgspec.Struct):
     """One approved 0100/0200/0220 as the simulated host remembers it."""

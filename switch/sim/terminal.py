@@ -88,6 +88,16 @@ class TerminalSimConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     request_timeout_ms: int = 30_000
     max_frame_bytes: int = 4096
 
+    def __repr__(self) -> str:
+        """Settings without key material: keys are named by presence only."""
+        keys = [name for name, v in (("mac", self.mac_key_hex), ("master", self.master_key_hex)) if v]
+        return (
+            f"TerminalSimConfig({self.terminal_id!r}/{self.merchant_id!r} {self.host}:{self.port} "
+            f"{self.profile} {self.framing} keys={'+'.join(keys) or 'none'})"
+        )
+
+    __str__ = __repr__
+
 
 class TxnResult(msgspec.Struct, frozen=True):
     """One finished exchange as the terminal saw it."""
@@ -135,18 +145,22 @@ class TxnResult(msgspec.Struct, frozen=True):
 
 
 def parse_amount(text: str, exponent: int = 2) -> int:
-    """'12.34' -> 1234 minor units; refuses negatives, more decimals than the currency has, junk."""
+    """'12.34' -> 1234 minor units; refuses negatives, more decimals than the currency has, junk.
+    A refused amount is quoted only when it cannot be a card number typed into --amount by mistake
+    (at most 12 digits, the most field 4 holds); otherwise only its length is named."""
+    text = str(text)
+    shown = repr(text) if sum(ch.isdigit() for ch in text) <= 12 else f"of {len(text)} characters"
     try:
         value = Decimal(text)
     except InvalidOperation:
-        raise ValueError(f"amount {text!r} is not a number") from None
+        raise ValueError(f"amount {shown} is not a number") from None
     if not value.is_finite() or value < 0:
-        raise ValueError(f"amount {text!r} must be a non-negative number")
+        raise ValueError(f"amount {shown} must be a non-negative number")
     minor = value.scaleb(exponent)
     if minor != minor.to_integral_value():
-        raise ValueError(f"amount {text!r} has more than {exponent} decimals")
+        raise ValueError(f"amount {shown} has more than {exponent} decimals")
     if minor >= 10**12:
-        raise ValueError(f"amount {text!r} does not fit field 4 (12 digits)")
+        raise ValueError(f"amount {shown} does not fit field 4 (12 digits)")
     return int(minor)
 
 

@@ -254,3 +254,25 @@ def test_stores_sealed_under_a_dropped_kek_refuse_to_open(
 def test_missing_previous_kek_fails_at_load() -> None:
     with pytest.raises(keymod.KeyStoreError, match="OLD_KEK"):
         keymod.load_kek(KeysConfig(kek_env="K", previous_kek_envs=["OLD_KEK"]), {"K": keymod.generate_kek()})
+
+
+def test_seal_key_file_must_be_private_and_its_bytes_never_printed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kek_hex = keymod.generate_kek()
+    path = tmp_path / "switch.toml"
+    write_config(path, SwitchConfig(keys=KeysConfig(kek_file=secret_file(tmp_path / "kek.hex", kek_hex))))
+    key_file = tmp_path / "link.key"
+    key_file.write_text(LINK_KEY.hex().upper() + "\n")
+    key_file.chmod(0o644)
+    argv = ["keys", "seal", "--config", str(path), "--acquirer", "alpha", "--key-file", str(key_file)]
+    code, text = run(argv, capsys)
+    assert code == 2 and "is accessible by group or others (mode 0644); chmod 600 it" in text
+    assert LINK_KEY.hex().upper() not in text.upper()
+    key_file.chmod(0o600)
+    code, text = run(argv, capsys)
+    assert code == 0 and "key check value 08D7B4" in text
+    key_file.write_bytes(LINK_KEY.hex().upper().encode()[:20] + "é".encode() + b"\n")  # not ASCII
+    code, text = run(argv, capsys)
+    assert code == 2 and f"key file {key_file} is not hex text" in text
+    assert "0xc3" not in text and "position" not in text  # no decode error quoting the file's bytes

@@ -120,3 +120,32 @@ async def test_simulator_process_macs_with_the_key_from_its_file(tmp_path: Path)
         _, err = proc.communicate(timeout=30)
     assert f"link MAC key check value {KCV} from --mac-key-file {path}" in err
     assert MAC_KEY not in err.upper() and MAC_KEY not in line.upper()
+
+
+# --- `switch terminal ...`: the terminal master key, the same way ------------------------------------
+
+TMK = "239E9176D6080DAE1F57CDF449465204"
+
+
+def test_terminal_master_key_from_a_private_file_or_the_environment(tmp_path: Path, capsys) -> None:
+    from switch.commands.terminal import MASTER_KEY_ENV, master_key_hex
+
+    def args(*argv: str):
+        return build_parser().parse_args(
+            ["terminal", "purchase", "--port", "1", "--pan", "1", "--amount", "1", *argv]
+        )
+
+    with pytest.raises(SystemExit) as exc:
+        args("--master-key", TMK)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--master-key is refused" in err and TMK not in err
+    path = key_file(tmp_path, 0o644, text=TMK + "\n", name="tmk.key")
+    with pytest.raises(ValueError, match=r"accessible by group or others \(mode 0644\); chmod 600 it"):
+        master_key_hex(args("--master-key-file", str(path)), {})
+    path.chmod(0o600)
+    assert master_key_hex(args("--master-key-file", str(path)), {MASTER_KEY_ENV: "00" * 16}) == TMK
+    assert master_key_hex(args(), {MASTER_KEY_ENV: TMK.lower()}) == TMK
+    assert master_key_hex(args(), {}) == ""
+    with pytest.raises(ValueError) as bad:
+        master_key_hex(args(), {MASTER_KEY_ENV: TMK[:-1] + "Z"})
+    assert str(bad.value) == f"the key from ${MASTER_KEY_ENV} is not hex text"
