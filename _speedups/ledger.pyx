@@ -253,3 +253,83 @@ def build_rows(frontier, list new, list entries, list nodes, dict running, dict 
             running[k] = bal + pt[2] if pt[1] is _DEBIT else bal - pt[2]
             last_seq[k] = seq
     frontier.size = size
+
+
+# --- idempotency key filter ------------------------------------------------------------------------
+from libc.stdlib cimport calloc, free
+
+
+cdef class KeyFilterStage:
+    """One Bloom filter stage of switch.ledger.keyfilter (the pure `_PyStage` is its reference: same
+    probes, same bits). Probes come from the key's str hash (SipHash, cached in the str object, already
+    computed by the writer's dict lookups): h1 = low 32 bits, h2 = high 32 bits | 1, probe i at
+    (h1 + i * h2) mod bits."""
+
+    cdef unsigned char *_bits
+    cdef unsigned long long _mask
+    cdef int _probes
+    cdef public Py_ssize_t capacity
+    cdef public Py_ssize_t count
+
+    def __cinit__(self, Py_ssize_t capacity, int bits_per_key, int probes):
+        cdef unsigned long long nbits = 64
+        while nbits < <unsigned long long>capacity * bits_per_key:
+            nbits <<= 1
+        self._bits = <unsigned char *>calloc(nbits // 8, 1)
+        if self._bits == NULL:
+            raise MemoryError()
+        self._mask = nbits - 1
+        self._probes = probes
+        self.capacity = capacity
+        self.count = 0
+
+    def __dealloc__(self):
+        free(self._bits)
+
+    @property
+    def nbits(self):
+        return self._mask + 1
+
+    cdef inline void _add(self, object key):
+        cdef unsigned long long h = <unsigned long long>hash(key)
+        cdef unsigned long long h1 = h & 0xFFFFFFFFULL, h2 = (h >> 32) | 1ULL, p
+        cdef int i
+        for i in range(self._probes):
+            p = (h1 + <unsigned long long>i * h2) & self._mask
+            self._bits[p >> 3] |= <unsigned char>(1 << (p & 7))
+        self.count += 1
+
+    cdef inline bint _has(self, object key):
+        cdef unsigned long long h = <unsigned long long>hash(key)
+        cdef unsigned long long h1 = h & 0xFFFFFFFFULL, h2 = (h >> 32) | 1ULL, p
+        cdef int i
+        for i in range(self._probes):
+            p = (h1 + <unsigned long long>i * h2) & self._mask
+            if not (self._bits[p >> 3] >> (p & 7)) & 1:
+                return False
+        return True
+
+    def add(self, key):
+        self._add(key)
+
+    def add_all(self, keys):
+        """Add keys of the iterable until it ends or the stage is full (checked after each add, so no
+        key taken from the iterator is dropped); returns how many were added."""
+        cdef Py_ssize_t n = 0
+        for key in keys:
+            self._add(key)
+            n += 1
+            if self.count >= self.capacity:
+                break
+        return n
+
+    def may_contain(self, key):
+        return self._has(key)
+
+    def filter(self, list keys):
+        """The keys of `keys` this stage may contain, in order."""
+        cdef list out = []
+        for key in keys:
+            if self._has(key):
+                out.append(key)
+        return out

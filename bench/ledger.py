@@ -278,6 +278,12 @@ def main() -> int:
     ap.add_argument(
         "--windows", default="", help="comma-separated batch windows (ms) instead of the default set"
     )
+    ap.add_argument(
+        "--python-gc",
+        action="store_true",
+        help="keep Python's default collector instead of the ledger process's policy "
+        "(switch.server.gcpolicy: young threshold, survivors frozen every second)",
+    )
     ap.add_argument("--quick", action="store_true", help="a tenth of the entries (smoke run)")
     ap.add_argument("--no-postgres", action="store_true")
     ap.add_argument("--no-sqlite", action="store_true", help="(then the last line is not SQLite's)")
@@ -290,6 +296,14 @@ def main() -> int:
     if args.windows:
         windows = sorted({float(w) for w in args.windows.split(",")})
     results: list[dict[str, object]] = []
+    if not args.python_gc:
+        # The writer runs in the switch's ledger process, which applies this policy
+        # (switch.server.ledger_process.child_main); measured here the same way.
+        from switch.config import ServerConfig
+        from switch.server import gcpolicy
+
+        gcpolicy.apply_thresholds(ServerConfig())
+        gcpolicy.run_in_thread(ServerConfig(), threading.Event())
 
     if not args.no_postgres:
         from tests.pgcluster import PgCluster, PgClusterError
@@ -322,10 +336,11 @@ def main() -> int:
     cols = ("backend", "batch_window_ms", "entries", "entries_per_s", "p50_commit_ms", "p99_commit_ms",
             "group", "batches", "cpu_us_per_entry", "caller_cpu_us", "writer_cpu_us", "committer_cpu_us",
             "storage_entries_per_s", "verified")  # fmt: skip
+    gc_policy = "Python's default collector" if args.python_gc else "the ledger process's GC policy"
     print(" | ".join(f"{c:>14}" for c in cols))
     for r in results:
         print(" | ".join(f"{r[c]!s:>14}" for c in cols))
-    print(f"interpreter: {interpreter()}")
+    print(f"interpreter: {interpreter()}; {gc_policy}")
     for r in results:
         print(json.dumps({**r, "python": platform.python_version()}))
     return 0 if all(r["verified"] for r in results) else 1

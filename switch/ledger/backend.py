@@ -82,6 +82,8 @@ NODE_MIN_LEVEL = 8
 
 #: Upper bound on values bound into one `IN (...)` list; larger lookups are chunked.
 MAX_IN_LIST = 900
+#: Keys per page of `indexed_keys` (the key filter's fill at start).
+INDEXED_KEYS_PAGE = 50_000
 
 ENTRY_COLUMNS: tuple[str, ...] = (
     "seq",
@@ -383,6 +385,10 @@ class LedgerBackend(Protocol):
         """Like find_idempotency, but only below the watermark (the writer knows its tail)."""
         ...
 
+    def indexed_keys(self) -> Iterator[str]:
+        """Every idempotency key in the key index, in chunks (the writer's key filter, at start)."""
+        ...
+
     def write_index_run(self, from_seq: int, to_seq: int, at_ms: int) -> None:
         """Index entries [from_seq, to_seq) in ONE transaction (sorted inserts); from_seq must be the
         watermark. Durable when it returns; on failure nothing of it is visible."""
@@ -565,6 +571,23 @@ class SqlBackend(abc.ABC):
 
     def index_watermark(self) -> int:
         return int(self._all(f"SELECT {WATERMARK_SQL}")[0][0])
+
+    def indexed_keys(self) -> Iterator[str]:
+        """Keyset pages of INDEXED_KEYS_PAGE keys in primary-key order: memory stays flat however large
+        the index, and no statement stays open between pages."""
+        p = self.dialect.placeholder
+        rows = self._all(f"SELECT idempotency_key FROM key_index ORDER BY idempotency_key LIMIT {p}",
+                         (INDEXED_KEYS_PAGE,))  # fmt: skip
+        while rows:
+            keys = [str(r[0]) for r in rows]
+            yield from keys
+            if len(rows) < INDEXED_KEYS_PAGE:
+                return
+            rows = self._all(
+                f"SELECT idempotency_key FROM key_index WHERE idempotency_key > {p} "
+                f"ORDER BY idempotency_key LIMIT {p}",
+                (keys[-1], INDEXED_KEYS_PAGE),
+            )
 
     def tail_keys(self, from_seq: int) -> list[tuple[str, int, bytes]]:
         p = self.dialect.placeholder

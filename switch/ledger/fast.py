@@ -98,3 +98,8 @@ def prepare_all(drafts: Sequence[EntryDraft]) -> tuple[Sequence[EntryDraft], lis
 def build_rows_ext() -> Any:
     """The extension's `build_rows`, or None when the pure-Python loop is to run."""
     return _ext.build_rows if FAST_PATH else None
+
+
+def key_filter_stage_ext() -> Any:
+    """The extension's KeyFilterStage class, or None when the pure-Python stage is to run."""
+    return _ext.KeyFilterStage if FAST_PATH else None

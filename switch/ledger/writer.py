@@ -65,6 +65,7 @@ from switch.config import LedgerConfig
 from switch.ledger import fast
 from switch.ledger.backend import NODE_MIN_LEVEL, BatchRows, LedgerBackend, TxnRow
 from switch.ledger.codec import ENTRY_FORMAT
+from switch.ledger.keyfilter import KeyFilter
 from switch.ledger.keys import sign_checkpoint
 from switch.ledger.merkle import Frontier
 from switch.ledger.model import Entry, EntryDraft, IdempotencyConflict, Side
@@ -293,6 +294,8 @@ class LedgerWriter:
         self._frontier = Frontier(NODE_MIN_LEVEL)
         self._checkpointed_size = 0
         self._balances: dict[tuple[str, str], int] = {}
+        #: Every key ever committed (filled from the index at start): see switch.ledger.keyfilter.
+        self._key_filter: KeyFilter | None = None
         self._load_state()
         open_reader = getattr(backend, "open_reader", None) if cfg.commit_pipeline else None
         #: Lookups while a batch is in flight (None: no pipeline, commits in line).
@@ -466,6 +469,14 @@ class LedgerWriter:
         if size - self._watermark >= self._run_entries:  # e.g. a ledger upgraded from schema 1
             self._index_run()
         self._tail = {key: (seq, body) for key, seq, body in b.tail_keys(self._watermark)}
+        if self._key_filter is None:  # once: afterwards every committed key is added as it commits
+            started = time.monotonic()
+            key_filter = KeyFilter(expected_keys=size)
+            key_filter.add_all(b.indexed_keys())
+            key_filter.add_all(self._tail)
+            self._key_filter = key_filter
+            if size >= 1_000_000:
+                log.info("ledger key filter: %d keys in %.1f s", key_filter.count, time.monotonic() - started)
 
     def _index_run(self) -> None:
         """Index the tail in one sorted run, in line (see the module docstring). Raises only past
@@ -624,7 +635,10 @@ class LedgerWriter:
                     else:
                         existing[d.idempotency_key] = hit
             if unknown:
-                existing.update(b.find_idempotency_indexed(unknown))
+                assert self._key_filter is not None
+                unknown = self._key_filter.maybe_present(unknown)  # ~1% of fresh keys, every repeat
+                if unknown:
+                    existing.update(b.find_idempotency_indexed(unknown))
             rrns: set[str] = set()
             for s in subs:
                 for d in s.drafts:
@@ -715,6 +729,8 @@ class LedgerWriter:
         tail = self._tail
         for seq, d, body in new:
             tail[d.idempotency_key] = (seq, body)
+        assert self._key_filter is not None
+        self._key_filter.add_all(d.idempotency_key for _, d, _ in new)  # before any index run has them
         if len(self._balances) + len(balances) > MAX_CACHED_BALANCES:
             self._balances.clear()
         self._balances.update(balances)

@@ -93,10 +93,25 @@ def _open(kind: str, target: str) -> LedgerBackend:
     return SqliteBackend(target) if kind == "sqlite" else PostgresBackend(target)
 
 
+def _wait_for_dead_sessions(be: LedgerBackend, where: str) -> None:
+    """PostgreSQL: the killed writer's server sessions outlive it until they next read from their
+    socket; one that had already received COMMIT still commits then. Checking before they end would
+    read the ledger in two states (seen: the current balances a batch ahead of the entries scanned
+    a moment before), so wait until no other session is on this database."""
+    sql = ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+           "AND pid <> pg_backend_pid() AND backend_type = 'client backend'")  # fmt: skip
+    deadline = time.monotonic() + EXIT_TIMEOUT_S
+    while be._all(sql)[0][0]:  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, f"{where}: the killed writer's sessions are still open"
+        time.sleep(0.01)
+
+
 def _check(kind: str, target: str, acks: Acks, key: Ed25519PrivateKey, where: str) -> int:
     """Every invariant a crash must not break; returns the ledger size."""
     be = _open(kind, target)
     try:
+        if kind == "postgres":
+            _wait_for_dead_sessions(be, where)
         size = be.entry_count()
         report = verify_ledger(be, key.public_key())
         assert report.ok, f"{where}: verify failed at {report.first_bad_index}: {report.problem}"

@@ -1,0 +1,99 @@
+"""The writer's idempotency key filter (switch.ledger.keyfilter): never loses a key it was given, so
+a repeat is always looked up; and spares storage the lookup of nearly every fresh key."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from switch.config import LedgerConfig
+from switch.ledger import fast, keyfilter
+from switch.ledger.keyfilter import KeyFilter
+from switch.ledger.model import EntryKind, IdempotencyConflict
+from switch.ledger.writer import LedgerWriter
+from tests.ledger.conftest import LedgerDb
+from tests.ledger.drafts import draft
+
+
+@pytest.fixture(params=[True, False], ids=["cython", "pure"])
+def fast_path(request: pytest.FixtureRequest) -> Iterator[bool]:
+    previous = fast.use_fast_path(request.param)
+    yield request.param
+    fast.use_fast_path(previous)
+
+
+def _keys(n: int, prefix: str) -> list[str]:
+    rnd = random.Random(prefix)
+    return [f"{prefix}:T{rnd.randrange(5000):07d}/{i:06d}:out" for i in range(n)]
+
+
+def test_every_added_key_passes_across_stage_growth(fast_path: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(keyfilter, "MIN_STAGE_KEYS", 1_000)
+    f = KeyFilter()
+    added = _keys(20_000, "added")
+    f.add_all(added[:10])  # a partial stage, then a long run that fills several
+    f.add_all(iter(added[10:]))
+    assert f.count == len(added)
+    assert f.stages >= 4, "1,000 + 2,000 + 4,000 + 8,000 keys before the last stage"
+    assert f.maybe_present(added) == added, "no added key may ever be dropped"
+    fresh = _keys(20_000, "fresh")
+    passed = f.maybe_present(fresh)
+    assert len(passed) < 0.05 * len(fresh), f"{len(passed)} false positives out of {len(fresh)}"
+
+
+def test_the_cython_and_pure_stages_set_the_same_bits() -> None:
+    previous = fast.use_fast_path(True)  # raises if the extension is not built: never passes idly
+    try:
+        ext = fast.key_filter_stage_ext()
+    finally:
+        fast.use_fast_path(previous)
+    added, probe = _keys(5_000, "a"), _keys(50_000, "p")
+    c, p = ext(4_096, 10, 7), keyfilter._PyStage(4_096, 10, 7)
+    assert c.add_all(iter(added)) == p.add_all(iter(added)) == 4_096, "a full stage stops taking keys"
+    assert c.nbits == p.nbits
+    assert c.filter(probe) == p.filter(probe)
+    assert c.filter(added[:4_096]) == added[:4_096]
+
+
+def _sale(i: int, amount: int = 100) -> object:
+    return draft(f"tk:T{i % 5}/M1/{i:06d}:out", EntryKind.PURCHASE, f"{i:012d}", amount, at_ms=1_000 + i)
+
+
+def test_fresh_keys_skip_the_indexed_lookup_and_repeats_still_find_their_original(
+    ledger_backend: LedgerDb, signing_key: Ed25519PrivateKey
+) -> None:
+    cfg = LedgerConfig(batch_window_ms=0, max_batch_entries=50, index_run_entries=40)
+    backend = ledger_backend.open()
+    asked: list[str] = []
+    lookup = backend.find_idempotency_indexed
+
+    def counting_lookup(keys: list[str]) -> dict[str, tuple[int, bytes]]:
+        asked.extend(keys)
+        return lookup(keys)
+
+    backend.find_idempotency_indexed = counting_lookup  # type: ignore[method-assign]
+    w = LedgerWriter(backend, signing_key=signing_key, config=cfg)
+    try:
+        for lo in range(0, 400, 50):
+            w.append([_sale(i) for i in range(lo, lo + 50)])  # type: ignore[misc]
+        assert len(asked) < 40, f"{len(asked)} of 400 fresh keys went to storage"
+        asked.clear()
+        for i in (0, 7, 39):  # long indexed by now
+            assert w.append([_sale(i)])[0].seq == i  # type: ignore[list-item]
+            with pytest.raises(IdempotencyConflict):
+                w.append([_sale(i, amount=555)])  # type: ignore[list-item]
+        assert len(asked) >= 6, "every repeat of an indexed key is asked of storage"
+        assert w.size == 400
+    finally:
+        w.close()
+
+    # After a restart the filter is refilled from the index: a repeat is still found.
+    w = LedgerWriter(ledger_backend.open(), signing_key=signing_key, config=cfg)
+    try:
+        assert w.append([_sale(3)])[0].seq == 3  # type: ignore[list-item]
+        assert w.append([_sale(400)])[0].seq == 400  # type: ignore[list-item]
+    finally:
+        w.close()
