@@ -144,6 +144,75 @@ def test_arms_are_durable_in_the_child_before_their_callback(config) -> None:
         w.close(30)
 
 
+def _armed_rrns(config) -> list[str]:
+    from switch.codec import keys as keymod
+    from switch.server.armed import ArmedStore
+
+    store = ArmedStore(config.server.armed_path, kek=keymod.load_kek(config.keys))
+    try:
+        return sorted(r[1] for r in store.all())
+    finally:
+        store.close()
+
+
+def test_arms_and_releases_of_messages_sent_back_to_back_apply_in_order(config) -> None:
+    """The child writes the arms of every message it has read in one group: each flush still gets its
+    own answer, and a release sent after its arm (next message) removes it, never the other way."""
+    w = RemoteLedgerWriter(config)
+    try:
+        answered: list = []
+        done = threading.Semaphore(0)
+        reversal = {"t": "0400", "2": "4000000000000002", "37": "000000000001"}
+        for n in range(1, 31):
+            w.arm([("alpha", f"{n:012d}", reversal)], n, lambda e, v: (answered.append(e), done.release()))
+            if n % 3 == 0:  # released in the message right after its arm's
+                w.release([("alpha", f"{n - 2:012d}")])
+            w.submit_many([([draft(f"k{n}", EntryKind.PURCHASE, f"{n:012d}", 100 + n)], lambda e, err: None)])
+            w.flush()
+        for _ in range(30):
+            assert done.acquire(timeout=30)
+        assert answered == [None] * 30
+        w.append([draft("last", EntryKind.PURCHASE, "000000000099", 1)], timeout_s=30)
+    finally:
+        w.close(30)
+    released = {f"{n - 2:012d}" for n in range(3, 31, 3)}
+    assert _armed_rrns(config) == sorted(f"{n:012d}" for n in range(1, 31) if f"{n:012d}" not in released)
+    assert len(_stored(config)) == 31
+
+
+def test_exit_without_close_writes_the_last_messages_arms_and_posts(config, tmp_path: Path) -> None:
+    """The switch dies right after a flush: the child still writes that message's arms and posts."""
+    import subprocess
+    import sys
+
+    import msgspec
+
+    cfg_file = tmp_path / "cfg.msgpack"
+    cfg_file.write_bytes(msgspec.msgpack.encode(config))
+    script = (
+        "import msgspec, sys\n"
+        "from switch.config import SwitchConfig\n"
+        "from switch.server.ledger_process import RemoteLedgerWriter\n"
+        "from tests.ledger.drafts import draft\n"
+        "from switch.ledger.model import EntryKind\n"
+        "if __name__ == '__main__':\n"
+        "    cfg = msgspec.msgpack.decode(open(sys.argv[1], 'rb').read(), type=SwitchConfig)\n"
+        "    w = RemoteLedgerWriter(cfg)\n"
+        "    for n in (1, 2, 3):\n"
+        "        w.arm([('alpha', f'{n:012d}', {'t': '0400', '37': f'{n:012d}'})], n, lambda e, v: None)\n"
+        "        d = draft(f'k{n}', EntryKind.PURCHASE, f'{n:012d}', 5)\n"
+        "        w.submit_many([([d], lambda e, err: None)])\n"
+        "        w.flush()\n"
+    )  # no close(), no wait: the interpreter exits with three messages sent
+    root = Path(__file__).resolve().parents[2]
+    p = subprocess.run(
+        [sys.executable, "-c", script, str(cfg_file)], cwd=root, capture_output=True, text=True, timeout=60
+    )
+    assert p.returncode == 0, p.stderr
+    assert _armed_rrns(config) == ["000000000001", "000000000002", "000000000003"]
+    assert [d.idempotency_key for d in _stored(config)] == ["k1", "k2", "k3"]
+
+
 def test_signals_to_the_process_group_leave_the_child_to_the_switch(config) -> None:
     import os
     import signal
