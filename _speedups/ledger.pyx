@@ -333,3 +333,4 @@ cdef class KeyFilterStage:
             if self._has(key):
                 out.append(key)
         return out
+

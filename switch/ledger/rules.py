@@ -168,6 +168,9 @@ class Book:
     def apply(
         self, seq: int, kind: EntryKind, rrn: str, original_rrn: str, amount: int, currency: str
     ) -> None:
+        """Apply one entry, or raise LedgerRejected having changed NOTHING: every check comes before
+        the first change (the writer accepts one-draft submissions without an undo journal on this;
+        tests/ledger/test_rules_atomic.py holds it)."""
         if kind in PLAIN_STARTING_KINDS:  # the general path below, for these kinds only
             if amount <= 0:
                 raise RuleViolation(f"a {kind} entry needs a positive amount")

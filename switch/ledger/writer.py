@@ -317,6 +317,9 @@ class LedgerWriter:
             if self._reader is not None:
                 self._reader.close()
             raise
+        start_checkpoints = getattr(backend, "start_background_checkpoints", None)
+        if start_checkpoints is not None:  # SQLite: WAL checkpoints off the commit path
+            start_checkpoints()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -655,47 +658,9 @@ class LedgerWriter:
             self._fail_batch(subs, exc)
             return
 
-        seq = self._frontier.size
         new: list[tuple[int, EntryDraft, bytes]] = []
         # Keys seen: the stored ones, then this batch's (a repeat inside one batch returns the first).
-        batch_keys: dict[str, tuple[int, bytes]] = existing
-        apply = book.apply
-        for sub in subs:
-            # A submission checked again after the in-flight batch failed (_after_failed_drain) must
-            # not keep the first check's outcome: an old refusal next to new entries would tell the
-            # caller "refused" for a posting that is written.
-            sub.entries = sub.error = None
-            start_seq, start_new = seq, len(new)
-            added: list[str] = []
-            out: list[Entry] = []
-            book.begin()
-            try:
-                for d, body in zip(sub.drafts, sub.bodies):
-                    key = d.idempotency_key
-                    hit = batch_keys.get(key)
-                    if hit is not None:
-                        if hit[1] != body:
-                            raise IdempotencyConflict(
-                                f"idempotency key {key!r} was used for a different entry (seq {hit[0]})"
-                            )
-                        out.append(Entry(seq=hit[0], draft=d))
-                        continue
-                    apply(seq, d.kind, d.rrn, d.original_rrn, d.amount_minor, d.currency)
-                    batch_keys[key] = (seq, body)
-                    added.append(key)
-                    out.append(Entry(seq=seq, draft=d))
-                    new.append((seq, d, body))
-                    seq += 1
-            except (LedgerRejected, IdempotencyConflict) as exc:
-                book.rollback()
-                seq = start_seq
-                del new[start_new:]
-                for key in added:
-                    del batch_keys[key]
-                sub.error = exc
-                continue
-            book.commit()
-            sub.entries = out
+        accept(subs, existing, book, self._frontier.size, new)
 
         rows: BatchRows | None = None
         if new:
@@ -882,3 +847,91 @@ def _build_rows_py(
                 first_seq[k] = seq
             running[k] = bal + (p.amount_minor if p.side is _DEBIT else -p.amount_minor)
             last_seq[k] = seq
+
+
+def accept(
+    subs: list[_Submission],
+    batch_keys: dict[str, tuple[int, bytes]],
+    book: Book,
+    seq: int,
+    new: list[tuple[int, EntryDraft, bytes]],
+) -> int:
+    """Check each submission against `book` and the keys seen (`batch_keys`: stored ones, then this
+    batch's; a repeat returns the original); set its entries or its error; append the accepted
+    drafts to `new` as (seq, draft, body); return the next seq. A one-draft submission needs no
+    undo journal: Book.apply raises before it changes anything, so a refused draft leaves the book
+    as it was."""
+    apply = book.apply
+    for sub in subs:
+        # A submission checked again after the in-flight batch failed (_after_failed_drain) must
+        # not keep the first check's outcome: an old refusal next to new entries would tell the
+        # caller "refused" for a posting that is written.
+        sub.entries = sub.error = None
+        drafts = sub.drafts
+        if len(drafts) != 1:
+            seq = accept_several(sub, batch_keys, book, seq, new)
+            continue
+        d = drafts[0]
+        body = sub.bodies[0]
+        key = d.idempotency_key
+        hit = batch_keys.get(key)
+        if hit is not None:
+            if hit[1] != body:
+                sub.error = _conflict(key, hit[0])
+            else:
+                sub.entries = [Entry(seq=hit[0], draft=d)]
+            continue
+        try:
+            apply(seq, d.kind, d.rrn, d.original_rrn, d.amount_minor, d.currency)
+        except LedgerRejected as exc:
+            sub.error = exc
+            continue
+        batch_keys[key] = (seq, body)
+        sub.entries = [Entry(seq=seq, draft=d)]
+        new.append((seq, d, body))
+        seq += 1
+    return seq
+
+
+def _conflict(key: str, seq: int) -> IdempotencyConflict:
+    return IdempotencyConflict(f"idempotency key {key!r} was used for a different entry (seq {seq})")
+
+
+def accept_several(
+    sub: _Submission,
+    batch_keys: dict[str, tuple[int, bytes]],
+    book: Book,
+    seq: int,
+    new: list[tuple[int, EntryDraft, bytes]],
+) -> int:
+    """`accept` for a submission of several drafts: all of them or none (the book's undo journal)."""
+    start_seq, start_new = seq, len(new)
+    added: list[str] = []
+    out: list[Entry] = []
+    apply = book.apply
+    book.begin()
+    try:
+        for d, body in zip(sub.drafts, sub.bodies):
+            key = d.idempotency_key
+            hit = batch_keys.get(key)
+            if hit is not None:
+                if hit[1] != body:
+                    raise _conflict(key, hit[0])
+                out.append(Entry(seq=hit[0], draft=d))
+                continue
+            apply(seq, d.kind, d.rrn, d.original_rrn, d.amount_minor, d.currency)
+            batch_keys[key] = (seq, body)
+            added.append(key)
+            out.append(Entry(seq=seq, draft=d))
+            new.append((seq, d, body))
+            seq += 1
+    except (LedgerRejected, IdempotencyConflict) as exc:
+        book.rollback()
+        del new[start_new:]
+        for key in added:
+            del batch_keys[key]
+        sub.error = exc
+        return start_seq
+    book.commit()
+    sub.entries = out
+    return seq
