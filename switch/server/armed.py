@@ -17,18 +17,10 @@ stops with a clear error.
 Releases are written without waiting for the fsync (synchronous=NORMAL for that transaction): a release
 lost in a crash only leaves a spurious armed row, which recovery resolves against the ledger. Arms
 always wait for the fsync (synchronous=FULL).
-
-WAL checkpoints run on a thread of their own (own connection, PASSIVE, every CHECKPOINT_INTERVAL_S while
-there were writes), not inside a commit: SQLite's automatic checkpoint runs in the COMMIT that crosses
-1,000 WAL pages, copying them into the database file and fsyncing it, so every ~1,000 pages one group of
-arms (and every request waiting on it) paid for all of them. The automatic checkpoint stays as a
-safety net at AUTOCHECKPOINT_PAGES, should the thread fall that far behind. A checkpoint moves
-committed pages only: what an arm's commit made durable (its fsynced WAL frames) stays durable.
 """
 
 from __future__ import annotations
 
-import logging
 import sqlite3
 import threading
 from collections.abc import Iterable, Mapping
@@ -38,14 +30,8 @@ from typing import Any
 from switch.codec.keys import Kek
 from switch.codec.sealing import FieldSealer, SealingError, decode_legacy, is_legacy, row_context
 
-log = logging.getLogger(__name__)
-
 #: Purpose of this store's data keys (each store derives its own).
 SEAL_PURPOSE = "armed"
-#: How often the checkpoint thread copies the WAL into the database file (when there were writes).
-CHECKPOINT_INTERVAL_S = 0.25
-#: WAL pages at which a commit checkpoints by itself anyway (the thread fell behind or stopped).
-AUTOCHECKPOINT_PAGES = 20_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS armed (
@@ -87,51 +73,10 @@ class ArmedStore:
         except (sqlite3.Error, OSError, SealingError) as exc:
             raise ArmedStoreError(f"armed reversals file {self.path}: {exc}") from None
         self._lock = threading.Lock()
-        self._writes = 0  # transactions written (the checkpoint thread runs when it moved)
-        self._checkpointer: threading.Thread | None = None
-        self._stop_checkpoints = threading.Event()
 
     def close(self) -> None:
-        self._stop_checkpoints.set()
-        if self._checkpointer is not None:
-            self._checkpointer.join()
         with self._lock:
             self._conn.close()
-
-    def _wrote(self) -> None:
-        """After a write transaction (under self._lock): start the checkpoint thread on the first."""
-        self._writes += 1
-        if self._checkpointer is None and self.path != ":memory:":
-            self._conn.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
-            self._checkpointer = threading.Thread(
-                target=self._checkpoint_loop, name="armed-checkpoint", daemon=True
-            )
-            self._checkpointer.start()
-
-    def _checkpoint_loop(self) -> None:
-        try:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
-            log.error("armed reversals file %s: no checkpoint connection: %s", self.path, exc)
-            return
-        done = 0
-        try:
-            while not self._stop_checkpoints.wait(CHECKPOINT_INTERVAL_S):
-                writes = self._writes
-                if writes == done:
-                    continue
-                try:
-                    # Most pages are copied while commits go on; the few written meanwhile under the
-                    # store's lock, so the checkpoint is complete and the next commit starts the WAL
-                    # over (a checkpoint that never completes lets the WAL file grow without end).
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                    with self._lock:
-                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                    done = writes
-                except sqlite3.Error as exc:  # the next interval tries again; commits are unaffected
-                    log.warning("armed reversals file %s: checkpoint failed: %s", self.path, exc)
-        finally:
-            conn.close()
 
     def arm_many(self, items: Iterable[tuple[str, str, Mapping[str, Any] | None]], now_ms: int) -> None:
         """Store (acquirer, rrn, reversal fields) durably; returns after the fsync."""
@@ -196,7 +141,6 @@ class ArmedStore:
                 except BaseException:
                     conn.execute("ROLLBACK")
                     raise
-                self._wrote()
             except sqlite3.Error as exc:
                 raise ArmedStoreError(f"armed reversals file {self.path}: {exc}") from None
 
@@ -226,7 +170,6 @@ class ArmedStore:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-            self._wrote()
         except sqlite3.Error as exc:
             raise ArmedStoreError(f"armed reversals file {self.path}: {exc}") from None
 
