@@ -119,10 +119,13 @@ class LedgerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: tables in one sorted run (switch.ledger.backend, "Why index runs"); lookups scan at most
     #: about this many tail entries, and the writer keeps their keys in memory.
     index_run_entries: int = 20_000
-    #: Commit batch k on a second thread while batch k+1 is checked (switch.ledger.writer, "Pipeline").
-    #: Off by default: it pays off only with a core to spare; on the loaded 2-core machine it cost more
-    #: CPU per entry than it saved (docs/performance.md, "Ledger"). bench/ledger.py --pipeline compares.
+    #: Commit batch k on a second thread while batch k+1 is checked (switch.ledger.writer, "Pipeline"),
+    #: for batches of at least `pipeline_min_batch_entries`; smaller ones commit in line (under light
+    #: load a hand-off to another thread per batch costs more than the overlap saves).
+    #: Off by default: on the shared 2-core machine its gain stayed within run-to-run noise
+    #: (docs/performance.md, "Ledger"); bench/ledger.py --pipeline compares.
     commit_pipeline: bool = False
+    pipeline_min_batch_entries: int = 64
     #: Environment variable / file holding the checkpoint signing key (hex). Never logged.
     checkpoint_key_env: str = "SWITCH_CHECKPOINT_KEY"
     checkpoint_key_file: str = ""

@@ -44,9 +44,12 @@ an overlay, its balances in the cache, its leaves in the frontier. Batch k+1 is 
 committer only after k is durable, so nothing is ever acknowledged before everything it was checked
 against is durable. If k fails, its callers fail, the writer reloads its state from storage and
 checks batch k+1 again from scratch (its callers are not failed for k's fault). Index runs, the
-final checkpoint and reloads happen only with nothing in flight. Off unless
-`LedgerConfig.commit_pipeline` (it needs a spare core to pay off); a backend without `open_reader`
-(or an in-memory SQLite) always commits in line.
+final checkpoint and reloads happen only with nothing in flight. Only batches of at least
+`LedgerConfig.pipeline_min_batch_entries` go to the committer: under light load batches are small,
+the next one is rarely waiting, and a thread hand-off per batch costs the CPU the overlap was to save
+(batch k+1 committed in line first waits for k, so callers are still answered in batch order).
+`commit_pipeline = False` commits every batch in line; so does a backend without `open_reader` (or
+an in-memory SQLite).
 """
 
 from __future__ import annotations
@@ -281,6 +284,7 @@ class LedgerWriter:
         self._max_queue = cfg.max_queue_entries
         self._checkpoint_every = cfg.checkpoint_every_entries
         self._run_entries = cfg.index_run_entries
+        self._pipeline_min = cfg.pipeline_min_batch_entries
         self._watermark = 0
         self._tail: dict[str, tuple[int, bytes]] = {}
         #: Keys of the run in flight on the indexer (seq in [_watermark, _run_to)).
@@ -676,7 +680,7 @@ class LedgerWriter:
         if not self._drain():  # batch k failed: this one was checked against it
             self._after_failed_drain(subs)
             return
-        committer = self._committer
+        committer = self._committer if len(new) >= self._pipeline_min else None
         if rows is None:
             if committer is None:
                 self._answer(subs)

@@ -142,6 +142,7 @@ def main() -> int:
     ap.add_argument("--max-seconds", type=float, default=DEFAULT_MAX_SECONDS)
     ap.add_argument("--index-run-entries", type=int, default=500, help="small: kills land around index runs")
     ap.add_argument("--pipeline", action="store_true", help="LedgerConfig.commit_pipeline")
+    ap.add_argument("--pipeline-min", type=int, default=1, help="LedgerConfig.pipeline_min_batch_entries")
     args = ap.parse_args()
     die_with_parent()
 
@@ -153,6 +154,7 @@ def main() -> int:
         checkpoint_every_entries=args.checkpoint_every,
         index_run_entries=args.index_run_entries,
         commit_pipeline=args.pipeline,
+        pipeline_min_batch_entries=args.pipeline_min,
     )
     fd = os.open(args.acks, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     writer = LedgerWriter(open_backend(args.backend, args.target), signing_key=key, config=cfg)

@@ -206,7 +206,11 @@ def _seed(default: int) -> int:
     return int(os.environ.get("CRASH_SEED", default))
 
 
-@pytest.mark.parametrize(("seed", "extra"), [(101, ()), (202, ()), (303, ("--pipeline",))])
+@pytest.mark.parametrize(
+    ("seed", "extra"),
+    # in line; pipelined from 50 entries (batches are up to 100: both paths, in turns); always pipelined
+    [(101, ()), (202, ("--pipeline", "--pipeline-min", "50")), (303, ("--pipeline",))],
+)
 def test_sqlite_survives_sigkill(tmp_path: Path, seed: int, extra: tuple[str, ...]) -> None:
     _crash_rounds("sqlite", str(tmp_path / "ledger.db"), 10, tmp_path, _seed(seed), *extra)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -66,16 +67,16 @@ def test_fresh_keys_skip_the_indexed_lookup_and_repeats_still_find_their_origina
     ledger_backend: LedgerDb, signing_key: Ed25519PrivateKey
 ) -> None:
     cfg = LedgerConfig(batch_window_ms=0, max_batch_entries=50, index_run_entries=40)
-    backend = ledger_backend.open()
+    w = LedgerWriter(ledger_backend.open(), signing_key=signing_key, config=cfg)
+    lookups: Any = w._reader or w._backend  # the pipeline's read connection, if it has one
     asked: list[str] = []
-    lookup = backend.find_idempotency_indexed
+    lookup = lookups.find_idempotency_indexed
 
     def counting_lookup(keys: list[str]) -> dict[str, tuple[int, bytes]]:
         asked.extend(keys)
         return lookup(keys)
 
-    backend.find_idempotency_indexed = counting_lookup  # type: ignore[method-assign]
-    w = LedgerWriter(backend, signing_key=signing_key, config=cfg)
+    lookups.find_idempotency_indexed = counting_lookup
     try:
         for lo in range(0, 400, 50):
             w.append([_sale(i) for i in range(lo, lo + 50)])  # type: ignore[misc]

@@ -78,10 +78,45 @@ def writer(ledger_backend: LedgerDb, signing_key: Ed25519PrivateKey) -> Any:
     w = LedgerWriter(
         ledger_backend.open(),
         signing_key=signing_key,
-        config=LedgerConfig(batch_window_ms=0, commit_pipeline=True),
+        config=LedgerConfig(batch_window_ms=0, commit_pipeline=True, pipeline_min_batch_entries=1),
     )
     yield w
     w.close()
+
+
+@pytest.mark.parametrize("fail_first", [False, True], ids=["k-durable", "k-fails"])
+def test_a_small_batch_commits_in_line_after_the_large_one_in_flight(
+    ledger_backend: LedgerDb, signing_key: Ed25519PrivateKey, fail_first: bool
+) -> None:
+    """Batches under pipeline_min_batch_entries commit on the writer's thread, but only after the
+    batch in flight: answered after it, and checked again if it failed."""
+    w = LedgerWriter(ledger_backend.open(), signing_key=signing_key,
+                     config=LedgerConfig(batch_window_ms=0, commit_pipeline=True,
+                                        pipeline_min_batch_entries=2))  # fmt: skip
+    order: list[str] = []
+    try:
+        gate = Gate(w, fail_first=fail_first)
+        sales, refund = Answer(), Answer()
+        w.submit([draft("s1", K.PURCHASE, "R1", 1_000), draft("s2", K.PURCHASE, "R2", 50)],
+                 lambda e, x: (order.append("sales"), sales(e, x)))  # fmt: skip
+        assert gate.in_flight.wait(WAIT_S), "two entries: the pipelined path"
+        w.submit([draft("r", K.REFUND, "F1", 400, "R1")], lambda e, x: (order.append("refund"), refund(e, x)))
+        sales.wait()
+        refund.wait()
+        assert order == ["sales", "refund"]
+        if fail_first:
+            assert isinstance(sales.error, LedgerStorageError)
+            assert isinstance(refund.error, OriginalNotFound), "checked again without the failed sale"
+        else:
+            assert sales.error is None and refund.error is None
+            assert [e.seq for e in refund.entries or []] == [2]
+    finally:
+        w.close()
+    be = ledger_backend.open()
+    try:
+        assert be.entry_count() == (0 if fail_first else 3)
+    finally:
+        be.close()
 
 
 def test_a_refund_of_a_sale_still_committing_is_accepted(
@@ -190,7 +225,8 @@ def test_a_writer_that_cannot_open_its_indexer_leaves_no_thread_or_connection(
     backend.open_reader, backend.open_indexer = open_reader, open_indexer
     before = {t.name for t in threading.enumerate()}
     with pytest.raises(LedgerStorageError, match="too many connections"):
-        LedgerWriter(backend, signing_key=signing_key, config=LedgerConfig(commit_pipeline=True))
+        LedgerWriter(backend, signing_key=signing_key,
+                     config=LedgerConfig(commit_pipeline=True, pipeline_min_batch_entries=1))  # fmt: skip
     assert len(readers) == 1
     assert not [t for t in threading.enumerate() if t.name not in before and t.is_alive()]
     assert closed == readers, "the reader connection was closed"
