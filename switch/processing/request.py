@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from switch.codec.masking import masked_repr
 from switch.processing import codes
 
 
@@ -47,6 +48,8 @@ MAX_AMOUNT_DIGITS = 12
 
 class Request(msgspec.Struct, kw_only=True):
     """A terminal request the core understood. `pan` lives only as long as the request is processed."""
+
+    __repr__ = masked_repr  # msgspec's own repr would print the PAN and its expiry
 
     flow: Flow
     mti: str
@@ -314,7 +317,7 @@ def check_card(req: Request, now_ms: int, max_amount_minor: int) -> None:
         exp_year = 2000 + int(req.expiry_yymm[:2])
         exp_month = int(req.expiry_yymm[2:])
         if (exp_year, exp_month) < (year, month):
-            raise Decline(codes.EXPIRED_CARD, f"card expired {req.expiry_yymm[2:]}/{req.expiry_yymm[:2]}")
+            raise Decline(codes.EXPIRED_CARD, "card expired")  # the date would go to logs and the ledger
     if req.flow is not Flow.INQUIRY and req.amount_minor <= 0:
         raise Decline(codes.INVALID_AMOUNT, "amount must be positive")
     if req.amount_minor > max_amount_minor:

@@ -255,3 +255,14 @@ def test_terminal_amount_errors_do_not_echo_a_card_number() -> None:
         assert not leaks(exception_texts(info.value)), (typed, str(info.value))
     with pytest.raises(ValueError, match=r"amount '1\.234' has more than 2 decimals"):
         parse_amount("1.234")  # a plain amount is still quoted
+
+
+def test_a_request_repr_and_an_expired_card_decline_hold_no_card_data() -> None:
+    """A parsed request's repr shows the PAN masked; the expired-card decline (logged, and kept for
+    ever as the decline entry's memo) does not carry the card's expiry date."""
+    req = parse(dict(base(**{"14": "2001"})))
+    assert PAN not in repr(req) and PAN[:6] in repr(req)
+    with pytest.raises(Decline) as info:
+        check_card(req, NOW_MS, 10**9)
+    assert not leaks(exception_texts(info.value))
+    assert "2001" not in str(info.value) and "01/20" not in str(info.value)

@@ -32,6 +32,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from switch.codec.masking import scrub_text
 from switch.config import AdminConfig, MerchantServicesConfig
 from switch.merchant import settlement
 from switch.merchant.deposit import DepositEvaluation
@@ -266,7 +267,7 @@ def build_app(
             except RegistryError as exc:
                 return _error(422, str(exc))
             except Exception:
-                log.exception("admin %s %s failed", method, path)
+                log.exception("admin %s %s failed", method, scrub_text(path))  # an id may be a PAN
                 return _error(500, "internal error (see the switch log)")
             return result if isinstance(result, Response) else _json(result)
 
