@@ -389,6 +389,10 @@ class LedgerBackend(Protocol):
         """Every idempotency key in the key index, in chunks (the writer's key filter, at start)."""
         ...
 
+    def entry_rrns(self) -> Iterator[str]:
+        """Every rrn and original_rrn of the entries, in chunks (the writer's rrn filter, at start)."""
+        ...
+
     def write_index_run(self, from_seq: int, to_seq: int, at_ms: int) -> None:
         """Index entries [from_seq, to_seq) in ONE transaction (sorted inserts); from_seq must be the
         watermark. Durable when it returns; on failure nothing of it is visible."""
@@ -573,20 +577,28 @@ class SqlBackend(abc.ABC):
         return int(self._all(f"SELECT {WATERMARK_SQL}")[0][0])
 
     def indexed_keys(self) -> Iterator[str]:
-        """Keyset pages of INDEXED_KEYS_PAGE keys in primary-key order: memory stays flat however large
-        the index, and no statement stays open between pages."""
+        return self._distinct_values("key_index", "idempotency_key")
+
+    def entry_rrns(self) -> Iterator[str]:
+        yield from self._distinct_values("entries", "rrn")
+        yield from self._distinct_values("entries", "original_rrn", "original_rrn <> ''")
+
+    def _distinct_values(self, table: str, column: str, where: str = "") -> Iterator[str]:
+        """The distinct values of an indexed column, in keyset pages of INDEXED_KEYS_PAGE in index
+        order: memory stays flat however large the table, and no statement stays open between pages."""
         p = self.dialect.placeholder
-        rows = self._all(f"SELECT idempotency_key FROM key_index ORDER BY idempotency_key LIMIT {p}",
-                         (INDEXED_KEYS_PAGE,))  # fmt: skip
+        cond = f"{where} AND " if where else ""
+        rows = self._all(f"SELECT DISTINCT {column} FROM {table} {'WHERE ' + where if where else ''} "
+                         f"ORDER BY {column} LIMIT {p}", (INDEXED_KEYS_PAGE,))  # fmt: skip
         while rows:
-            keys = [str(r[0]) for r in rows]
-            yield from keys
+            values = [str(r[0]) for r in rows]
+            yield from values
             if len(rows) < INDEXED_KEYS_PAGE:
                 return
             rows = self._all(
-                f"SELECT idempotency_key FROM key_index WHERE idempotency_key > {p} "
-                f"ORDER BY idempotency_key LIMIT {p}",
-                (keys[-1], INDEXED_KEYS_PAGE),
+                f"SELECT DISTINCT {column} FROM {table} WHERE {cond}{column} > {p} "
+                f"ORDER BY {column} LIMIT {p}",
+                (values[-1], INDEXED_KEYS_PAGE),
             )
 
     def tail_keys(self, from_seq: int) -> list[tuple[str, int, bytes]]:

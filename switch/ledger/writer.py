@@ -300,6 +300,9 @@ class LedgerWriter:
         self._balances: dict[tuple[str, str], int] = {}
         #: Every key ever committed (filled from the index at start): see switch.ledger.keyfilter.
         self._key_filter: KeyFilter | None = None
+        #: Every rrn and original_rrn ever committed: a batch asks storage only for the transaction
+        #: families of rrns that may exist (a fresh purchase's rrn never does).
+        self._rrn_filter: KeyFilter | None = None
         self._load_state()
         open_reader = getattr(backend, "open_reader", None) if cfg.commit_pipeline else None
         #: Lookups while a batch is in flight (None: no pipeline, commits in line).
@@ -481,9 +484,11 @@ class LedgerWriter:
             key_filter = KeyFilter(expected_keys=size)
             key_filter.add_all(b.indexed_keys())
             key_filter.add_all(self._tail)
-            self._key_filter = key_filter
+            rrn_filter = KeyFilter(expected_keys=size)
+            rrn_filter.add_all(b.entry_rrns())
+            self._key_filter, self._rrn_filter = key_filter, rrn_filter
             if size >= 1_000_000:
-                log.info("ledger key filter: %d keys in %.1f s", key_filter.count, time.monotonic() - started)
+                log.info("ledger key and rrn filters: %d entries in %.1f s", size, time.monotonic() - started)
 
     def _index_run(self) -> None:
         """Index the tail in one sorted run, in line (see the module docstring). Raises only past
@@ -596,7 +601,9 @@ class LedgerWriter:
     def _txn_rows(self, rrns: set[str]) -> list[TxnRow]:
         """Stored transaction rows of `rrns` (read connection) plus the in-flight batch's."""
         reader = self._reader if self._reader is not None else self._backend
-        rows = reader.txn_rows(rrns)
+        assert self._rrn_filter is not None
+        maybe = self._rrn_filter.maybe_present(list(rrns))
+        rows = reader.txn_rows(maybe) if maybe else []
         overlay = self._overlay
         if overlay:
             rows.extend(t for t in overlay if t.rrn in rrns or (t.original_rrn and t.original_rrn in rrns))
@@ -698,8 +705,10 @@ class LedgerWriter:
         tail = self._tail
         for seq, d, body in new:
             tail[d.idempotency_key] = (seq, body)
-        assert self._key_filter is not None
+        assert self._key_filter is not None and self._rrn_filter is not None
         self._key_filter.add_all(d.idempotency_key for _, d, _ in new)  # before any index run has them
+        self._rrn_filter.add_all(d.rrn for _, d, _ in new)
+        self._rrn_filter.add_all(d.original_rrn for _, d, _ in new if d.original_rrn)
         if len(self._balances) + len(balances) > MAX_CACHED_BALANCES:
             self._balances.clear()
         self._balances.update(balances)

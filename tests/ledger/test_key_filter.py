@@ -14,6 +14,7 @@ from switch.config import LedgerConfig
 from switch.ledger import fast, keyfilter
 from switch.ledger.keyfilter import KeyFilter
 from switch.ledger.model import EntryKind, IdempotencyConflict
+from switch.ledger.rules import LedgerRejected
 from switch.ledger.writer import LedgerWriter
 from tests.ledger.conftest import LedgerDb
 from tests.ledger.drafts import draft
@@ -96,5 +97,41 @@ def test_fresh_keys_skip_the_indexed_lookup_and_repeats_still_find_their_origina
     try:
         assert w.append([_sale(3)])[0].seq == 3  # type: ignore[list-item]
         assert w.append([_sale(400)])[0].seq == 400  # type: ignore[list-item]
+    finally:
+        w.close()
+
+
+def test_fresh_rrns_skip_the_family_lookup_and_refunds_still_find_their_sale(
+    ledger_backend: LedgerDb, signing_key: Ed25519PrivateKey
+) -> None:
+    cfg = LedgerConfig(batch_window_ms=0, max_batch_entries=50, index_run_entries=40)
+    w = LedgerWriter(ledger_backend.open(), signing_key=signing_key, config=cfg)
+    lookups: Any = w._reader or w._backend
+    asked: list[str] = []
+    txn_rows = lookups.txn_rows
+
+    def counting_txn_rows(rrns: Any) -> Any:
+        rrns = list(rrns)
+        asked.extend(rrns)
+        return txn_rows(rrns)
+
+    lookups.txn_rows = counting_txn_rows
+    try:
+        for lo in range(0, 200, 50):
+            w.append([_sale(i) for i in range(lo, lo + 50)])  # type: ignore[misc]
+        assert len(asked) < 20, f"{len(asked)} of 200 fresh rrns went to storage"
+        refund = draft("refund-7", EntryKind.REFUND, "F7", 60, f"{7:012d}")
+        assert w.append([refund])[0].seq == 200
+        assert f"{7:012d}" in asked, "an rrn that exists is always asked of storage"
+    finally:
+        w.close()
+
+    w = LedgerWriter(ledger_backend.open(), signing_key=signing_key, config=cfg)
+    try:  # after a restart the filter is refilled from the entries: the refund is still capped
+        with pytest.raises(LedgerRejected):
+            w.append([draft("refund-7b", EntryKind.REFUND, "F7B", 41, f"{7:012d}")])
+        assert (
+            w.append([draft("refund-7c", EntryKind.REFUND, "F7C", 40, f"{7:012d}")])[0].seq == 201
+        )
     finally:
         w.close()
