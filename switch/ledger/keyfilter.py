@@ -24,10 +24,15 @@ same bits.
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections.abc import Iterable
 from typing import Any, Protocol
 
 from switch.ledger import fast
+
+log = logging.getLogger(__name__)
 
 BITS_PER_KEY = 10
 PROBES = 7
@@ -125,3 +130,125 @@ class KeyFilter:
         for stage in stages:
             maybe.update(stage.filter(keys))
         return [k for k in keys if k in maybe]
+
+
+class LedgerFilters:
+    """The writer's two filters -- idempotency keys in the key index, rrns and original_rrns of the
+    entries -- built in the background at start.
+
+    Why in the background: filling them reads every key and rrn of the ledger, ~2 s per million
+    entries; done before the first batch, a restart of a large ledger would keep terminals waiting
+    for minutes. Until they are ready every key and rrn is passed on to the lookups (exact, only
+    slower), and what the writer commits meanwhile is kept in a pending list.
+
+    Why that is complete: the build reads the key index at some moment after start, which holds every
+    key below the watermark at start; the tail's keys at start are given to it; everything committed
+    after start is in the pending list, added before the filters are used. The rrn filter reads the
+    entries themselves (every entry committed up to its snapshot) plus the same pending list.
+    `source` is a connection of the builder's own (closed when done), or None to build in line
+    from `inline` (an in-memory ledger, small by nature)."""
+
+    def __init__(self, source: Any, inline: Any, tail_keys: Iterable[str], expected: int) -> None:
+        self._tail_keys = list(tail_keys)
+        self._expected = expected
+        self.keys: KeyFilter | None = None
+        self.rrns: KeyFilter | None = None
+        self._pending_keys: list[str] = []
+        self._pending_rrns: list[str] = []
+        self._built: tuple[KeyFilter, KeyFilter] | None = None
+        self._error: BaseException | None = None
+        self._stop = False
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        if source is None:
+            self._build(inline)
+            self._done.set()
+            self.poll()
+            return
+        self._thread = threading.Thread(target=self._run, args=(source,), name="ledger-filters", daemon=True)
+        self._thread.start()
+
+    @property
+    def ready(self) -> bool:
+        return self.keys is not None
+
+    def wait_built(self, timeout_s: float) -> bool:
+        """Wait for the background build to end (built or failed); the writer adopts at its next batch."""
+        return self._done.wait(timeout_s) and self._built is not None
+
+    def keys_maybe_indexed(self, keys: list[str]) -> list[str]:
+        return keys if self.keys is None else self.keys.maybe_present(keys)
+
+    def rrns_maybe_stored(self, rrns: list[str]) -> list[str]:
+        return rrns if self.rrns is None else self.rrns.maybe_present(rrns)
+
+    def add(self, keys: Iterable[str], rrns: Iterable[str]) -> None:
+        """Committed (or about to be): from now on they may be found."""
+        if self.keys is None or self.rrns is None:
+            self._pending_keys.extend(keys)
+            self._pending_rrns.extend(rrns)
+            return
+        self.keys.add_all(keys)
+        self.rrns.add_all(rrns)
+
+    def poll(self) -> None:
+        """On the writer's thread, between batches: adopt the filters once built."""
+        built = self._built
+        if built is None or self.keys is not None:
+            if self._error is not None:
+                log.warning("ledger filters not built (lookups stay exact, only slower): %s", self._error)
+                self._error = None
+            return
+        keys, rrns = built
+        keys.add_all(self._pending_keys)
+        rrns.add_all(self._pending_rrns)
+        self._pending_keys, self._pending_rrns = [], []
+        self.keys, self.rrns = keys, rrns
+
+    def close(self) -> None:
+        self._stop = True
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self, source: Any) -> None:
+        try:
+            self._build(source)
+        except BaseException as exc:  # the writer logs it; lookups stay exact without filters
+            self._error = exc
+        finally:
+            self._done.set()
+            try:
+                source.close()
+            except Exception:
+                log.exception("closing the ledger filters' connection failed")
+
+    def _build(self, source: Any) -> None:
+        started = time.monotonic()
+        keys, rrns = KeyFilter(self._expected), KeyFilter(self._expected)
+        for name, target, values in (
+            ("keys", keys, source.indexed_keys()),
+            ("rrns", rrns, source.entry_rrns()),
+        ):
+            for page in _pages(values, 50_000):
+                if self._stop:
+                    return
+                target.add_all(page)
+            log.debug("ledger %s filter: %d values", name, target.count)
+        keys.add_all(self._tail_keys)
+        self._tail_keys = []
+        self._built = (keys, rrns)
+        if self._expected >= 1_000_000:
+            log.info(
+                "ledger filters built over %d entries in %.1f s", self._expected, time.monotonic() - started
+            )
+
+
+def _pages(values: Iterable[str], size: int) -> Iterable[list[str]]:
+    page: list[str] = []
+    for v in values:
+        page.append(v)
+        if len(page) >= size:
+            yield page
+            page = []
+    if page:
+        yield page

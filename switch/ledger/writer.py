@@ -68,7 +68,7 @@ from switch.config import LedgerConfig
 from switch.ledger import fast
 from switch.ledger.backend import NODE_MIN_LEVEL, BatchRows, LedgerBackend, TxnRow
 from switch.ledger.codec import ENTRY_FORMAT
-from switch.ledger.keyfilter import KeyFilter
+from switch.ledger.keyfilter import LedgerFilters
 from switch.ledger.keys import sign_checkpoint
 from switch.ledger.merkle import Frontier
 from switch.ledger.model import Entry, EntryDraft, IdempotencyConflict, Side
@@ -298,11 +298,10 @@ class LedgerWriter:
         self._frontier = Frontier(NODE_MIN_LEVEL)
         self._checkpointed_size = 0
         self._balances: dict[tuple[str, str], int] = {}
-        #: Every key ever committed (filled from the index at start): see switch.ledger.keyfilter.
-        self._key_filter: KeyFilter | None = None
-        #: Every rrn and original_rrn ever committed: a batch asks storage only for the transaction
-        #: families of rrns that may exist (a fresh purchase's rrn never does).
-        self._rrn_filter: KeyFilter | None = None
+        #: Every key and every rrn / original_rrn ever committed, as Bloom filters built in the
+        #: background at start (switch.ledger.keyfilter): a batch asks storage only for keys and
+        #: transaction families that may exist (a fresh purchase's never do).
+        self._filters: LedgerFilters | None = None
         self._load_state()
         open_reader = getattr(backend, "open_reader", None) if cfg.commit_pipeline else None
         #: Lookups while a batch is in flight (None: no pipeline, commits in line).
@@ -319,6 +318,8 @@ class LedgerWriter:
                 self._indexer = _Indexer(indexer_backend, f"{name}-indexer")
         except BaseException:
             # E.g. PostgreSQL refused the indexer's connection: leave no thread or connection behind.
+            if self._filters is not None:
+                self._filters.close()
             if self._committer is not None:
                 self._committer.close()
             if self._reader is not None:
@@ -479,16 +480,10 @@ class LedgerWriter:
         if size - self._watermark >= self._run_entries:  # e.g. a ledger upgraded from schema 1
             self._index_run()
         self._tail = {key: (seq, body) for key, seq, body in b.tail_keys(self._watermark)}
-        if self._key_filter is None:  # once: afterwards every committed key is added as it commits
-            started = time.monotonic()
-            key_filter = KeyFilter(expected_keys=size)
-            key_filter.add_all(b.indexed_keys())
-            key_filter.add_all(self._tail)
-            rrn_filter = KeyFilter(expected_keys=size)
-            rrn_filter.add_all(b.entry_rrns())
-            self._key_filter, self._rrn_filter = key_filter, rrn_filter
-            if size >= 1_000_000:
-                log.info("ledger key and rrn filters: %d entries in %.1f s", size, time.monotonic() - started)
+        if self._filters is None:  # once: afterwards every committed key is added as it commits
+            open_reader = getattr(b, "open_reader", None)
+            source = open_reader() if open_reader is not None else None
+            self._filters = LedgerFilters(source, b, self._tail, size)
 
     def _index_run(self) -> None:
         """Index the tail in one sorted run, in line (see the module docstring). Raises only past
@@ -560,6 +555,8 @@ class LedgerWriter:
             log.exception("ledger writer stopped")
             self._stop(exc)
         finally:
+            if self._filters is not None:
+                self._filters.close()
             if self._committer is not None:
                 self._committer.close()
             if self._indexer is not None:
@@ -601,8 +598,8 @@ class LedgerWriter:
     def _txn_rows(self, rrns: set[str]) -> list[TxnRow]:
         """Stored transaction rows of `rrns` (read connection) plus the in-flight batch's."""
         reader = self._reader if self._reader is not None else self._backend
-        assert self._rrn_filter is not None
-        maybe = self._rrn_filter.maybe_present(list(rrns))
+        assert self._filters is not None
+        maybe = self._filters.rrns_maybe_stored(list(rrns))
         rows = reader.txn_rows(maybe) if maybe else []
         overlay = self._overlay
         if overlay:
@@ -634,6 +631,9 @@ class LedgerWriter:
 
     def _process(self, subs: list[_Submission]) -> None:
         b = self._reader if self._reader is not None else self._backend
+        filters = self._filters
+        assert filters is not None
+        filters.poll()
         try:
             tail = self._tail
             indexing = self._indexing
@@ -649,8 +649,7 @@ class LedgerWriter:
                     else:
                         existing[d.idempotency_key] = hit
             if unknown:
-                assert self._key_filter is not None
-                unknown = self._key_filter.maybe_present(unknown)  # ~1% of fresh keys, every repeat
+                unknown = filters.keys_maybe_indexed(unknown)  # ~1% of fresh keys, every repeat
                 if unknown:
                     existing.update(b.find_idempotency_indexed(unknown))
             rrns: set[str] = set()
@@ -705,10 +704,9 @@ class LedgerWriter:
         tail = self._tail
         for seq, d, body in new:
             tail[d.idempotency_key] = (seq, body)
-        assert self._key_filter is not None and self._rrn_filter is not None
-        self._key_filter.add_all(d.idempotency_key for _, d, _ in new)  # before any index run has them
-        self._rrn_filter.add_all(d.rrn for _, d, _ in new)
-        self._rrn_filter.add_all(d.original_rrn for _, d, _ in new if d.original_rrn)
+        assert self._filters is not None  # before any index run or lookup can need them:
+        self._filters.add([d.idempotency_key for _, d, _ in new],
+                          [r for _, d, _ in new for r in (d.rrn, d.original_rrn) if r])  # fmt: skip
         if len(self._balances) + len(balances) > MAX_CACHED_BALANCES:
             self._balances.clear()
         self._balances.update(balances)

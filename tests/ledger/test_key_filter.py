@@ -4,6 +4,7 @@ a repeat is always looked up; and spares storage the lookup of nearly every fres
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -64,11 +65,17 @@ def _sale(i: int, amount: int = 100) -> object:
     return draft(f"tk:T{i % 5}/M1/{i:06d}:out", EntryKind.PURCHASE, f"{i:012d}", amount, at_ms=1_000 + i)
 
 
+def _filters_built(w: LedgerWriter) -> None:
+    """The filters are built in the background (adopted at the next batch): wait for the build."""
+    assert w._filters is not None and w._filters.wait_built(10), "the ledger filters were never built"
+
+
 def test_fresh_keys_skip_the_indexed_lookup_and_repeats_still_find_their_original(
     ledger_backend: LedgerDb, signing_key: Ed25519PrivateKey
 ) -> None:
     cfg = LedgerConfig(batch_window_ms=0, max_batch_entries=50, index_run_entries=40)
     w = LedgerWriter(ledger_backend.open(), signing_key=signing_key, config=cfg)
+    _filters_built(w)
     lookups: Any = w._reader or w._backend  # the pipeline's read connection, if it has one
     asked: list[str] = []
     lookup = lookups.find_idempotency_indexed
@@ -94,6 +101,7 @@ def test_fresh_keys_skip_the_indexed_lookup_and_repeats_still_find_their_origina
 
     # After a restart the filter is refilled from the index: a repeat is still found.
     w = LedgerWriter(ledger_backend.open(), signing_key=signing_key, config=cfg)
+    _filters_built(w)
     try:
         assert w.append([_sale(3)])[0].seq == 3  # type: ignore[list-item]
         assert w.append([_sale(400)])[0].seq == 400  # type: ignore[list-item]
@@ -106,6 +114,7 @@ def test_fresh_rrns_skip_the_family_lookup_and_refunds_still_find_their_sale(
 ) -> None:
     cfg = LedgerConfig(batch_window_ms=0, max_batch_entries=50, index_run_entries=40)
     w = LedgerWriter(ledger_backend.open(), signing_key=signing_key, config=cfg)
+    _filters_built(w)
     lookups: Any = w._reader or w._backend
     asked: list[str] = []
     txn_rows = lookups.txn_rows
@@ -127,11 +136,55 @@ def test_fresh_rrns_skip_the_family_lookup_and_refunds_still_find_their_sale(
         w.close()
 
     w = LedgerWriter(ledger_backend.open(), signing_key=signing_key, config=cfg)
+    _filters_built(w)
     try:  # after a restart the filter is refilled from the entries: the refund is still capped
         with pytest.raises(LedgerRejected):
             w.append([draft("refund-7b", EntryKind.REFUND, "F7B", 41, f"{7:012d}")])
-        assert (
-            w.append([draft("refund-7c", EntryKind.REFUND, "F7C", 40, f"{7:012d}")])[0].seq == 201
-        )
+        assert w.append([draft("refund-7c", EntryKind.REFUND, "F7C", 40, f"{7:012d}")])[0].seq == 201
+    finally:
+        w.close()
+
+
+def test_lookups_stay_exact_while_the_filters_are_built(
+    ledger_backend: LedgerDb, signing_key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Until the background build is adopted every key and rrn goes to storage; what is committed
+    meanwhile reaches the filters too (here: indexed by a run before they are adopted, so only the
+    filter's pending list keeps its repeat from being posted twice)."""
+    cfg = LedgerConfig(batch_window_ms=0, max_batch_entries=50, index_run_entries=20)
+    w = LedgerWriter(ledger_backend.open(), signing_key=signing_key, config=cfg)
+    for lo in range(0, 60, 20):
+        w.append([_sale(i) for i in range(lo, lo + 20)])  # type: ignore[misc]
+    w.close()
+
+    release = threading.Event()
+    real_build = keyfilter.LedgerFilters._build
+
+    def slow_build(self: keyfilter.LedgerFilters, source: Any) -> None:
+        assert release.wait(10)
+        real_build(self, source)
+
+    monkeypatch.setattr(keyfilter.LedgerFilters, "_build", slow_build)
+    w = LedgerWriter(ledger_backend.open(), signing_key=signing_key, config=cfg)
+    try:
+        assert w._filters is not None and not w._filters.ready
+        assert w.append([_sale(5)])[0].seq == 5, "an indexed key is found without the filter"
+        with pytest.raises(LedgerRejected):
+            w.append([draft("refund-9", EntryKind.REFUND, "F9", 101, f"{9:012d}")])
+        for lo in range(60, 120, 20):  # committed while the filters are built; runs index them
+            w.append([_sale(i) for i in range(lo, lo + 20)])  # type: ignore[misc]
+        release.set()
+        assert w._filters.wait_built(10)
+        w.append([_sale(500)])  # the next batch adopts the filters
+        assert w._filters.ready
+        reader = ledger_backend.open()
+        try:
+            assert reader.index_watermark() >= 100, "the keys of 60..99 are in the key index"
+        finally:
+            reader.close()
+        for i in (61, 80, 99):
+            assert w.append([_sale(i)])[0].seq == i, f"key {i}, committed while building, found"
+        assert w.append([draft("refund-70", EntryKind.REFUND, "F70", 30, f"{70:012d}")])[0].seq == 121
+        assert w.size == 122
     finally:
         w.close()
