@@ -80,6 +80,10 @@ def prepare_all(drafts: Sequence[EntryDraft]) -> tuple[Sequence[EntryDraft], lis
     msgpack decode round trip nor a copy; any other one goes through `codec.prepare`, and is replaced
     by its decoded form if it was valid but not of exact types (e.g. kind given as a plain str).
     Raises InvalidDraft / UnbalancedEntry for the first bad draft."""
+    if FAST_PATH and len(drafts) == 1:  # one outcome, one entry: the switch's usual submission
+        body = _ext.prepare_body(drafts[0])
+        if body is not None:
+            return drafts, [body]
     fast = _ext.prepare_body if FAST_PATH else None
     bodies: list[bytes] = []
     fixed: list[EntryDraft] | None = None
