@@ -504,6 +504,42 @@ cdef inline uint64_t _be64(const unsigned char* p):
 # Decode
 # ---------------------------------------------------------------------------------------------------
 
+cdef inline int _read_length(Op* op, const unsigned char* buf, Py_ssize_t n, Py_ssize_t idx,
+                             unsigned long long* out) noexcept:
+    """A field's length from its prefix at idx (its fixed length when it has none) into *out: 0, or
+    -1 when the prefix is malformed or over max_len (the callers then bail to pyiso8583). One parse for
+    the decoder and the bitmap finder."""
+    cdef int lt = op.len_type
+    cdef unsigned long long length = 0
+    cdef unsigned char c
+    cdef int i
+    if op.kind != KIND_FIELD or lt > n - idx:
+        return -1
+    if lt == 0:
+        length = <unsigned long long>op.max_len
+    elif op.length == LEN_BIN:
+        for i in range(lt):
+            length = (length << 8) | buf[idx + i]
+    elif op.length == LEN_BCD:
+        for i in range(lt):
+            c = buf[idx + i]
+            if (c >> 4) > 9 or (c & 15) > 9:
+                return -1
+            length = length * 100 + (c >> 4) * 10 + (c & 15)
+    elif op.length == LEN_TEXT:
+        for i in range(lt):
+            c = op.digit_val[buf[idx + i]]
+            if c > 9:
+                return -1
+            length = length * 10 + c
+    else:
+        return -1
+    if op.max_len < 0 or length > <unsigned long long>op.max_len:
+        return -1
+    out[0] = length
+    return 0
+
+
 cdef Py_ssize_t _dec_field(Op* op, const unsigned char* buf, Py_ssize_t n, Py_ssize_t idx,
                            Sink* sink) except -2:
     """One regular field (pyiso8583 _decode_field). Returns the next index, or -1 to bail."""
@@ -513,30 +549,9 @@ cdef Py_ssize_t _dec_field(Op* op, const unsigned char* buf, Py_ssize_t n, Py_ss
     cdef unsigned char c
     cdef object len_bytes = EMPTY
     cdef object text
-    if op.kind != KIND_FIELD or lt > n - idx:
+    if _read_length(op, buf, n, idx, &length) < 0:
         return -1
-    if lt == 0:
-        length = <unsigned long long>op.max_len
-    else:
-        if op.length == LEN_BIN:
-            for i in range(lt):
-                length = (length << 8) | buf[idx + i]
-        elif op.length == LEN_BCD:
-            for i in range(lt):
-                c = buf[idx + i]
-                if (c >> 4) > 9 or (c & 15) > 9:
-                    return -1
-                length = length * 100 + (c >> 4) * 10 + (c & 15)
-        elif op.length == LEN_TEXT:
-            for i in range(lt):
-                c = op.digit_val[buf[idx + i]]
-                if c > 9:
-                    return -1
-                length = length * 10 + c
-        else:
-            return -1
-        if op.max_len < 0 or length > <unsigned long long>op.max_len:
-            return -1
+    if lt != 0:
         if sink.de != NULL:
             if length < <unsigned long long>op.len_cache_size:
                 # The same bytes as the wire's: a length has exactly one spelling per field.
@@ -635,30 +650,7 @@ cdef Py_ssize_t _field_end(Op* op, const unsigned char* buf, Py_ssize_t n, Py_ss
     """Where a field ends, from its length prefix alone (-1 when unsure): used to find the bitmap."""
     cdef int lt = op.len_type
     cdef unsigned long long length = 0
-    cdef unsigned char c
-    cdef int i
-    if op.kind != KIND_FIELD or lt > n - idx:
-        return -1
-    if lt == 0:
-        length = <unsigned long long>op.max_len
-    elif op.length == LEN_BIN:
-        for i in range(lt):
-            length = (length << 8) | buf[idx + i]
-    elif op.length == LEN_BCD:
-        for i in range(lt):
-            c = buf[idx + i]
-            if (c >> 4) > 9 or (c & 15) > 9:
-                return -1
-            length = length * 100 + (c >> 4) * 10 + (c & 15)
-    elif op.length == LEN_TEXT:
-        for i in range(lt):
-            c = op.digit_val[buf[idx + i]]
-            if c > 9:
-                return -1
-            length = length * 10 + c
-    else:
-        return -1
-    if op.max_len < 0 or length > <unsigned long long>op.max_len:
+    if _read_length(op, buf, n, idx, &length) < 0:
         return -1
     if op.nibbles:
         length = (length + 1) >> 1
