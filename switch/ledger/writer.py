@@ -111,7 +111,7 @@ class _Submission:
     """One outcome in the queue. Answered through `on_done` (submit) or, with the other submissions
     of its caller in the same batch, through `on_batch` with its `token` (submit_many)."""
 
-    __slots__ = ("bodies", "drafts", "entries", "error", "on_batch", "on_done", "token")
+    __slots__ = ("answered", "bodies", "drafts", "entries", "error", "on_batch", "on_done", "token")
 
     def __init__(
         self,
@@ -128,6 +128,7 @@ class _Submission:
         self.token = token
         self.entries: list[Entry] | None = None
         self.error: BaseException | None = None
+        self.answered = False
 
 
 class _Committer:
@@ -542,17 +543,27 @@ class LedgerWriter:
 
     # --- the thread -------------------------------------------------------------------------------
     def _run(self) -> None:
+        batch: list[_Submission] | None = None
         try:
             while True:
                 batch = self._take_batch()
                 if batch is None:
                     break
                 self._process(batch)
+                batch = None
             self._drain()
             if self._failure is None:
                 self._final_checkpoint()
         except BaseException as exc:  # a bug: fail everyone rather than leave callers waiting forever
             log.exception("ledger writer stopped")
+            if self._committer is not None:
+                self._committer.wait()  # the batch in flight is answered by its thread, first
+            if batch is not None:  # the batch being checked: whoever has not heard, hears now
+                left = [sub for sub in batch if not sub.answered]
+                for sub in left:
+                    sub.entries = None
+                    sub.error = LedgerUnavailable(f"ledger writer stopped: {exc}")
+                self._answer(left)
             self._stop(exc)
         finally:
             if self._filters is not None:
@@ -770,6 +781,7 @@ class LedgerWriter:
         """Call each submission's on_done, and each submit_many caller's on_batch once."""
         batches: dict[int, tuple[OnBatch, BatchResult]] = {}
         for sub in subs:
+            sub.answered = True
             if sub.on_done is not None:
                 try:
                     sub.on_done(sub.entries, sub.error)
@@ -803,6 +815,10 @@ class LedgerWriter:
             self._stop(reload_exc)
 
     def _stop(self, exc: BaseException) -> None:
+        """Refuse what is queued and everything after. Callers are answered from this thread only:
+        a batch still in flight on the committer is waited for first."""
+        if self._committer is not None:
+            self._committer.wait()
         with self._cond:
             self._failure = exc
             pending = list(self._queue)

@@ -16,7 +16,7 @@ from switch.ledger.model import Entry, EntryKind, IdempotencyConflict
 from switch.ledger.queries import LedgerReader
 from switch.ledger.rules import OriginalNotFound
 from switch.ledger.verify import verify_ledger
-from switch.ledger.writer import LedgerWriter
+from switch.ledger.writer import LedgerUnavailable, LedgerWriter
 from tests.ledger.conftest import LedgerDb
 from tests.ledger.drafts import draft
 
@@ -231,3 +231,45 @@ def test_a_writer_that_cannot_open_its_indexer_leaves_no_thread_or_connection(
     assert not [t for t in threading.enumerate() if t.name not in before and t.is_alive()]
     assert sorted(map(id, closed)) == sorted(map(id, readers)), "every reader connection was closed"
     backend.close()
+
+
+def test_a_bug_while_a_batch_is_in_flight_answers_everyone_once_and_in_order(
+    writer: LedgerWriter, ledger_backend: LedgerDb, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected error escapes while batch k+1 is checked and k commits: k's caller hears k's
+    outcome (from the committer), then k+1's caller hears 'stopped' -- nobody waits for ever, nobody
+    is answered twice, and answers never come from two threads at once."""
+    from switch.ledger import writer as writer_module
+
+    real_accept = writer_module.accept
+    calls = [0]
+
+    def accept(*args: Any) -> int:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("a bug in the rules")
+        return real_accept(*args)
+
+    monkeypatch.setattr(writer_module, "accept", accept)
+    gate = Gate(writer, fail_first=False)
+    heard: list[tuple[str, object]] = []
+    busy = threading.Lock()
+
+    def answer(name: str, done: Answer) -> Any:
+        def call(entries: list[Entry] | None, error: BaseException | None) -> None:
+            assert busy.acquire(blocking=False), "two answers at once"
+            heard.append((name, error))
+            busy.release()
+            done(entries, error)
+
+        return call
+
+    sale, refund = Answer(), Answer()
+    writer.submit([draft("s", K.PURCHASE, "R1", 1_000)], answer("sale", sale))
+    assert gate.in_flight.wait(WAIT_S)
+    writer.submit([draft("r", K.REFUND, "F1", 400, "R1")], answer("refund", refund))
+    assert sale.wait().error is None
+    assert isinstance(refund.wait().error, LedgerUnavailable)
+    assert [name for name, _ in heard] == ["sale", "refund"]
+    with pytest.raises(LedgerUnavailable):
+        writer.append([draft("t", K.PURCHASE, "R2", 5)])
