@@ -47,7 +47,7 @@ from switch.ledger.verify import verify_ledger  # noqa: E402
 from switch.ledger.writer import LedgerWriter  # noqa: E402
 
 #: Batch windows tried besides the default one (ms).
-WINDOWS_MS = (0.5, 5.0)
+WINDOWS_MS = (2.0, 5.0)
 ACQUIRERS = 4
 #: Key shapes (--keys): "switch" = what the running switch posts (idempotency key = terminal key
 #: 41/42/11/13-12/MTI class, terminals chosen at random, so keys land all over the key index; RRNs

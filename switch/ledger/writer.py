@@ -3,8 +3,9 @@
 Why one thread: sequence numbers, the Merkle right edge and the hold/refund rules are then plain
 single-threaded state, and batching is what makes durability cheap (one fsync per batch instead of per
 entry). Callers `submit` a list of drafts (one outcome: all of them are written or none) with a
-callback; the writer collects submissions for at most `batch_window_ms` or until `max_batch_entries`,
-checks them, writes the batch in one transaction and calls every callback from its own thread:
+callback; the writer collects submissions for at most `batch_window_ms` (default 0: whatever arrived
+while it was busy with the batch before) or until `max_batch_entries`, checks them, writes the batch
+in one transaction and calls every callback from its own thread:
 `on_done(entries, None)` once the batch is durable, `on_done(None, error)` otherwise.
 `submit_many` queues many outcomes under one lock and answers each caller once per batch
 (`on_batch`): per outcome, a callback and a lock round cost more than its share of the commit.
