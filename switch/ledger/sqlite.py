@@ -39,12 +39,13 @@ connection only): by default the connection that commits also checkpoints, whene
 1,000 pages -- in the writer's commit, every ~5,600 entries, copying ~4 MB into the database file and
 fsyncing it while every caller waits. Measured with bench/ledger.py (100k entries, switch-shaped
 keys): storage 60-74k entries/s and a p99 batch write of 43-70 ms with it; 99-113k/s and 19-22 ms
-with checkpoints out of the commit path. The checkpointer is poked after each commit and runs a
-PASSIVE checkpoint (never blocks the writer or a reader) on its own connection, with the GIL
-released, on the other core; while the writer prepares its next batch in Python the checkpoint
-usually catches up, and SQLite then restarts the WAL at the next write. The writer's connection keeps
-an automatic checkpoint as a safety valve at WRITER_AUTOCHECKPOINT_PAGES (64 MB of WAL): if the
-background one ever falls behind, the WAL is still bounded, as before, by a checkpoint in the commit.
+with checkpoints out of the commit path. Every CHECKPOINT_EVERY_ENTRIES committed entries the
+checkpointer runs a PASSIVE checkpoint (it never blocks the writer or a reader) on its own connection,
+with the GIL released, on the other core; SQLite restarts the WAL at the next write once a checkpoint
+has caught up before the writer's next transaction begins -- under sustained full batches it rarely
+does, and the WAL grows to the safety valve: the writer's connection keeps an automatic checkpoint at
+WRITER_AUTOCHECKPOINT_PAGES (64 MB of WAL), in the commit, which then finds nearly all of the work
+done and restarts the WAL.
 Durability is unchanged: a commit is durable once its WAL frames are fsynced; checkpoints only move
 committed pages into the database file.
 """
@@ -54,6 +55,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from itertools import chain
 from pathlib import Path
@@ -79,8 +81,18 @@ log = logging.getLogger(__name__)
 
 #: The writer's own automatic checkpoint once background checkpoints run: a bound, not the usual path.
 WRITER_AUTOCHECKPOINT_PAGES = 16_384
-#: The checkpointer also runs this often without a poke (a commit it missed, the index file's WAL).
+#: The checkpointer runs after a commit once this many entries were committed since its last
+#: checkpoint (~3 MB of WAL, about SQLite's own 1,000-page default) or CHECKPOINT_MIN_INTERVAL_S has
+#: passed, and at least every CHECKPOINT_IDLE_S. Not after every commit: under light load batches are
+#: a few entries, and a checkpoint (with its fsync of the database file) per commit doubled the fsyncs
+#: that every other durable hop (the armed store's, the ledger's own) waits behind.
+CHECKPOINT_EVERY_ENTRIES = 4_000
+CHECKPOINT_MIN_INTERVAL_S = 0.25
 CHECKPOINT_IDLE_S = 1.0
+#: A checkpoint that ends behind the writer (frames committed while it copied) is followed by at most
+#: this many more, each copying only what came meanwhile: once one ends caught up, SQLite restarts the
+#: WAL at the next write instead of letting it grow to the safety valve.
+CHECKPOINT_CHASE_ROUNDS = 4
 
 #: The index file beside the database (INDEX_TABLES), and the schema name it is attached under.
 INDEX_FILE_SUFFIX = ".index"
@@ -143,7 +155,7 @@ class SqliteBackend(SqlBackend):
     def write_batch(self, batch: Any) -> None:
         super().write_batch(batch)
         if self._checkpointer is not None:
-            self._checkpointer.poke()
+            self._checkpointer.committed(len(batch.entries))
 
     def close(self) -> None:
         if self._checkpointer is not None:
@@ -247,8 +259,9 @@ class SqliteBackend(SqlBackend):
 
 class WalCheckpointer:
     """A thread running PASSIVE WAL checkpoints of one ledger file (and its index file) on a
-    connection of its own, when poked after a commit and at least every CHECKPOINT_IDLE_S. A failed
-    checkpoint is logged and retried on the next poke: it never fails a commit (the writer's own
+    connection of its own, every CHECKPOINT_EVERY_ENTRIES committed entries and at least every
+    CHECKPOINT_IDLE_S. A failed
+    checkpoint is logged and retried the next time: it never fails a commit (the writer's own
     automatic checkpoint still bounds the WAL)."""
 
     def __init__(self, path: str, busy_timeout_ms: int) -> None:
@@ -256,13 +269,18 @@ class WalCheckpointer:
         self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         attach_index(self._conn, path)
         self._wake = threading.Event()
+        self._since = 0  # entries committed since the last checkpoint (the committing thread adds)
+        self._next_at = 0.0  # monotonic time from which a commit wakes the checkpointer anyway
         self._stopping = False
         self.checkpoints = 0
         self._thread = threading.Thread(target=self._loop, name="ledger-wal-checkpointer", daemon=True)
         self._thread.start()
 
-    def poke(self) -> None:
-        self._wake.set()
+    def committed(self, entries: int) -> None:
+        """A batch of `entries` is durable (called by the one thread that commits)."""
+        self._since += entries
+        if self._since >= CHECKPOINT_EVERY_ENTRIES or time.monotonic() >= self._next_at:
+            self._wake.set()
 
     def close(self) -> None:
         self._stopping = True
@@ -276,8 +294,15 @@ class WalCheckpointer:
             self._wake.clear()
             if self._stopping:
                 return
+            self._since = 0
+            self._next_at = time.monotonic() + CHECKPOINT_MIN_INTERVAL_S
             try:
-                self._conn.execute("PRAGMA main.wal_checkpoint(PASSIVE)").fetchall()
+                for _ in range(CHECKPOINT_CHASE_ROUNDS):
+                    busy, log_frames, done_frames = self._conn.execute(
+                        "PRAGMA main.wal_checkpoint(PASSIVE)"
+                    ).fetchone()
+                    if busy or log_frames == done_frames or self._stopping:
+                        break
                 if not poked:  # the index file's WAL (index runs are rare: no hurry)
                     self._conn.execute(f"PRAGMA {INDEX_SCHEMA}.wal_checkpoint(PASSIVE)").fetchall()
                 self.checkpoints += 1
