@@ -65,7 +65,8 @@ balances are kept per batch in `balance_history` instead, and the postings live 
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, NamedTuple, Protocol
 
 import msgspec
@@ -608,11 +609,29 @@ class SqlBackend(abc.ABC):
         )
         return [(str(k), int(q), bytes(b)) for k, q, b in rows]
 
-    def write_index_run(self, from_seq: int, to_seq: int, at_ms: int) -> None:
-        p = self.dialect.placeholder
+    @contextmanager
+    def _write_transaction(self, begin: Callable[[Any], None], what: str) -> Iterator[Any]:
+        """One write transaction on a cursor: committed when the block ends, else rolled back (the
+        connection may already be gone) and any driver error raised as LedgerStorageError."""
         cur = self.conn.cursor()
         try:
-            self._begin_index_run(cur)
+            begin(cur)
+            yield cur
+            self.conn.commit()
+        except BaseException as exc:
+            try:
+                self.conn.rollback()
+            except Exception:  # the connection may be gone; the transaction is gone with it
+                pass
+            if isinstance(exc, Exception) and not isinstance(exc, LedgerStorageError):
+                raise LedgerStorageError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+            raise
+        finally:
+            cur.close()
+
+    def write_index_run(self, from_seq: int, to_seq: int, at_ms: int) -> None:
+        p = self.dialect.placeholder
+        with self._write_transaction(self._begin_index_run, "ledger index run") as cur:
             cur.execute(f"SELECT {WATERMARK_SQL}")
             watermark = int(cur.fetchone()[0])
             if watermark != from_seq or to_seq <= from_seq:
@@ -636,17 +655,6 @@ class SqlBackend(abc.ABC):
                 (from_seq, to_seq),
             )
             cur.execute(f"INSERT INTO index_runs (upto_seq, at_ms) VALUES ({p}, {p})", (to_seq, at_ms))
-            self.conn.commit()
-        except BaseException as exc:
-            try:
-                self.conn.rollback()
-            except Exception:  # the connection may be gone; the transaction is gone with it
-                pass
-            if isinstance(exc, Exception) and not isinstance(exc, LedgerStorageError):
-                raise LedgerStorageError(f"ledger index run failed: {type(exc).__name__}: {exc}") from exc
-            raise
-        finally:
-            cur.close()
 
     def index_problems(self) -> list[str]:
         w = self.index_watermark()
@@ -708,9 +716,7 @@ class SqlBackend(abc.ABC):
         return [rows[k] for k in sorted(rows)]
 
     def write_batch(self, batch: BatchRows) -> None:
-        cur = self.conn.cursor()
-        try:
-            self._begin(cur)
+        with self._write_transaction(self._begin, "ledger commit") as cur:
             if batch.entries:
                 self._insert_many(cur, "entries", self._sql_entry, batch.entries)
             if batch.nodes:
@@ -721,17 +727,6 @@ class SqlBackend(abc.ABC):
                 cur.execute(self._sql_head, batch.tree_head)
             if batch.checkpoint is not None:
                 cur.execute(self._sql_checkpoint, batch.checkpoint)
-            self.conn.commit()
-        except BaseException as exc:
-            try:
-                self.conn.rollback()
-            except Exception:  # the connection may be gone; the transaction is gone with it
-                pass
-            if isinstance(exc, Exception) and not isinstance(exc, LedgerStorageError):
-                raise LedgerStorageError(f"ledger commit failed: {type(exc).__name__}: {exc}") from exc
-            raise
-        finally:
-            cur.close()
 
     def write_checkpoint(self, row: tuple[int, bytes, int, str, bytes]) -> None:
         self.write_batch(BatchRows(entries=[], nodes=[], balances=[], tree_head=None, checkpoint=row))

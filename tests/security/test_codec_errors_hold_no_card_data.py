@@ -20,6 +20,7 @@ from switch.codec import mac as macmod
 from switch.codec.framing import FrameReader, FramingError
 from switch.codec.specs import SPECS
 from switch.codec.wire import Wire, WireError
+from tests.security.reachable import walk
 
 PAN = "4761739001010119"
 TRACK2 = f"{PAN}=30122011758928889"
@@ -47,36 +48,6 @@ def path(request: pytest.FixtureRequest) -> Iterator[str]:
         yield request.param
     finally:
         codec.use_fast_path(previous)
-
-
-def walk(obj: Any, seen: set[int] | None = None, depth: int = 0) -> Iterator[Any]:
-    """Every value reachable from an exception: attributes, __dict__, args, chain, containers."""
-    seen = set() if seen is None else seen
-    if id(obj) in seen or depth > 12:
-        return
-    seen.add(id(obj))
-    yield obj
-    if isinstance(obj, str | bytes | bytearray | int | float | bool | type(None)):
-        return
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from walk(k, seen, depth + 1)
-            yield from walk(v, seen, depth + 1)
-        return
-    if isinstance(obj, list | tuple | set | frozenset):
-        for v in obj:
-            yield from walk(v, seen, depth + 1)
-        return
-    if isinstance(obj, BaseException):
-        for name in ("args", "__cause__", "__context__", "__notes__", "object"):
-            if hasattr(obj, name):
-                yield from walk(getattr(obj, name), seen, depth + 1)
-    for name in getattr(obj, "__dict__", {}):
-        yield from walk(obj.__dict__[name], seen, depth + 1)
-    for cls in type(obj).__mro__:
-        for name in getattr(cls, "__slots__", ()):
-            if hasattr(obj, name):
-                yield from walk(getattr(obj, name), seen, depth + 1)
 
 
 def assert_no_card_data(exc: BaseException) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pickle
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -25,6 +25,7 @@ import pytest
 from switch.processing import PrefixRouter
 from switch.processing.request import Decline, check_card, parse
 from tests.processing.test_merchant_services import world
+from tests.security.reachable import walk
 
 PAN = "4761739001010119"  # Luhn-valid, routed to acquirer A below
 AMEX = "378282246310005"  # Luhn-valid, 15 digits: fits the merchant id (42)
@@ -36,39 +37,6 @@ NOW_MS = 1_749_988_800_000
 #: What must never show: the middle digits of each PAN (masking keeps BIN + last 4 at most), whole
 #: PANs, track 2 discretionary data, PIN block, ICC data.
 SECRETS = (PAN, PAN[6:-4], AMEX, AMEX[6:-4], DISCRETIONARY, PIN_BLOCK, ICC)
-
-
-def walk(obj: Any, seen: set[int] | None = None, depth: int = 0) -> Iterator[Any]:
-    """Every value reachable from an exception: attributes, __dict__, args, chain, containers."""
-    seen = set() if seen is None else seen
-    if id(obj) in seen or depth > 12:
-        return
-    seen.add(id(obj))
-    yield obj
-    if isinstance(obj, str | bytes | bytearray | int | float | bool | type(None)):
-        return
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from walk(k, seen, depth + 1)
-            yield from walk(v, seen, depth + 1)
-        return
-    if isinstance(obj, list | tuple | set | frozenset):
-        for v in obj:
-            yield from walk(v, seen, depth + 1)
-        return
-    if isinstance(obj, BaseException):
-        for name in ("args", "__cause__", "__context__", "__notes__"):
-            if hasattr(obj, name):
-                yield from walk(getattr(obj, name), seen, depth + 1)
-    if isinstance(obj, msgspec.Struct):
-        for name in obj.__struct_fields__:
-            yield from walk(getattr(obj, name), seen, depth + 1)
-    for name in getattr(obj, "__dict__", {}):
-        yield from walk(obj.__dict__[name], seen, depth + 1)
-    for cls in type(obj).__mro__:
-        for name in getattr(cls, "__slots__", ()):
-            if hasattr(obj, name):
-                yield from walk(getattr(obj, name), seen, depth + 1)
 
 
 def leaks(texts: list[str]) -> list[tuple[str, str]]:
