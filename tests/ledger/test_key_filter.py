@@ -65,6 +65,22 @@ def _sale(i: int, amount: int = 100) -> object:
     return draft(f"tk:T{i % 5}/M1/{i:06d}:out", EntryKind.PURCHASE, f"{i:012d}", amount, at_ms=1_000 + i)
 
 
+def _asked_of_storage(w: LedgerWriter, lookup: str) -> list[str]:
+    """Every key or rrn the writer passes to the backend's `lookup` from now on (on the pipeline's
+    read connection if it has one)."""
+    backend: Any = w._reader or w._backend
+    asked: list[str] = []
+    real = getattr(backend, lookup)
+
+    def counting(values: Any) -> Any:
+        values = list(values)
+        asked.extend(values)
+        return real(values)
+
+    setattr(backend, lookup, counting)
+    return asked
+
+
 def _filters_built(w: LedgerWriter) -> None:
     """The filters are built in the background (adopted at the next batch): wait for the build."""
     assert w._filters is not None and w._filters.wait_built(10), "the ledger filters were never built"
@@ -76,15 +92,7 @@ def test_fresh_keys_skip_the_indexed_lookup_and_repeats_still_find_their_origina
     cfg = LedgerConfig(batch_window_ms=0, max_batch_entries=50, index_run_entries=40)
     w = LedgerWriter(ledger_backend.open(), signing_key=signing_key, config=cfg)
     _filters_built(w)
-    lookups: Any = w._reader or w._backend  # the pipeline's read connection, if it has one
-    asked: list[str] = []
-    lookup = lookups.find_idempotency_indexed
-
-    def counting_lookup(keys: list[str]) -> dict[str, tuple[int, bytes]]:
-        asked.extend(keys)
-        return lookup(keys)
-
-    lookups.find_idempotency_indexed = counting_lookup
+    asked = _asked_of_storage(w, "find_idempotency_indexed")
     try:
         for lo in range(0, 400, 50):
             w.append([_sale(i) for i in range(lo, lo + 50)])  # type: ignore[misc]
@@ -115,16 +123,7 @@ def test_fresh_rrns_skip_the_family_lookup_and_refunds_still_find_their_sale(
     cfg = LedgerConfig(batch_window_ms=0, max_batch_entries=50, index_run_entries=40)
     w = LedgerWriter(ledger_backend.open(), signing_key=signing_key, config=cfg)
     _filters_built(w)
-    lookups: Any = w._reader or w._backend
-    asked: list[str] = []
-    txn_rows = lookups.txn_rows
-
-    def counting_txn_rows(rrns: Any) -> Any:
-        rrns = list(rrns)
-        asked.extend(rrns)
-        return txn_rows(rrns)
-
-    lookups.txn_rows = counting_txn_rows
+    asked = _asked_of_storage(w, "txn_rows")
     try:
         for lo in range(0, 200, 50):
             w.append([_sale(i) for i in range(lo, lo + 50)])  # type: ignore[misc]

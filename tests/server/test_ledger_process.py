@@ -180,8 +180,9 @@ def test_arms_and_releases_of_messages_sent_back_to_back_apply_in_order(config) 
     assert len(_stored(config)) == 31
 
 
-def test_exit_without_close_writes_the_last_messages_arms_and_posts(config, tmp_path: Path) -> None:
-    """The switch dies right after a flush: the child still writes that message's arms and posts."""
+def _run_and_exit_without_close(config, tmp_path: Path, body: str) -> None:
+    """Run `body` in a fresh interpreter that has a RemoteLedgerWriter `w` on `config` and exits
+    without close() or any wait (the switch dying right after its last call)."""
     import subprocess
     import sys
 
@@ -198,17 +199,26 @@ def test_exit_without_close_writes_the_last_messages_arms_and_posts(config, tmp_
         "if __name__ == '__main__':\n"
         "    cfg = msgspec.msgpack.decode(open(sys.argv[1], 'rb').read(), type=SwitchConfig)\n"
         "    w = RemoteLedgerWriter(cfg)\n"
-        "    for n in (1, 2, 3):\n"
-        "        w.arm([('alpha', f'{n:012d}', {'t': '0400', '37': f'{n:012d}'})], n, lambda e, v: None)\n"
-        "        d = draft(f'k{n}', EntryKind.PURCHASE, f'{n:012d}', 5)\n"
-        "        w.submit_many([([d], lambda e, err: None)])\n"
-        "        w.flush()\n"
-    )  # no close(), no wait: the interpreter exits with three messages sent
+    ) + "".join(f"    {line}\n" for line in body.splitlines())
     root = Path(__file__).resolve().parents[2]
     p = subprocess.run(
         [sys.executable, "-c", script, str(cfg_file)], cwd=root, capture_output=True, text=True, timeout=60
     )
     assert p.returncode == 0, p.stderr
+
+
+def test_exit_without_close_writes_the_last_messages_arms_and_posts(config, tmp_path: Path) -> None:
+    """The switch dies right after a flush: the child still writes that message's arms and posts."""
+    _run_and_exit_without_close(
+        config,
+        tmp_path,
+        """\
+for n in (1, 2, 3):
+    w.arm([('alpha', f'{n:012d}', {'t': '0400', '37': f'{n:012d}'})], n, lambda e, v: None)
+    d = draft(f'k{n}', EntryKind.PURCHASE, f'{n:012d}', 5)
+    w.submit_many([([d], lambda e, err: None)])
+    w.flush()""",
+    )
     assert _armed_rrns(config) == ["000000000001", "000000000002", "000000000003"]
     assert [d.idempotency_key for d in _stored(config)] == ["k1", "k2", "k3"]
 
@@ -228,29 +238,8 @@ def test_signals_to_the_process_group_leave_the_child_to_the_switch(config) -> N
 
 
 def test_exit_without_close_commits_what_was_submitted(config, tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    import msgspec
-
-    cfg_file = tmp_path / "cfg.msgpack"
-    cfg_file.write_bytes(msgspec.msgpack.encode(config))
-    script = (
-        "import msgspec, sys\n"
-        "from switch.config import SwitchConfig\n"
-        "from switch.server.ledger_process import RemoteLedgerWriter\n"
-        "from tests.ledger.drafts import draft\n"
-        "from switch.ledger.model import EntryKind\n"
-        "if __name__ == '__main__':\n"
-        "    cfg = msgspec.msgpack.decode(open(sys.argv[1], 'rb').read(), type=SwitchConfig)\n"
-        "    w = RemoteLedgerWriter(cfg)\n"
-        "    w.submit([draft('late', EntryKind.PURCHASE, '000000000009', 5)], lambda e, err: None)\n"
-    )  # no close(), no wait: the interpreter exits with the submission queued
-    root = Path(__file__).resolve().parents[2]
-    p = subprocess.run(
-        [sys.executable, "-c", script, str(cfg_file)], cwd=root, capture_output=True, text=True, timeout=60
-    )
-    assert p.returncode == 0, p.stderr
+    submit = "w.submit([draft('late', EntryKind.PURCHASE, '000000000009', 5)], lambda e, err: None)"
+    _run_and_exit_without_close(config, tmp_path, submit)  # exits with the submission queued
     assert [d.idempotency_key for d in _stored(config)] == ["late"]
 
 
