@@ -146,7 +146,8 @@ class LedgerFilters:
     after start is in the pending list, added before the filters are used. The rrn filter reads the
     entries themselves (every entry committed up to its snapshot) plus the same pending list.
     `source` is a connection of the builder's own (closed when done), or None to build in line
-    from `inline` (an in-memory ledger, small by nature)."""
+    from `inline` (an in-memory ledger, small by nature); both None: no filters at all (every lookup
+    goes to storage, as before they existed)."""
 
     def __init__(self, source: Any, inline: Any, tail_keys: Iterable[str], expected: int) -> None:
         self._tail_keys = list(tail_keys)
@@ -161,9 +162,10 @@ class LedgerFilters:
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
         if source is None:
-            self._build(inline)
+            if inline is not None:
+                self._build(inline)
+                self.poll()
             self._done.set()
-            self.poll()
             return
         self._thread = threading.Thread(target=self._run, args=(source,), name="ledger-filters", daemon=True)
         self._thread.start()

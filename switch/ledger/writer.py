@@ -484,8 +484,13 @@ class LedgerWriter:
         self._tail = {key: (seq, body) for key, seq, body in b.tail_keys(self._watermark)}
         if self._filters is None:  # once: afterwards every committed key is added as it commits
             open_reader = getattr(b, "open_reader", None)
-            source = open_reader() if open_reader is not None else None
-            self._filters = LedgerFilters(source, b, self._tail, size)
+            try:
+                source = open_reader() if open_reader is not None else None
+            except Exception as exc:  # e.g. PostgreSQL at its connection limit: exact, only slower
+                log.warning("ledger filters off (no connection to build them): %s", exc)
+                self._filters = LedgerFilters(None, None, (), size)
+            else:
+                self._filters = LedgerFilters(source, b, self._tail, size)
 
     def _index_run(self) -> None:
         """Index the tail in one sorted run, in line (see the module docstring). Raises only past

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from switch.config import LedgerConfig
 from switch.ledger import fast, keyfilter
+from switch.ledger.backend import LedgerStorageError
 from switch.ledger.keyfilter import KeyFilter
 from switch.ledger.model import EntryKind, IdempotencyConflict
 from switch.ledger.rules import LedgerRejected
@@ -185,5 +186,35 @@ def test_lookups_stay_exact_while_the_filters_are_built(
             assert w.append([_sale(i)])[0].seq == i, f"key {i}, committed while building, found"
         assert w.append([draft("refund-70", EntryKind.REFUND, "F70", 30, f"{70:012d}")])[0].seq == 121
         assert w.size == 122
+    finally:
+        w.close()
+
+
+def test_without_a_connection_for_the_filters_the_writer_runs_exact_without_them(
+    ledger_backend: LedgerDb, signing_key: Ed25519PrivateKey
+) -> None:
+    """PostgreSQL at its connection limit when the writer starts: no filters, every lookup asked."""
+    cfg = LedgerConfig(batch_window_ms=0, max_batch_entries=50, index_run_entries=40)
+    w = LedgerWriter(ledger_backend.open(), signing_key=signing_key, config=cfg)
+    for lo in range(0, 100, 50):
+        w.append([_sale(i) for i in range(lo, lo + 50)])  # type: ignore[misc]
+    w.close()
+    backend: Any = ledger_backend.open()
+    real_open_reader, calls = backend.open_reader, [0]
+
+    def refused_once() -> Any:  # the filters ask first (then the indexer, which gets its session)
+        calls[0] += 1
+        if calls[0] == 1:
+            raise LedgerStorageError("too many connections")
+        return real_open_reader()
+
+    backend.open_reader = refused_once
+    w = LedgerWriter(backend, signing_key=signing_key, config=cfg)
+    try:
+        assert w._filters is not None and not w._filters.wait_built(0.1) and not w._filters.ready
+        asked = _asked_of_storage(w, "find_idempotency_indexed")
+        assert w.append([_sale(3)])[0].seq == 3, "an indexed key is still found"
+        assert w.append([_sale(100)])[0].seq == 100
+        assert len(asked) == 2, "without filters every key is asked of storage"
     finally:
         w.close()
