@@ -290,21 +290,23 @@ cdef class KeyFilterStage:
     def nbits(self):
         return self._mask + 1
 
+    cdef inline unsigned long long _probe(self, unsigned long long h, int i) noexcept:
+        """Bit index of probe i of a key whose str hash is h: (low 32 + i * (high 32 | 1)) mod bits."""
+        return ((h & 0xFFFFFFFFULL) + <unsigned long long>i * ((h >> 32) | 1ULL)) & self._mask
+
     cdef inline void _add(self, object key):
-        cdef unsigned long long h = <unsigned long long>hash(key)
-        cdef unsigned long long h1 = h & 0xFFFFFFFFULL, h2 = (h >> 32) | 1ULL, p
+        cdef unsigned long long h = <unsigned long long>hash(key), p
         cdef int i
         for i in range(self._probes):
-            p = (h1 + <unsigned long long>i * h2) & self._mask
+            p = self._probe(h, i)
             self._bits[p >> 3] |= <unsigned char>(1 << (p & 7))
         self.count += 1
 
     cdef inline bint _has(self, object key):
-        cdef unsigned long long h = <unsigned long long>hash(key)
-        cdef unsigned long long h1 = h & 0xFFFFFFFFULL, h2 = (h >> 32) | 1ULL, p
+        cdef unsigned long long h = <unsigned long long>hash(key), p
         cdef int i
         for i in range(self._probes):
-            p = (h1 + <unsigned long long>i * h2) & self._mask
+            p = self._probe(h, i)
             if not (self._bits[p >> 3] >> (p & 7)) & 1:
                 return False
         return True

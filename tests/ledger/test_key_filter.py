@@ -87,12 +87,20 @@ def _filters_built(w: LedgerWriter) -> None:
     assert w._filters is not None and w._filters.wait_built(10), "the ledger filters were never built"
 
 
+#: Small batches and runs: the tests cross several index runs.
+SMALL = LedgerConfig(batch_window_ms=0, max_batch_entries=50, index_run_entries=40)
+
+
+def _writer_with_filters(db: LedgerDb, key: Ed25519PrivateKey) -> LedgerWriter:
+    w = LedgerWriter(db.open(), signing_key=key, config=SMALL)
+    _filters_built(w)
+    return w
+
+
 def test_fresh_keys_skip_the_indexed_lookup_and_repeats_still_find_their_original(
     ledger_backend: LedgerDb, signing_key: Ed25519PrivateKey
 ) -> None:
-    cfg = LedgerConfig(batch_window_ms=0, max_batch_entries=50, index_run_entries=40)
-    w = LedgerWriter(ledger_backend.open(), signing_key=signing_key, config=cfg)
-    _filters_built(w)
+    w = _writer_with_filters(ledger_backend, signing_key)
     asked = _asked_of_storage(w, "find_idempotency_indexed")
     try:
         for lo in range(0, 400, 50):
@@ -109,8 +117,7 @@ def test_fresh_keys_skip_the_indexed_lookup_and_repeats_still_find_their_origina
         w.close()
 
     # After a restart the filter is refilled from the index: a repeat is still found.
-    w = LedgerWriter(ledger_backend.open(), signing_key=signing_key, config=cfg)
-    _filters_built(w)
+    w = _writer_with_filters(ledger_backend, signing_key)
     try:
         assert w.append([_sale(3)])[0].seq == 3  # type: ignore[list-item]
         assert w.append([_sale(400)])[0].seq == 400  # type: ignore[list-item]
@@ -121,9 +128,7 @@ def test_fresh_keys_skip_the_indexed_lookup_and_repeats_still_find_their_origina
 def test_fresh_rrns_skip_the_family_lookup_and_refunds_still_find_their_sale(
     ledger_backend: LedgerDb, signing_key: Ed25519PrivateKey
 ) -> None:
-    cfg = LedgerConfig(batch_window_ms=0, max_batch_entries=50, index_run_entries=40)
-    w = LedgerWriter(ledger_backend.open(), signing_key=signing_key, config=cfg)
-    _filters_built(w)
+    w = _writer_with_filters(ledger_backend, signing_key)
     asked = _asked_of_storage(w, "txn_rows")
     try:
         for lo in range(0, 200, 50):
@@ -135,8 +140,7 @@ def test_fresh_rrns_skip_the_family_lookup_and_refunds_still_find_their_sale(
     finally:
         w.close()
 
-    w = LedgerWriter(ledger_backend.open(), signing_key=signing_key, config=cfg)
-    _filters_built(w)
+    w = _writer_with_filters(ledger_backend, signing_key)
     try:  # after a restart the filter is refilled from the entries: the refund is still capped
         with pytest.raises(LedgerRejected):
             w.append([draft("refund-7b", EntryKind.REFUND, "F7B", 41, f"{7:012d}")])
@@ -194,8 +198,7 @@ def test_without_a_connection_for_the_filters_the_writer_runs_exact_without_them
     ledger_backend: LedgerDb, signing_key: Ed25519PrivateKey
 ) -> None:
     """PostgreSQL at its connection limit when the writer starts: no filters, every lookup asked."""
-    cfg = LedgerConfig(batch_window_ms=0, max_batch_entries=50, index_run_entries=40)
-    w = LedgerWriter(ledger_backend.open(), signing_key=signing_key, config=cfg)
+    w = LedgerWriter(ledger_backend.open(), signing_key=signing_key, config=SMALL)
     for lo in range(0, 100, 50):
         w.append([_sale(i) for i in range(lo, lo + 50)])  # type: ignore[misc]
     w.close()
@@ -209,7 +212,7 @@ def test_without_a_connection_for_the_filters_the_writer_runs_exact_without_them
         return real_open_reader()
 
     backend.open_reader = refused_once
-    w = LedgerWriter(backend, signing_key=signing_key, config=cfg)
+    w = LedgerWriter(backend, signing_key=signing_key, config=SMALL)
     try:
         assert w._filters is not None and not w._filters.wait_built(0.1) and not w._filters.ready
         asked = _asked_of_storage(w, "find_idempotency_indexed")
