@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -149,6 +150,15 @@ def test_fresh_rrns_skip_the_family_lookup_and_refunds_still_find_their_sale(
         w.close()
 
 
+def _wait_for_index_run(w: LedgerWriter) -> None:
+    """The background indexer starts a run after a batch; wait until that run has ended."""
+    assert w._indexer is not None
+    deadline = time.monotonic() + 10
+    while w._indexer.busy:
+        assert time.monotonic() < deadline, "the index run did not end in 10 s"
+        time.sleep(0.005)
+
+
 def test_lookups_stay_exact_while_the_filters_are_built(
     ledger_backend: LedgerDb, signing_key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -177,6 +187,7 @@ def test_lookups_stay_exact_while_the_filters_are_built(
             w.append([draft("refund-9", EntryKind.REFUND, "F9", 101, f"{9:012d}")])
         for lo in range(60, 120, 20):  # committed while the filters are built; runs index them
             w.append([_sale(i) for i in range(lo, lo + 20)])  # type: ignore[misc]
+            _wait_for_index_run(w)  # else the next run starts a batch later, and may not have ended
         release.set()
         assert w._filters.wait_built(10)
         w.append([_sale(500)])  # the next batch adopts the filters
