@@ -11,13 +11,46 @@ Contract: both functions are pure accelerations of `switch.ledger.codec.prepare`
 `prepare_body` never raises for a bad draft: it returns None whenever it is not certain the draft is
 valid (wrong or unusual types, any failed check), and the caller then runs the Python `prepare`,
 which raises the precise error. So the fast path can only be stricter, never more lenient.
-SHA-256 is hashlib's (OpenSSL); nothing here implements a hash.
+SHA-256 is OpenSSL's: called directly through libcrypto's SHA256_* functions when the build found
+its headers (`OPENSSL_SHA256`; ~0.2 us per leaf instead of ~0.9 us through a hashlib object, on the
+GIL), else through hashlib. Nothing here implements a hash.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.unicode cimport PyUnicode_GET_LENGTH, PyUnicode_READ, PyUnicode_KIND, PyUnicode_DATA
+from cpython.bytearray cimport PyByteArray_FromStringAndSize
 from libc.string cimport memcpy
+
+cdef extern from *:
+    """
+    #ifdef SWITCH_OPENSSL_SHA256
+    #ifndef OPENSSL_SUPPRESS_DEPRECATED
+    #define OPENSSL_SUPPRESS_DEPRECATED
+    #endif
+    #include <openssl/sha.h>
+    /* SHA-256 of a || b into md[32]: 1, or 0 when it failed (the caller then uses hashlib). The
+       SHA256_* calls reach OpenSSL's block function directly; the one-shot SHA256() of OpenSSL 3
+       fetches the algorithm on every call and costs more than twice as much. */
+    static int switch_sha256_2(const unsigned char *a, size_t na, const unsigned char *b, size_t nb,
+                               unsigned char *md) {
+        SHA256_CTX c;
+        return SHA256_Init(&c) && SHA256_Update(&c, a, na) && SHA256_Update(&c, b, nb)
+               && SHA256_Final(md, &c);
+    }
+    #define SWITCH_HAVE_OPENSSL_SHA256 1
+    #else
+    static int switch_sha256_2(const unsigned char *a, size_t na, const unsigned char *b, size_t nb,
+                               unsigned char *md) { return 0; }
+    #define SWITCH_HAVE_OPENSSL_SHA256 0
+    #endif
+    """
+    int switch_sha256_2(const unsigned char *a, size_t na, const unsigned char *b, size_t nb,
+                        unsigned char *md) nogil
+    int SWITCH_HAVE_OPENSSL_SHA256
+
+#: True when SHA-256 goes straight to libcrypto (the build found OpenSSL's headers), else hashlib.
+OPENSSL_SHA256 = bool(SWITCH_HAVE_OPENSSL_SHA256)
 
 # Configured once by switch.ledger.fast (the Python objects the checks compare against).
 cdef object _EntryDraft = None
@@ -188,23 +221,31 @@ def prepare_body(draft):
         return None
 
 
-cdef bytes _leaf_prefix(unsigned long long seq):
-    """0x00 (leaf) || 0x01 (entry format) || seq as 8 bytes big-endian."""
-    cdef unsigned char buf[10]
+cdef bytes _leaf(unsigned long long seq, bytes body):
+    """H(0x00 (leaf) || 0x01 (entry format) || seq as 8 bytes big-endian || body)."""
+    cdef unsigned char prefix[10]
+    cdef unsigned char md[32]
     cdef int i
-    buf[0] = 0
-    buf[1] = 1
+    prefix[0] = 0
+    prefix[1] = 1
     for i in range(8):
-        buf[9 - i] = (seq >> (8 * i)) & 0xFF
-    return PyBytes_FromStringAndSize(<char *>buf, 10)
+        prefix[9 - i] = (seq >> (8 * i)) & 0xFF
+    if switch_sha256_2(prefix, 10, <const unsigned char *>PyBytes_AS_STRING(body),
+                       <size_t>PyBytes_GET_SIZE(body), md):
+        return PyBytes_FromStringAndSize(<char *>md, 32)
+    return _sha256(PyBytes_FromStringAndSize(<char *>prefix, 10) + body).digest()
 
 
 cdef bytes _node(bytes left, bytes right):
-    cdef char buf[65]
+    """H(0x01 || left || right)."""
+    cdef unsigned char buf[65]
+    cdef unsigned char md[32]
     buf[0] = 1
     memcpy(buf + 1, PyBytes_AS_STRING(left), 32)
     memcpy(buf + 33, PyBytes_AS_STRING(right), 32)
-    return _sha256(PyBytes_FromStringAndSize(buf, 65)).digest()
+    if switch_sha256_2(buf, 65, buf, 0, md):
+        return PyBytes_FromStringAndSize(<char *>md, 32)
+    return _sha256(PyBytes_FromStringAndSize(<char *>buf, 65)).digest()
 
 
 def build_rows(frontier, list new, list entries, list nodes, dict running, dict first_seq,
@@ -218,7 +259,8 @@ def build_rows(frontier, list new, list entries, list nodes, dict running, dict 
     cdef long long min_level = frontier.min_level
     cdef long long seq, level, idx
     cdef bytes leaf, h
-    cdef object d, body, p, k, bal
+    cdef object d, p, k, bal
+    cdef bytes body
     cdef tuple item, pt
     for item in new:
         seq = item[0]
@@ -226,7 +268,7 @@ def build_rows(frontier, list new, list entries, list nodes, dict running, dict 
         body = item[2]
         if seq != size:
             raise ValueError(f"entry seq {seq} is not the next leaf index {size}")
-        leaf = _sha256(_leaf_prefix(<unsigned long long>seq) + body).digest()
+        leaf = _leaf(<unsigned long long>seq, body)
         # Frontier.append
         level = 0
         h = leaf
@@ -239,8 +281,12 @@ def build_rows(frontier, list new, list entries, list nodes, dict running, dict 
         levels.append(level)
         hashes.append(h)
         size += 1
+        # The blobs as bytearray: Python's sqlite3 binds a bytearray directly but sends every bytes
+        # parameter through its adapter lookup first (~0.3 us each, on the GIL); psycopg takes both.
         entries.append((seq, d.idempotency_key, _kind_value[d.kind], d.rrn, d.original_rrn, d.at_ms,
-                        d.merchant_id, d.amount_minor, d.currency, body, leaf))
+                        d.merchant_id, d.amount_minor, d.currency,
+                        PyByteArray_FromStringAndSize(PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body)),
+                        PyByteArray_FromStringAndSize(PyBytes_AS_STRING(leaf), 32)))
         for p in d.postings:
             pt = _astuple(p)
             k = (pt[0], pt[3])

@@ -54,7 +54,7 @@ from typing import Any
 
 import msgspec
 
-from switch.config import SwitchConfig
+from switch.config import ServerConfig, SwitchConfig
 from switch.ledger import backend as ledger_backend
 from switch.ledger import model as ledger_model
 from switch.ledger import rules as ledger_rules
@@ -578,6 +578,12 @@ class _Proc:
             self.popen.kill()
 
 
+def ledger_gc_policy(config: SwitchConfig) -> ServerConfig:
+    """The collector settings of the ledger's process (switch.server.gcpolicy): the server's freezing,
+    the ledger's young threshold (LedgerConfig.gc_young_threshold says why it differs)."""
+    return msgspec.structs.replace(config.server, gc_young_threshold=config.ledger.gc_young_threshold)
+
+
 def child_main(conn: Any, config_bytes: bytes, environ: dict[str, str] | None = None) -> None:
     """Entry point of the ledger process: open the writer and the armed-reversal store, serve
     submissions until Close or EOF."""
@@ -602,9 +608,10 @@ def child_main(conn: Any, config_bytes: bytes, environ: dict[str, str] | None = 
     # This process is the ledger's alone: no long collector pauses in the middle of a group commit.
     from switch.server import gcpolicy
 
-    gcpolicy.apply_thresholds(config.server)
+    policy = ledger_gc_policy(config)
+    gcpolicy.apply_thresholds(policy)
     stop_gc = threading.Event()
-    gcpolicy.run_in_thread(config.server, stop_gc)
+    gcpolicy.run_in_thread(policy, stop_gc)
     try:
         _Child(conn, writer, armed).serve()
     finally:
