@@ -267,8 +267,13 @@ class AcquirerLink:
         sock = stream.socket
         fd = sock.fileno()
         streak = 0
+        drained = False  # the last read was short: the socket had no more, so wait instead of reading
         while True:
-            if streak >= MAX_READS_WITHOUT_YIELD:
+            if drained:  # another read would only raise EAGAIN (see switch.server.terminal)
+                drained = False
+                streak = 0
+                await trio.lowlevel.wait_readable(sock)
+            elif streak >= MAX_READS_WITHOUT_YIELD:
                 streak = 0
                 await trio.lowlevel.checkpoint()
             try:
@@ -281,6 +286,7 @@ class AcquirerLink:
             if not data:
                 self._apply([MarkDown("closed by the acquirer")])
                 return
+            drained = len(data) < RECEIVE_BYTES
             try:
                 frames = reader.feed(data)
             except FramingError as exc:

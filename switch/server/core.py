@@ -118,13 +118,17 @@ class _BatchEndFlush(trio.abc.Instrument):
     `before_io_wait` after running every runnable task, before polling for I/O), instead of in the
     flusher task, which trio runs in the NEXT batch, after the tasks woken by that poll: on a busy
     trio thread a batch lasts milliseconds, and a purchase waits for two flushes (arm, post).
-    The flusher task stays the fallback and keeps the loop from sleeping: `_want_flush` still wakes
-    it (so the poll does not block while work is queued); it finds nothing left to do. An error is
-    handed to the flusher task to raise (trio would silently disable an instrument that raised)."""
+    `_want_flush` does not wake the flusher task while this instrument is installed: waking it cost a
+    task step and one more loop turn (an epoll_wait with timeout 0) per round, to find nothing left
+    to do. The poll cannot sleep on queued work: trio calls this hook after it chose the poll's
+    timeout, so when the flush made a task runnable (a writer task for a full socket, a waiter of an
+    event it set) and the timeout is not 0, the hook wakes the loop itself. An error is handed to the
+    flusher task to raise (trio would silently disable an instrument that raised)."""
 
     def __init__(self, core: SwitchCore) -> None:
         self.core = core
         self.error: BaseException | None = None
+        self._runq = _run_queue()
 
     def before_io_wait(self, timeout: float) -> None:
         core = self.core
@@ -132,9 +136,32 @@ class _BatchEndFlush(trio.abc.Instrument):
             return
         try:
             core._flush_round()
+            if timeout > 0 and (
+                self._runq if self._runq is not None else trio.lowlevel.current_statistics().tasks_runnable
+            ):
+                token = core._token
+                if token is not None:
+                    token.run_sync_soon(_nothing)  # the poll returns at once: the new runnables run
         except BaseException as exc:
             self.error = exc
             core._flush_wake.set()
+
+
+def _nothing() -> None:
+    """Wakes the trio loop (run_sync_soon) and does nothing else."""
+
+
+def _run_queue() -> Any:
+    """The running trio loop's queue of runnable tasks (call on the trio thread), or None when this trio
+    keeps it elsewhere: `current_statistics().tasks_runnable` reads the same length, but builds the
+    I/O backend's statistics too (~2% of the trio thread when called every round)."""
+    try:
+        from trio._core._run import GLOBAL_RUN_CONTEXT
+
+        runq = GLOBAL_RUN_CONTEXT.runner.runq
+    except (ImportError, AttributeError):
+        return None
+    return runq if isinstance(runq, deque) else None
 
 
 class SwitchCore:
@@ -184,6 +211,7 @@ class SwitchCore:
         self._flush_wake = trio.Event()
         self._flush_wanted = False
         self._flusher_running = False
+        self._flush_at_batch_end = False  # the flusher's _BatchEndFlush instrument is installed
         self._saf_wake = trio.Event()
         self._saf_completions: list[SafCompletion] = []
         self._busy_log = LimitLog(
@@ -281,7 +309,8 @@ class SwitchCore:
         """Wake the flusher once for everything queued during this scheduling round."""
         if not self._flush_wanted and (self._sends or self._saf_items or self._posts or self._releases):
             self._flush_wanted = True
-            self._flush_wake.set()
+            if not self._flush_at_batch_end:  # the instrument runs it before the poll, no task wake
+                self._flush_wake.set()
 
     async def flusher(self) -> None:
         """Carry out the I/O of every batch processed in one trio scheduling round, together.
@@ -295,6 +324,7 @@ class SwitchCore:
         self._flusher_running = True
         instrument = _BatchEndFlush(self)
         trio.lowlevel.add_instrument(instrument)
+        self._flush_at_batch_end = True
         try:
             while True:
                 await self._flush_wake.wait()
@@ -304,6 +334,7 @@ class SwitchCore:
                 self._flush_round()
         finally:
             self._flusher_running = False
+            self._flush_at_batch_end = False
             try:
                 trio.lowlevel.remove_instrument(instrument)
             except KeyError:

@@ -196,6 +196,7 @@ class TerminalConnection:
         sock = self.stream.socket
         fd = self.fd
         streak = 0
+        drained = False  # the last read was short: the socket had no more, so wait instead of reading
         while not self._closed:
             if self._backlog:
                 room = max_inflight - self.inflight
@@ -209,6 +210,16 @@ class TerminalConnection:
                 continue
             # No deadline per receive (a cancel scope per read costs more than parsing a frame): the
             # listener's idle sweeper closes connections that stay quiet (TerminalListener._sweep_idle).
+            if drained:
+                # A read shorter than asked emptied the socket: another would only raise EAGAIN (a
+                # syscall and an exception per wake-up); what arrived since makes the poll report it.
+                drained = False
+                streak = 0
+                try:
+                    await trio.lowlevel.wait_readable(sock)
+                except (trio.ClosedResourceError, OSError):
+                    return
+                continue
             if streak >= MAX_READS_WITHOUT_YIELD:
                 streak = 0
                 await trio.lowlevel.checkpoint()
@@ -228,6 +239,7 @@ class TerminalConnection:
             self.last_rx_s = time.monotonic()
             if not data:
                 return
+            drained = len(data) < RECEIVE_BYTES
             try:
                 frames = self.reader.feed(data)
             except FramingError as exc:

@@ -465,10 +465,18 @@ class _Connection:
         sock = self.sock
         fd = self.fd
         streak = 0
+        drained = False  # the last read was short: the socket had no more, so wait instead of reading
         while True:
-            if streak >= MAX_READS_WITHOUT_YIELD:
+            if drained or streak >= MAX_READS_WITHOUT_YIELD:
+                try:
+                    if drained:  # another read would only raise EAGAIN
+                        await trio.lowlevel.wait_readable(sock)
+                    else:
+                        await trio.lowlevel.checkpoint()
+                except (trio.ClosedResourceError, OSError):
+                    return
+                drained = False
                 streak = 0
-                await trio.lowlevel.checkpoint()
             try:
                 data = os.read(fd, RECEIVE_BYTES)
             except BlockingIOError:
@@ -483,6 +491,7 @@ class _Connection:
             streak += 1
             if not data:
                 return
+            drained = len(data) < RECEIVE_BYTES
             try:
                 frames = reader.feed(data)
             except FramingError as exc:
