@@ -117,7 +117,7 @@ def run(
     inflight: int,
     group: int,
     keys: str = "switch",
-    pipeline: bool = False,
+    pipeline: bool = LedgerConfig().commit_pipeline,
 ) -> dict[str, object]:
     """Post n entries through a fresh writer; return throughput, latency percentiles and verify's verdict."""
     key = Ed25519PrivateKey.generate()
@@ -276,10 +276,10 @@ def main() -> int:
         help="key shapes: the switch's (random terminal keys, 1,000 merchants) or the old sequential ones",
     )
     ap.add_argument(
-        "--pipeline",
+        "--no-pipeline",
         action="store_true",
-        help="commit batches of pipeline_min_batch_entries or more on a second thread "
-        "(LedgerConfig.commit_pipeline)",
+        help="commit every batch in line on the writer thread (LedgerConfig.commit_pipeline=false; "
+        "the default commits batches of pipeline_min_batch_entries or more on a second thread)",
     )
     ap.add_argument(
         "--windows", default="", help="comma-separated batch windows (ms) instead of the default set"
@@ -326,7 +326,7 @@ def main() -> int:
                 dsn = cluster.create_database()
                 r = run(lambda dsn=dsn: PostgresBackend(dsn, writer=True), n=args.pg_entries, window_ms=w,
                         max_batch=args.max_batch, inflight=args.inflight, group=args.group,
-                        keys=args.keys, pipeline=args.pipeline)  # fmt: skip
+                        keys=args.keys, pipeline=not args.no_pipeline)  # fmt: skip
                 results.append({"backend": "postgres", **r})
                 print(f"  postgres window {w} ms: {r['entries_per_s']} entries/s", file=sys.stderr)
 
@@ -337,7 +337,7 @@ def main() -> int:
             path = os.path.join(tmp, f"ledger-{w}.db")
             r = run(lambda path=path: SqliteBackend(path), n=args.entries, window_ms=w,
                     max_batch=args.max_batch, inflight=args.inflight, group=args.group,
-                    keys=args.keys, pipeline=args.pipeline)  # fmt: skip
+                    keys=args.keys, pipeline=not args.no_pipeline)  # fmt: skip
             results.append({"backend": "sqlite", **r})
             print(f"  sqlite window {w} ms: {r['entries_per_s']} entries/s", file=sys.stderr)
 

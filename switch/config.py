@@ -126,9 +126,11 @@ class LedgerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: Commit batch k on a second thread while batch k+1 is checked (switch.ledger.writer, "Pipeline"),
     #: for batches of at least `pipeline_min_batch_entries`; smaller ones commit in line (under light
     #: load a hand-off to another thread per batch costs more than the overlap saves).
-    #: Off by default: on the shared 2-core machine its gain stayed within run-to-run noise
-    #: (docs/performance.md, "Ledger"); bench/ledger.py --pipeline compares.
-    commit_pipeline: bool = False
+    #: On by default since the writer's own Python work shrank (libcrypto hashing, bytearray blobs,
+    #: the ledger process's GC threshold): bench/ledger.py, 6 alternating pairs, pipeline ahead in all
+    #: six (median ~50k vs ~43k entries/s; docs/performance.md, "Ledger"). Under the switch's usual
+    #: load batches stay below `pipeline_min_batch_entries` and commit in line anyway.
+    commit_pipeline: bool = True
     pipeline_min_batch_entries: int = 64
     #: Young-generation threshold of the collector in the ledger's own process (the switch's
     #: `server.gc_young_threshold` is for the trio process; freezing follows `server`'s settings).

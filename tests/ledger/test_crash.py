@@ -217,4 +217,5 @@ def test_sqlite_survives_sigkill(tmp_path: Path, seed: int, extra: tuple[str, ..
 
 @pytest.mark.postgres
 def test_postgres_survives_sigkill(tmp_path: Path, pg_dsn: str) -> None:
-    _crash_rounds("postgres", pg_dsn, 8, tmp_path, _seed(404))
+    # Pipelined from 50 entries, as the default configuration does from 64: both paths, in turns.
+    _crash_rounds("postgres", pg_dsn, 8, tmp_path, _seed(404), "--pipeline", "--pipeline-min", "50")
