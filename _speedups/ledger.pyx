@@ -248,18 +248,20 @@ cdef bytes _node(bytes left, bytes right):
     return _sha256(PyBytes_FromStringAndSize(<char *>buf, 65)).digest()
 
 
-def build_rows(frontier, list new, list entries, list nodes, dict running, dict first_seq,
-               dict last_seq, dict cache, load_balance):
+def build_rows(frontier, list new, list entries, list nodes, dict keyed, list rrns, dict running,
+               dict first_seq, dict last_seq, dict cache, load_balance):
     """The writer's `_rows` loop: for each (seq, draft, body) in `new` append its entries row, append
-    its leaf to `frontier` (closed subtrees at level >= frontier.min_level go to `nodes`) and fold its
-    postings into `running` (starting from `cache`, else `load_balance(account, currency)`)."""
+    its leaf to `frontier` (closed subtrees at level >= frontier.min_level go to `nodes`), map its
+    idempotency key to (seq, body) in `keyed`, append its rrn and original_rrn (when set) to `rrns`,
+    and fold its postings into `running` (starting from `cache`, else `load_balance(account,
+    currency)`)."""
     cdef list levels = frontier.levels
     cdef list hashes = frontier.hashes
     cdef long long size = frontier.size
     cdef long long min_level = frontier.min_level
     cdef long long seq, level, idx
     cdef bytes leaf, h
-    cdef object d, p, k, bal
+    cdef object d, p, k, bal, rrn
     cdef bytes body
     cdef tuple item, pt
     for item in new:
@@ -287,6 +289,13 @@ def build_rows(frontier, list new, list entries, list nodes, dict running, dict 
                         d.merchant_id, d.amount_minor, d.currency,
                         PyByteArray_FromStringAndSize(PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body)),
                         PyByteArray_FromStringAndSize(PyBytes_AS_STRING(leaf), 32)))
+        keyed[d.idempotency_key] = (seq, body)
+        rrn = d.rrn
+        if rrn:
+            rrns.append(rrn)
+        rrn = d.original_rrn
+        if rrn:
+            rrns.append(rrn)
         for p in d.postings:
             pt = _astuple(p)
             k = (pt[0], pt[3])

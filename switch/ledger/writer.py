@@ -309,7 +309,7 @@ class LedgerWriter:
         #: Lookups while a batch is in flight (None: no pipeline, commits in line).
         self._reader: LedgerBackend | None = None
         self._committer: _Committer | None = None
-        self._overlay: list[TxnRow] = []  # the in-flight batch's transaction rows
+        self._overlay: list[tuple[int, EntryDraft, bytes]] = []  # the in-flight batch's accepted drafts
         try:
             self._reader = open_reader() if open_reader is not None else None
             if self._reader is not None:
@@ -618,9 +618,9 @@ class LedgerWriter:
         assert self._filters is not None
         maybe = self._filters.rrns_maybe_stored(list(rrns))
         rows = reader.txn_rows(maybe) if maybe else []
-        overlay = self._overlay
-        if overlay:
-            rows.extend(t for t in overlay if t.rrn in rrns or (t.original_rrn and t.original_rrn in rrns))
+        for seq, d, _ in self._overlay:  # rows made only for the few drafts asked about
+            if d.rrn in rrns or (d.original_rrn and d.original_rrn in rrns):
+                rows.append(TxnRow(seq, d.kind, d.rrn, d.original_rrn, d.amount_minor, d.currency))
         return rows
 
     def _take_batch(self) -> list[_Submission] | None:
@@ -693,7 +693,7 @@ class LedgerWriter:
         if new:
             frontier = self._frontier.copy()
             try:
-                rows, balances = self._rows(frontier, new)
+                rows, balances, keyed, rrns = self._rows(frontier, new)
             except BaseException as exc:
                 if not self._drain():
                     self._after_failed_drain(subs)
@@ -718,12 +718,9 @@ class LedgerWriter:
                 return
         # Durable (in line) or in flight: the state moves on either way; a failure reloads it.
         self._frontier = frontier
-        tail = self._tail
-        for seq, d, body in new:
-            tail[d.idempotency_key] = (seq, body)
+        self._tail.update(keyed)
         assert self._filters is not None  # before any index run or lookup can need them:
-        self._filters.add([d.idempotency_key for _, d, _ in new],
-                          [r for _, d, _ in new for r in (d.rrn, d.original_rrn) if r])  # fmt: skip
+        self._filters.add(keyed, rrns)
         if len(self._balances) + len(balances) > MAX_CACHED_BALANCES:
             self._balances.clear()
         self._balances.update(balances)
@@ -732,8 +729,7 @@ class LedgerWriter:
         if committer is None:
             self._answer(subs)
         else:
-            self._overlay = [TxnRow(seq, d.kind, d.rrn, d.original_rrn, d.amount_minor, d.currency)
-                             for seq, d, _ in new]  # fmt: skip
+            self._overlay = new
             committer.submit(subs, rows)
         self._maybe_index()
 
@@ -752,16 +748,19 @@ class LedgerWriter:
 
     def _rows(
         self, frontier: Frontier, new: list[tuple[int, EntryDraft, bytes]]
-    ) -> tuple[BatchRows, dict[tuple[str, str], int]]:
-        """Entry, node and balance rows of the accepted drafts, and the new balances; advances
-        `frontier`. Touches no writer state, so a failed commit leaves nothing to undo."""
+    ) -> tuple[BatchRows, dict[tuple[str, str], int], dict[str, tuple[int, bytes]], list[str]]:
+        """Entry, node and balance rows of the accepted drafts; the new balances; their keys as the
+        tail holds them; their rrns (for the filter). Advances `frontier`. Touches no writer state,
+        so a failed commit leaves nothing to undo."""
         nodes: list[tuple[int, int, bytes]] = []
         entries: list[tuple[object, ...]] = []
+        keyed: dict[str, tuple[int, bytes]] = {}
+        rrns: list[str] = []
         running: dict[tuple[str, str], int] = {}
         first_seq: dict[tuple[str, str], int] = {}
         last_seq: dict[tuple[str, str], int] = {}
         build = fast.build_rows_ext() or _build_rows_py
-        build(frontier, new, entries, nodes, running, first_seq, last_seq, self._balances,
+        build(frontier, new, entries, nodes, keyed, rrns, running, first_seq, last_seq, self._balances,
               self._stored_balance)  # fmt: skip
         size = frontier.size
         root = frontier.root()
@@ -769,13 +768,14 @@ class LedgerWriter:
         checkpoint = None
         if self._key is not None and size - self._checkpointed_size >= self._checkpoint_every:
             checkpoint = sign_checkpoint(self._key, size, root, now_ms)
-        return BatchRows(
+        rows = BatchRows(
             entries=entries,
             nodes=nodes,
             balances=[(a, c, last_seq[(a, c)], first_seq[(a, c)], v) for (a, c), v in running.items()],
             tree_head=(size, root, now_ms),
             checkpoint=checkpoint,
-        ), running
+        )
+        return rows, running, keyed, rrns
 
     def _stored_balance(self, account: str, currency: str) -> int:
         # Accounts the in-flight batch touched are in the cache (cleared only with nothing in flight).
@@ -849,6 +849,8 @@ def _build_rows_py(
     new: list[tuple[int, EntryDraft, bytes]],
     entries: list[tuple[object, ...]],
     nodes: list[tuple[int, int, bytes]],
+    keyed: dict[str, tuple[int, bytes]],
+    rrns: list[str],
     running: dict[tuple[str, str], int],
     first_seq: dict[tuple[str, str], int],
     last_seq: dict[tuple[str, str], int],
@@ -856,8 +858,9 @@ def _build_rows_py(
     load_balance: Callable[[str, str], int],
 ) -> None:
     """The reference of switch._speedups.ledger.build_rows: for each (seq, draft, body) append its
-    entries row, append its leaf to `frontier` (closed subtrees at level >= min_level go to `nodes`)
-    and fold its postings into `running` (starting from `cache`, else the stored balance)."""
+    entries row, append its leaf to `frontier` (closed subtrees at level >= min_level go to `nodes`),
+    map its key to (seq, body) in `keyed`, append its rrn and original_rrn (when set) to `rrns`, and
+    fold its postings into `running` (starting from `cache`, else the stored balance)."""
     header = _HEADER.pack
     sha = _sha256
     append_leaf = frontier.append
@@ -870,6 +873,8 @@ def _build_rows_py(
             (seq, d.idempotency_key, d.kind.value, d.rrn, d.original_rrn, d.at_ms, d.merchant_id,
              d.amount_minor, d.currency, body, leaf)
         )  # fmt: skip
+        keyed[d.idempotency_key] = (seq, body)
+        rrns.extend(r for r in (d.rrn, d.original_rrn) if r)
         for p in d.postings:
             k = (p.account, p.currency)
             bal = running.get(k)

@@ -127,7 +127,7 @@ def test_cython_rows_equal_the_reference(specs: list[tuple[int, int, bool]], sta
         frontier = Frontier(2)
         for leaf in leaves:
             frontier.append(leaf)
-        out: tuple[list[Any], ...] = ([], [])
+        out: tuple[Any, ...] = ([], [], {}, [])
         maps: tuple[dict[Any, Any], ...] = ({}, {}, {})
         cache = {("merchant:M1:payable", "978"): -40}
         build(frontier, new, *out, *maps, cache, lambda a, c: 1000 if a.startswith("acquirer") else 0)
@@ -141,7 +141,7 @@ def test_rows_refuse_a_seq_that_is_not_the_next_leaf() -> None:
     d = draft("k", K.PURCHASE, "R", 5)
     for build in (writer._build_rows_py, fast._ext.build_rows):
         with pytest.raises(ValueError, match="next leaf index"):
-            build(Frontier(8), [(3, d, codec.prepare(d))], [], [], {}, {}, {}, {}, lambda a, c: 0)
+            build(Frontier(8), [(3, d, codec.prepare(d))], [], [], {}, [], {}, {}, {}, {}, lambda a, c: 0)
 
 
 def test_submit_many_answers_each_caller_once_per_batch_and_refuses_bad_outcomes_at_once(
