@@ -62,6 +62,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -132,80 +133,20 @@ class _Submission:
         self.answered = False
 
 
-class _Committer:
-    """The thread that commits one batch at a time and answers its callers (see "Pipeline")."""
+class _JobThread:
+    """A thread that runs one job at a time for the writer: the pipeline's committer (commit a batch,
+    answer its callers) and the indexer (one index run). `submit` hands a job over (never while one is
+    in flight); `result` takes its outcome, once."""
 
     def __init__(
-        self, backend: LedgerBackend, answer: Callable[[list[_Submission]], None], name: str
+        self, run: Callable[[Any], None], name: str, on_close: Callable[[], None] | None = None
     ) -> None:
-        self._backend = backend
-        self._answer = answer
+        self._run = run
+        self._on_close = on_close
         self._cond = threading.Condition()
-        self._job: tuple[list[_Submission], BatchRows | None] | None = None
+        self._job: Any = None
         self._busy = False
-        self._error: BaseException | None = None
-        self._closed = False
-        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self.thread.start()
-
-    def submit(self, subs: list[_Submission], rows: BatchRows | None) -> None:
-        """Commit `rows` (if any), then answer `subs`. Only after wait() returned."""
-        with self._cond:
-            if self._busy:
-                raise RuntimeError("ledger committer: a batch is already in flight")
-            self._job, self._busy = (subs, rows), True
-            self._cond.notify_all()
-
-    def wait(self) -> BaseException | None:
-        """Block until nothing is in flight; the failure of the batch that was, if it failed."""
-        with self._cond:
-            while self._busy:
-                self._cond.wait()
-            error, self._error = self._error, None
-            return error
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        self.thread.join()
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while self._job is None and not self._closed:
-                    self._cond.wait()
-                if self._job is None:
-                    return
-                subs, rows = self._job
-            error: BaseException | None = None
-            if rows is not None:
-                try:
-                    self._backend.write_batch(rows)
-                except BaseException as exc:  # every caller of the batch must hear of it
-                    error = exc
-                    log.error("ledger batch of %d submissions failed: %s", len(subs), exc)
-                    for sub in subs:
-                        if sub.error is None:
-                            sub.entries = None
-                            sub.error = exc
-            try:
-                self._answer(subs)
-            finally:
-                with self._cond:
-                    self._job, self._busy, self._error = None, False, error
-                    self._cond.notify_all()
-
-
-class _Indexer:
-    """The thread that runs one index run at a time on its own backend (see "Index runs")."""
-
-    def __init__(self, backend: LedgerBackend, name: str) -> None:
-        self._backend = backend
-        self._cond = threading.Condition()
-        self._job: tuple[int, int, int] | None = None
-        self._busy = False
-        self._result: tuple[int, BaseException | None] | None = None
+        self._result: tuple[Any, BaseException | None] | None = None
         self._closed = False
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.thread.start()
@@ -214,15 +155,16 @@ class _Indexer:
     def busy(self) -> bool:
         return self._busy
 
-    def submit(self, from_seq: int, to_seq: int, at_ms: int) -> None:
+    def submit(self, job: Any) -> None:
         with self._cond:
             if self._busy:
-                raise RuntimeError("ledger indexer: a run is already in flight")
-            self._job, self._busy, self._result = (from_seq, to_seq, at_ms), True, None
+                raise RuntimeError(f"{self.thread.name}: a job is already in flight")
+            self._job, self._busy, self._result = job, True, None
             self._cond.notify_all()
 
-    def poll(self, wait: bool) -> tuple[int, BaseException | None] | None:
-        """The finished run's (to_seq, error) once, else None (in flight, or none since the last)."""
+    def result(self, wait: bool) -> tuple[Any, BaseException | None] | None:
+        """The finished job and its error (None: it succeeded), once; None while one is in flight
+        (and `wait` is false) or when none ended since the last call."""
         with self._cond:
             while wait and self._busy:
                 self._cond.wait()
@@ -231,15 +173,19 @@ class _Indexer:
             result, self._result = self._result, None
             return result
 
+    def error(self) -> BaseException | None:
+        """Wait until nothing is in flight; the error of the job that was, if it failed."""
+        result = self.result(wait=True)
+        return None if result is None else result[1]
+
     def close(self) -> None:
+        """Stop once the job in flight (if any) has ended; then `on_close`."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         self.thread.join()
-        try:
-            self._backend.close()
-        except Exception:
-            log.exception("closing the ledger indexer's backend failed")
+        if self._on_close is not None:
+            self._on_close()
 
     def _loop(self) -> None:
         while True:
@@ -248,15 +194,56 @@ class _Indexer:
                     self._cond.wait()
                 if self._job is None:
                     return
-                from_seq, to_seq, at_ms = self._job
+                job = self._job
             error: BaseException | None = None
             try:
-                self._backend.write_index_run(from_seq, to_seq, at_ms)
-            except BaseException as exc:  # the writer decides: retry, or stop past MAX_TAIL_RUNS
+                self._run(job)
+            except BaseException as exc:  # the writer decides what a failed job means
                 error = exc
-            with self._cond:
-                self._job, self._busy, self._result = None, False, (to_seq, error)
-                self._cond.notify_all()
+            finally:
+                with self._cond:
+                    self._job, self._busy, self._result = None, False, (job, error)
+                    self._cond.notify_all()
+
+
+def _committer(backend: LedgerBackend, answer: Callable[[list[_Submission]], None], name: str) -> _JobThread:
+    """The pipeline's commit thread (see "Pipeline"): a job is (subs, rows or None); it commits the
+    rows, then answers the subs -- every caller of a failed batch with its error, which it re-raises."""
+
+    def commit_and_answer(job: tuple[list[_Submission], BatchRows | None]) -> None:
+        subs, rows = job
+        error: BaseException | None = None
+        if rows is not None:
+            try:
+                backend.write_batch(rows)
+            except BaseException as exc:  # every caller of the batch must hear of it
+                error = exc
+                log.error("ledger batch of %d submissions failed: %s", len(subs), exc)
+                for sub in subs:
+                    if sub.error is None:
+                        sub.entries = None
+                        sub.error = exc
+        answer(subs)
+        if error is not None:
+            raise error
+
+    return _JobThread(commit_and_answer, name)
+
+
+def _indexer(backend: LedgerBackend, name: str) -> _JobThread:
+    """The index-run thread (see "Index runs") on its own backend: a job is (from_seq, to_seq, at_ms).
+    Closing it closes that backend."""
+
+    def index_run(job: tuple[int, int, int]) -> None:
+        backend.write_index_run(*job)
+
+    def close_backend() -> None:
+        try:
+            backend.close()
+        except Exception:
+            log.exception("closing the ledger indexer's backend failed")
+
+    return _JobThread(index_run, name, close_backend)
 
 
 class LedgerWriter:
@@ -291,7 +278,7 @@ class LedgerWriter:
         self._tail: dict[str, tuple[int, bytes]] = {}
         #: Keys of the run in flight on the indexer (seq in [_watermark, _run_to)).
         self._indexing: dict[str, tuple[int, bytes]] = {}
-        self._indexer: _Indexer | None = None
+        self._indexer: _JobThread | None = None
         self._cond = threading.Condition()
         self._queue: deque[_Submission] = deque()
         self._queued_entries = 0
@@ -308,16 +295,16 @@ class LedgerWriter:
         open_reader = getattr(backend, "open_reader", None) if cfg.commit_pipeline else None
         #: Lookups while a batch is in flight (None: no pipeline, commits in line).
         self._reader: LedgerBackend | None = None
-        self._committer: _Committer | None = None
+        self._committer: _JobThread | None = None
         self._overlay: list[tuple[int, EntryDraft, bytes]] = []  # the in-flight batch's accepted drafts
         try:
             self._reader = open_reader() if open_reader is not None else None
             if self._reader is not None:
-                self._committer = _Committer(backend, self._answer, f"{name}-committer")
+                self._committer = _committer(backend, self._answer, f"{name}-committer")
             open_indexer = getattr(backend, "open_indexer", None)
             indexer_backend = open_indexer() if open_indexer is not None else None
             if indexer_backend is not None:
-                self._indexer = _Indexer(indexer_backend, f"{name}-indexer")
+                self._indexer = _indexer(indexer_backend, f"{name}-indexer")
         except BaseException:
             # E.g. PostgreSQL refused the indexer's connection: leave no thread or connection behind.
             if self._filters is not None:
@@ -467,7 +454,7 @@ class LedgerWriter:
         self._checkpointed_size = b.last_checkpoint_size()
         self._balances = {}
         if self._indexer is not None:
-            self._indexer.poll(wait=True)  # settled either way: the watermark is re-read below
+            self._indexer.result(wait=True)  # settled either way: the watermark is re-read below
         self._indexing = {}
         self._watermark = b.index_watermark()
         if self._watermark > size:
@@ -527,17 +514,17 @@ class LedgerWriter:
         """Hand [watermark, size) -- all durable -- to the indexer; its keys move to `_indexing`."""
         assert self._indexer is not None and not self._indexing
         self._indexing, self._tail = self._tail, {}
-        self._indexer.submit(self._watermark, self._frontier.size, self._clock_ms())
+        self._indexer.submit((self._watermark, self._frontier.size, self._clock_ms()))
 
     def _finish_index_run(self, wait: bool) -> None:
         """Take the indexer's result if its run has ended: the watermark moves (its keys are now
         found by the indexed lookup), or its keys go back to the tail for the next try."""
         if self._indexer is None:
             return
-        result = self._indexer.poll(wait)
+        result = self._indexer.result(wait)
         if result is None:
             return
-        to_seq, error = result
+        (_, to_seq, _), error = result
         if error is None or self._run_committed_anyway(to_seq):
             self._watermark = to_seq
             self._indexing = {}
@@ -563,7 +550,7 @@ class LedgerWriter:
         except BaseException as exc:  # a bug: fail everyone rather than leave callers waiting forever
             log.exception("ledger writer stopped")
             if self._committer is not None:
-                self._committer.wait()  # the batch in flight is answered by its thread, first
+                self._committer.error()  # the batch in flight is answered by its thread, first
             if batch is not None:  # the batch being checked: whoever has not heard, hears now
                 left = [sub for sub in batch if not sub.answered]
                 for sub in left:
@@ -590,7 +577,7 @@ class LedgerWriter:
         state is reloaded from storage (the writer stops if that fails too)."""
         if self._committer is None:
             return True
-        error = self._committer.wait()
+        error = self._committer.error()
         self._overlay = []
         if error is None:
             return True
@@ -708,7 +695,7 @@ class LedgerWriter:
             if committer is None:
                 self._answer(subs)
             else:
-                committer.submit(subs, None)  # repeats and refusals: answered in order, after k
+                committer.submit((subs, None))  # repeats and refusals: answered in order, after k
             return
         if committer is None:
             try:
@@ -730,7 +717,7 @@ class LedgerWriter:
             self._answer(subs)
         else:
             self._overlay = new
-            committer.submit(subs, rows)
+            committer.submit((subs, rows))
         self._maybe_index()
 
     def _maybe_index(self) -> None:
@@ -824,7 +811,7 @@ class LedgerWriter:
         """Refuse what is queued and everything after. Callers are answered from this thread only:
         a batch still in flight on the committer is waited for first."""
         if self._committer is not None:
-            self._committer.wait()
+            self._committer.error()
         with self._cond:
             self._failure = exc
             pending = list(self._queue)
