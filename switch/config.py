@@ -254,6 +254,14 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: Run the ledger writer in a child process (the second core, no GIL shared with the trio thread);
     #: false: a thread of the switch's process (same semantics, one process).
     ledger_writer_process: bool = True
+    #: Nice steps by which that process's CPU priority is set above the switch's own, when the switch
+    #: may raise a priority (root, CAP_SYS_NICE, or an RLIMIT_NICE that allows it, e.g. systemd's
+    #: LimitNICE=; otherwise one info line and equal priority); 0 leaves it equal. Why: every purchase
+    #: waits for it twice (arm, post), each time for a short burst of work after a wake-up; with the
+    #: cores ~75% busy that wake-up waited for a CPU behind the trio process and the load
+    #: (bench/e2e.py --trace at 2,500/s: arm hop slowest 1% 25-49 ms at equal priority, 5-9 ms with the
+    #: ledger process 5 steps up; docs/performance.md).
+    ledger_process_priority_steps: int = 5
     #: sys.setswitchinterval for the switch's process, in microseconds (0: Python's default, 5,000).
     #: Smaller lets the durable-writer thread retake the GIL sooner after each SQLite step.
     gil_switch_interval_us: int = 0

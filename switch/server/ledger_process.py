@@ -77,14 +77,6 @@ MAX_MESSAGES_PER_ROUND = 64
 READER_POLL_S = 0.05
 #: Bytes asked of the socket per read when pumped.
 PUMP_RECEIVE_BYTES = 262_144
-#: Nice steps by which the ledger process's CPU priority is set above the switch's own, when the switch
-#: may raise a priority (root, CAP_SYS_NICE, or an RLIMIT_NICE that allows it, e.g. systemd's
-#: LimitNICE=); 0 leaves it equal. Why: every purchase waits for this process twice (arm, post), each
-#: time for a short burst of work after a wake-up; with the cores ~75% busy that wake-up waited for a CPU
-#: behind the trio process and the load (bench/e2e.py --trace at 2,500/s: arm hop slowest 1% 25-49 ms
-#: at equal priority, 5-9 ms with the ledger process 5 steps up; with a CPU hog beside the bench, p99
-#: 45/60 ms at equal priority against 33/32 ms with it up; docs/performance.md).
-LEDGER_PROCESS_PRIORITY_STEPS = 5
 _LEN = struct.Struct("!i")
 _LEN64 = struct.Struct("!Q")
 
@@ -217,7 +209,7 @@ class RemoteLedgerWriter:
             theirs.close()
         # Right after exec, before the child starts its threads: they inherit its priority (on Linux a
         # priority is per thread).
-        self.priority_raised = _raise_priority(self._proc.pid, LEDGER_PROCESS_PRIORITY_STEPS)
+        self.priority_raised = _raise_priority(self._proc.pid, config.server.ledger_process_priority_steps)
         self._conn = Connection(ours.detach())
         self._conn.send_bytes(msgspec.msgpack.encode(config))
         atexit.register(self._at_exit)

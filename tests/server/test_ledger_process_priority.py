@@ -1,6 +1,6 @@
 """The ledger writer process runs at a higher CPU priority than the switch when the switch may raise it
-(every purchase waits for it twice; see LEDGER_PROCESS_PRIORITY_STEPS), on every one of its threads,
-and a switch that may not raise it (an unprivileged user) still starts and posts as before."""
+(every purchase waits for it twice; see ServerConfig.ledger_process_priority_steps), on every one of
+its threads, and a switch that may not raise it (an unprivileged user) still starts and posts as before."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import os
 import resource
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from switch.ledger.model import EntryKind
 from switch.server import ledger_process
-from switch.server.ledger_process import LEDGER_PROCESS_PRIORITY_STEPS, RemoteLedgerWriter
+from switch.server.ledger_process import RemoteLedgerWriter
 from switch.server.testbed import build
 from tests.ledger.drafts import draft
 
@@ -42,7 +43,7 @@ def _may_raise(target_nice: int) -> bool:
 
 def test_every_thread_of_the_ledger_process_runs_above_the_switch_when_allowed(config) -> None:
     own = os.getpriority(os.PRIO_PROCESS, 0)
-    expected = max(-20, own - LEDGER_PROCESS_PRIORITY_STEPS)
+    expected = max(-20, own - config.server.ledger_process_priority_steps)
     w = RemoteLedgerWriter(config)
     try:
         # a purchase through it: its writer and arm threads are up by now
@@ -76,6 +77,22 @@ def test_a_switch_that_may_not_raise_it_starts_and_posts_as_before(
         assert "keeps the switch's CPU priority" in caplog.text
         entries = w.append([draft("k1", EntryKind.PURCHASE, "000000000001", 500)], timeout_s=30)
         assert [e.seq for e in entries] == [0]
+        assert set(_thread_nice_values(w._proc.pid)) == {own}
+    finally:
+        w.close(30)
+
+
+def test_zero_steps_leave_the_ledger_process_at_the_switch_priority(config) -> None:
+    config = msgspec.structs.replace(
+        config, server=msgspec.structs.replace(config.server, ledger_process_priority_steps=0)
+    )
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    w = RemoteLedgerWriter(config)
+    try:
+        assert not w.priority_raised
+        assert [
+            e.seq for e in w.append([draft("k1", EntryKind.PURCHASE, "000000000001", 500)], timeout_s=30)
+        ] == [0]
         assert set(_thread_nice_values(w._proc.pid)) == {own}
     finally:
         w.close(30)
