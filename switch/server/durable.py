@@ -22,20 +22,15 @@ in ONE `TrioToken.run_sync_soon`), never calls into trio itself.
 from __future__ import annotations
 
 import logging
-import threading
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from switch.routing.store_forward import StoreForward
 from switch.server.armed import ArmedStore
+from switch.server.group_thread import Callback, Deliver, Done, GroupThread
 from switch.server.rrn_store import RrnStore
 
 log = logging.getLogger(__name__)
-
-#: A finished job's callback and its result: (callback, error or None, value).
-Done = tuple[Callable[[BaseException | None, Any], None], BaseException | None, Any]
-Deliver = Callable[[list[Done]], None]
 
 ArmItem = tuple[str, str, Mapping[str, Any] | None]  # acquirer, rrn, reversal fields
 ReleaseItem = tuple[str, str]  # acquirer, rrn
@@ -73,7 +68,7 @@ class _Job:
         return len(self.arms) + len(self.releases) + len(self.saf) + (1 if self.count else 0)
 
 
-class DurableWriter:
+class DurableWriter(GroupThread[_Job]):
     """Owns no store (the caller closes them); start() the thread, close() drains and stops it."""
 
     def __init__(
@@ -88,36 +83,26 @@ class DurableWriter:
     ) -> None:
         if max_pending_items < 1:
             raise ValueError(f"max_pending_items must be >= 1, got {max_pending_items}")
+        super().__init__(deliver, name=name)
         self.armed = armed
         self.saf = saf
         self.rrns = rrns
-        self._deliver = deliver
         self.max_pending_items = max_pending_items
-        self._cond = threading.Condition()
-        self._queue: deque[_Job] = deque()
-        self._pending_items = 0
-        self._closing = False
-        self._idle = True
-        self.groups = 0  # groups written (for metrics and tests)
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
 
     @property
     def pending_items(self) -> int:
-        return self._pending_items
+        return self.pending
 
     # --- queueing (any thread; the core calls from the trio thread) --------------------------------------
     def arm(
         self, items: Sequence[ArmItem], now_ms: int, on_done: Callable[[BaseException | None, Any], None]
     ) -> None:
         """Store armed reversals durably; `on_done(error, None)` once they are (or are not)."""
-        self._put(_Job("arm", on_done, arms=items, now_ms=now_ms), must=False)
+        self._queue_job(_Job("arm", on_done, arms=items, now_ms=now_ms), must=False)
 
     def release(self, items: Sequence[ReleaseItem]) -> None:
         """Delete armed reversals (no callback; a lost release is resolved by recovery)."""
-        self._put(_Job("release", None, releases=items), must=True)
+        self._queue_job(_Job("release", None, releases=items), must=True)
 
     def append_saf(
         self,
@@ -127,66 +112,33 @@ class DurableWriter:
         on_done: Callable[[BaseException | None, Any], None],
     ) -> None:
         """Store store-and-forward items durably, then release `release_after` armed reversals."""
-        self._put(_Job("saf", on_done, saf=items, releases=release_after, now_ms=now_ms), must=True)
+        self._queue_job(_Job("saf", on_done, saf=items, releases=release_after, now_ms=now_ms), must=True)
 
     def reserve_rrns(self, count: int, on_done: Callable[[BaseException | None, Any], None]) -> None:
         """Durably reserve an RRN block; `on_done(None, start)`."""
-        self._put(_Job("rrn", on_done, count=count), must=True)
+        self._queue_job(_Job("rrn", on_done, count=count), must=True)
 
-    def _put(self, job: _Job, *, must: bool) -> None:
-        with self._cond:
-            if self._closing:
-                raise DurableBusy("durable writer is closed")
-            # Arms are refused past the limit (the request is then not sent); what the switch already
-            # owes (store-and-forward, releases, RRNs) is always taken.
-            if not must and self._pending_items + job.items > self.max_pending_items:
-                raise DurableBusy(
-                    f"{self._pending_items} durable items queued (server.max_pending_durable_items="
-                    f"{self.max_pending_items})"
-                )
-            self._queue.append(job)
-            self._pending_items += job.items
-            self._idle = False
-            self._cond.notify()
-
-    def idle(self) -> bool:
-        """True when nothing is queued or being written."""
-        with self._cond:
-            return self._idle
-
-    def close(self, timeout_s: float | None = 30.0) -> None:
-        """Write what is queued, then stop the thread."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify()
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
+    def _queue_job(self, job: _Job, *, must: bool) -> None:
+        # Arms are refused past the limit (the request is then not sent); what the switch already
+        # owes (store-and-forward, releases, RRNs) is always taken.
+        outcome = self._put(job, None if must else self.max_pending_items)
+        if outcome == "closed":
+            raise DurableBusy("durable writer is closed")
+        if outcome == "full":
+            raise DurableBusy(
+                f"{self.pending} durable items queued (server.max_pending_durable_items="
+                f"{self.max_pending_items})"
+            )
 
     # --- the thread ---------------------------------------------------------------------------------
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._closing:
-                    self._idle = True
-                    self._cond.wait()
-                if not self._queue and self._closing:
-                    self._idle = True
-                    return
-                jobs = list(self._queue)
-                self._queue.clear()
-            try:
-                done = self._write(jobs)
-            except BaseException as exc:  # a bug here must not strand callers: fail them all
-                log.exception("durable writer failed on a group of %d jobs", len(jobs))
-                done = [(j.on_done, exc, None) for j in jobs if j.on_done is not None]
-            with self._cond:
-                self._pending_items -= sum(j.items for j in jobs)
-            self.groups += 1
-            if done:
-                try:
-                    self._deliver(done)
-                except Exception:
-                    log.exception("durable writer could not deliver %d completions", len(done))
+    def weight(self, job: _Job) -> int:
+        return job.items
+
+    def callbacks(self, job: _Job) -> list[Callback]:
+        return [] if job.on_done is None else [job.on_done]
+
+    def run_group(self, jobs: list[_Job]) -> list[Done]:
+        return self._write(jobs)
 
     def _write(self, jobs: list[_Job]) -> list[Done]:
         done: list[Done] = []

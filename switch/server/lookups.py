@@ -11,70 +11,41 @@ read is logged and answered as "not found" (the processor declines the request).
 from __future__ import annotations
 
 import logging
-import threading
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from switch.server.group_thread import Callback, Deliver, Done, GroupThread
+
 log = logging.getLogger(__name__)
 
-Callback = Callable[[BaseException | None, Any], None]
-Deliver = Callable[[list[tuple[Callback, BaseException | None, Any]]], None]
+_Lookup = tuple[Callable[..., Any], tuple, Callback]
 
 
-class LookupThread:
+class LookupThread(GroupThread[_Lookup]):
     """Runs `fn(*args)` calls in order on one thread; `callback(error, result)` via `deliver`."""
 
     def __init__(self, deliver: Deliver, *, max_pending: int, name: str = "ledger-lookups") -> None:
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+        super().__init__(deliver, name=name)
         self.max_pending = max_pending
-        self._deliver = deliver
-        self._cond = threading.Condition()
-        self._queue: deque[tuple[Callable[..., Any], tuple, Callback]] = deque()
-        self._closing = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    @property
-    def running(self) -> bool:
-        return self._thread.is_alive()
 
     def submit(self, fn: Callable[..., Any], args: tuple, callback: Callback) -> bool:
         """Queue a read; False (nothing queued) when closed or max_pending reads are waiting."""
-        with self._cond:
-            if self._closing or len(self._queue) >= self.max_pending:
-                return False
-            self._queue.append((fn, args, callback))
-            self._cond.notify()
-            return True
+        return self._put((fn, args, callback), self.max_pending) == "queued"
 
     def close(self, timeout_s: float | None = 10.0) -> None:
-        with self._cond:
-            self._closing = True
-            self._cond.notify()
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
+        super().close(timeout_s)
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._closing:
-                    self._cond.wait()
-                if not self._queue:
-                    return
-                jobs = list(self._queue)
-                self._queue.clear()
-            done: list[tuple[Callback, BaseException | None, Any]] = []
-            for fn, args, callback in jobs:
-                try:
-                    done.append((callback, None, fn(*args)))
-                except Exception as exc:  # a storage error: the request is declined, the switch lives
-                    log.error("ledger lookup failed: %s: %s", type(exc).__name__, exc)
-                    done.append((callback, exc, None))
+    def run_group(self, jobs: list[_Lookup]) -> list[Done]:
+        done: list[Done] = []
+        for fn, args, callback in jobs:
             try:
-                self._deliver(done)
-            except Exception:
-                log.exception("could not deliver %d lookup results", len(done))
+                done.append((callback, None, fn(*args)))
+            except Exception as exc:  # a storage error: the request is declined, the switch lives
+                log.error("ledger lookup failed: %s: %s", type(exc).__name__, exc)
+                done.append((callback, exc, None))
+        return done
+
+    def callbacks(self, job: _Lookup) -> list[Callback]:
+        return [job[2]]
