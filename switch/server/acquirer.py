@@ -24,6 +24,7 @@ from switch.codec.framing import FramingError
 from switch.codec.keys import SecretKey
 from switch.codec.wire import MacFn, Wire, WireError, make_mac_fn
 from switch.config import AcquirerConfig
+from switch.netio import SocketReads
 from switch.routing.link_state import (
     Connect,
     Decision,
@@ -41,9 +42,6 @@ from switch.server.stagetrace import StageTrace
 
 log = logging.getLogger(__name__)
 
-RECEIVE_BYTES = 65_536
-#: Reads that found data, in a row, after which a link's reader yields to the scheduler anyway.
-MAX_READS_WITHOUT_YIELD = 4
 #: A TCP connect that takes longer than this counts as a failed attempt (then backoff).
 CONNECT_TIMEOUT_MS = 5_000
 #: Longest sleep of the echo timer; it wakes earlier when the state machine has something due.
@@ -261,32 +259,14 @@ class AcquirerLink:
                     self.trace.marker(ctxs, stagetrace.LINK_WRITTEN)()
 
     async def _reader(self, stream: trio.SocketStream) -> None:
-        """Reads straight from the socket like switch.server.terminal's reader: a read that finds data
-        is processed at once (no extra scheduling round), every MAX_READS_WITHOUT_YIELD in a row yield."""
+        """Reads straight from the socket (switch.netio): a read that finds data is processed at once."""
         reader = self.wire.reader(self.config.max_frame_bytes)
-        sock = stream.socket
-        fd = sock.fileno()
-        streak = 0
-        drained = False  # the last read was short: the socket had no more, so wait instead of reading
+        reads = SocketReads(stream.socket)
         while True:
-            if drained:  # another read would only raise EAGAIN (see switch.server.terminal)
-                drained = False
-                streak = 0
-                await trio.lowlevel.wait_readable(sock)
-            elif streak >= MAX_READS_WITHOUT_YIELD:
-                streak = 0
-                await trio.lowlevel.checkpoint()
-            try:
-                data = os.read(fd, RECEIVE_BYTES)
-            except BlockingIOError:
-                streak = 0
-                await trio.lowlevel.wait_readable(sock)
-                continue
-            streak += 1
+            data = await reads.read()
             if not data:
                 self._apply([MarkDown("closed by the acquirer")])
                 return
-            drained = len(data) < RECEIVE_BYTES
             try:
                 frames = reader.feed(data)
             except FramingError as exc:

@@ -12,7 +12,7 @@ finds data still yields to the scheduler before returning it, and a wake-up of t
 task switch plus a whole scheduling round; measured with the stage trace (switch.server.stagetrace) at
 2,400 purchases/s, each such hop cost a median of 3-15 ms, a purchase passing four of them. Here a read
 that finds data is processed at once, a read that finds none waits in `trio.lowlevel.wait_readable`
-(one yield), and every MAX_READS_WITHOUT_YIELD reads in a row yield anyway (fairness, cancellation).
+(one yield), and every few reads in a row yield anyway (fairness, cancellation): switch.netio.
 
 Limits from ListenerConfig, each with one clear log line when hit (switch.server.limits):
 
@@ -39,16 +39,13 @@ import trio
 
 from switch.codec.framing import FrameReader, FrameTooLongError, FramingError
 from switch.config import ListenerConfig
+from switch.netio import SocketReads
 from switch.server import stagetrace
 from switch.server.limits import LimitLog
 from switch.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-#: Bytes asked of the socket per receive; a batch of 200-byte frames fits many times over.
-RECEIVE_BYTES = 65_536
-#: Reads that found data, in a row, after which a reader yields to the scheduler anyway.
-MAX_READS_WITHOUT_YIELD = 4
 
 _conn_ids = itertools.count(1)
 
@@ -193,10 +190,7 @@ class TerminalConnection:
         cfg = self.config
         lst = self.listener
         max_inflight = cfg.max_inflight_per_connection
-        sock = self.stream.socket
-        fd = self.fd
-        streak = 0
-        drained = False  # the last read was short: the socket had no more, so wait instead of reading
+        reads = SocketReads(self.stream.socket)
         while not self._closed:
             if self._backlog:
                 room = max_inflight - self.inflight
@@ -210,36 +204,13 @@ class TerminalConnection:
                 continue
             # No deadline per receive (a cancel scope per read costs more than parsing a frame): the
             # listener's idle sweeper closes connections that stay quiet (TerminalListener._sweep_idle).
-            if drained:
-                # A read shorter than asked emptied the socket: another would only raise EAGAIN (a
-                # syscall and an exception per wake-up); what arrived since makes the poll report it.
-                drained = False
-                streak = 0
-                try:
-                    await trio.lowlevel.wait_readable(sock)
-                except (trio.ClosedResourceError, OSError):
-                    return
-                continue
-            if streak >= MAX_READS_WITHOUT_YIELD:
-                streak = 0
-                await trio.lowlevel.checkpoint()
-                continue
             try:
-                data = os.read(fd, RECEIVE_BYTES)
-            except BlockingIOError:
-                streak = 0
-                try:
-                    await trio.lowlevel.wait_readable(sock)
-                except (trio.ClosedResourceError, OSError):
-                    return
-                continue
-            except OSError:
+                data = await reads.read()
+            except (trio.ClosedResourceError, OSError):
                 return
-            streak += 1
             self.last_rx_s = time.monotonic()
             if not data:
                 return
-            drained = len(data) < RECEIVE_BYTES
             try:
                 frames = self.reader.feed(data)
             except FramingError as exc:

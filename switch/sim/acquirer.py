@@ -35,12 +35,9 @@ import trio
 from switch.codec.masking import mask_pan
 from switch.codec.wire import FramingError, MacFn, Wire, WireError, mac_fn_from_hex
 from switch.config import FramingKind
+from switch.netio import SocketReads
 
 log = logging.getLogger(__name__)
-
-RECEIVE_BYTES = 65_536
-#: Reads in a row before the reader lets trio run other tasks (it does when a read finds nothing).
-MAX_READS_WITHOUT_YIELD = 4
 
 
 class Fault(enum.StrEnum):
@@ -462,36 +459,14 @@ class _Connection:
     async def _reader(self) -> None:
         sim = self.sim
         reader = sim.wire.reader(sim.config.max_frame_bytes)
-        sock = self.sock
-        fd = self.fd
-        streak = 0
-        drained = False  # the last read was short: the socket had no more, so wait instead of reading
+        reads = SocketReads(self.sock)
         while True:
-            if drained or streak >= MAX_READS_WITHOUT_YIELD:
-                try:
-                    if drained:  # another read would only raise EAGAIN
-                        await trio.lowlevel.wait_readable(sock)
-                    else:
-                        await trio.lowlevel.checkpoint()
-                except (trio.ClosedResourceError, OSError):
-                    return
-                drained = False
-                streak = 0
             try:
-                data = os.read(fd, RECEIVE_BYTES)
-            except BlockingIOError:
-                streak = 0
-                try:
-                    await trio.lowlevel.wait_readable(sock)
-                except (trio.ClosedResourceError, OSError):
-                    return
-                continue
-            except OSError:
+                data = await reads.read()
+            except (trio.ClosedResourceError, OSError):
                 return
-            streak += 1
             if not data:
                 return
-            drained = len(data) < RECEIVE_BYTES
             try:
                 frames = reader.feed(data)
             except FramingError as exc:
