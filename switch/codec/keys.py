@@ -37,9 +37,7 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
-import stat
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from typing import Any, Final
 
 from cryptography.exceptions import InvalidTag
@@ -50,6 +48,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from switch.config import AcquirerConfig, KeysConfig, TerminalConfig
+from switch.private_files import read_private_file
 
 #: Working keys (PIN and MAC) are double-length 3DES keys.
 WORKING_KEY_BYTES: Final = 16
@@ -430,20 +429,7 @@ def _parse_kek_text(text: str, where: str) -> Kek:
 
 
 def _read_kek_file(file: str) -> Kek:
-    path = Path(file)
-    try:
-        mode = path.stat().st_mode
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise KeyStoreError(f"cannot read KEK file {path}: {exc.strerror}") from None
-    if not raw.isascii():  # checked, not caught: a UnicodeDecodeError would carry the file's bytes
-        raise KeyStoreError(f"KEK file {path} is not hex text")
-    text = raw.decode("ascii")
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise KeyStoreError(
-            f"KEK file {path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); chmod 600 it"
-        )
-    return _parse_kek_text(text, f"file {path}")
+    return _parse_kek_text(read_private_file(file, "KEK file", KeyStoreError), f"file {file}")
 
 
 def _read_kek_env(name: str, env: Mapping[str, str], hint: str) -> Kek:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import stat
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,14 +24,13 @@ import msgspec
 import trio
 
 from switch.codec.keys import SecretKey
+from switch.private_files import MAX_KEY_FILE_BYTES, read_private_file
 from switch.sim.acquirer import AcquirerSim, AcquirerSimConfig, Fault
 
 log = logging.getLogger(__name__)
 
 #: Environment variable holding the simulator's link MAC key (32 hex digits).
 MAC_KEY_ENV = "SWITCH_SIM_MAC_KEY"
-#: Largest key file read (a hex key with whitespace is far smaller).
-MAX_KEY_FILE_BYTES = 4096
 
 
 class SimKeyError(ValueError):
@@ -52,31 +50,11 @@ def parse_hex_key(text: str, where: str, length: int = 16) -> bytes:
     return key
 
 
-def read_private_file(path: Path, what: str, limit: int = MAX_KEY_FILE_BYTES) -> str:
-    """The text of a file that holds a key: refused when group or others may read or write it (as ssh
-    refuses a private key file), when it is not a regular file, or not ASCII text of `limit` bytes at
-    most. The checks are on the file opened, not on whatever the path names a moment later."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise SimKeyError(f"cannot read {what} {path}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise SimKeyError(f"{what} {path} is not a regular file")
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise SimKeyError(
-                f"{what} {path} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
-                "chmod 600 it"
-            )
-        raw = os.read(fd, limit + 1)
-    except OSError as exc:
-        raise SimKeyError(f"cannot read {what} {path}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(raw) > limit or not raw.isascii():  # checked, not caught: no file bytes in a chain
-        raise SimKeyError(f"{what} {path} is not ASCII text of at most {limit} bytes")
-    return raw.decode("ascii")
+def read_sim_key_file(path: str | Path, what: str, limit: int = MAX_KEY_FILE_BYTES) -> str:
+    """A simulator's private file (switch.private_files), refused with SimKeyError."""
+    return read_private_file(
+        path, what, SimKeyError, content=f"ASCII text of at most {limit} bytes", limit=limit
+    )
 
 
 def sim_mac_key(
@@ -86,14 +64,14 @@ def sim_mac_key(
     config file's mac_key_hex (that file must then be private too); (None, "") when none is given."""
     if args.mac_key_file is not None:
         where = f"--mac-key-file {args.mac_key_file}"
-        return parse_hex_key(read_private_file(args.mac_key_file, "MAC key file"), where), where
+        return parse_hex_key(read_sim_key_file(args.mac_key_file, "MAC key file"), where), where
     if environ.get(MAC_KEY_ENV):
         where = f"${MAC_KEY_ENV}"
         return parse_hex_key(environ[MAC_KEY_ENV], where), where
     if config.mac_key_hex:
         where = f"mac_key_hex of {args.config}"
         if args.config is not None:
-            read_private_file(args.config, "config file holding mac_key_hex", limit=1 << 20)
+            read_sim_key_file(args.config, "config file holding mac_key_hex", limit=1 << 20)
         return parse_hex_key(config.mac_key_hex, where), where
     return None, ""
 

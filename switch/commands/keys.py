@@ -23,7 +23,6 @@ import argparse
 import getpass
 import os
 import secrets
-import stat
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ import msgspec
 from switch.codec import keys as keymod
 from switch.commands.secret_files import write_secret_file
 from switch.config import ConfigError, SwitchConfig, load_config
+from switch.private_files import read_private_file
 
 ACTOR = "switch keys reseal"
 
@@ -98,28 +98,9 @@ def _generate_kek(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_key_file(key_file: str) -> str:
-    """A clear key file's text: refused when group or others may read it (as ssh refuses a private
-    key), and read as bytes so that no decode error can carry (or print) any of the key."""
-    path = Path(key_file)
-    try:
-        mode = path.stat().st_mode
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ValueError(f"cannot read key file {path}: {exc.strerror}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ValueError(
-            f"key file {path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); "
-            "chmod 600 it (and treat the key as seen)"
-        )
-    if not raw.isascii():  # checked, not caught: a UnicodeDecodeError would carry the file's bytes
-        raise ValueError(f"key file {path} is not hex text")
-    return raw.decode("ascii")
-
-
 def _read_clear_key(key_file: str | None) -> bytes:
     if key_file:
-        text = _read_key_file(key_file)
+        text = read_private_file(key_file, "key file")
     elif sys.stdin.isatty():
         text = getpass.getpass("clear key (hex, not echoed): ")
     else:

@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from switch.commands.acquirer import parse_hex_key, read_private_file, refuse_clear_key
+from switch.commands.acquirer import parse_hex_key, read_sim_key_file, refuse_clear_key
 from switch.sim.terminal import (
     TerminalError,
     TerminalSim,
@@ -105,7 +105,7 @@ def master_key_hex(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
     """The terminal master key from --master-key-file, else $SWITCH_SIM_MASTER_KEY; "" when neither.
     Errors (SimKeyError, a ValueError) name the source, never the key."""
     if args.master_key_file is not None:
-        text = read_private_file(args.master_key_file, "master key file")
+        text = read_sim_key_file(args.master_key_file, "master key file")
         return parse_hex_key(text, f"--master-key-file {args.master_key_file}").hex().upper()
     if environ.get(MASTER_KEY_ENV):
         return parse_hex_key(environ[MASTER_KEY_ENV], f"${MASTER_KEY_ENV}").hex().upper()

@@ -9,15 +9,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import stat
 import struct
-from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from switch.config import LedgerConfig
+from switch.private_files import read_private_file
 
 #: Shortest HMAC key accepted for PAN hashes (bytes).
 MIN_PAN_HASH_KEY_BYTES = 16
@@ -31,19 +30,7 @@ class LedgerKeyError(ValueError):
 def _read_hex(env: str, file: str, what: str) -> bytes | None:
     text = None
     if file:
-        try:
-            mode = Path(file).stat().st_mode
-            raw = Path(file).read_bytes()
-        except OSError as exc:
-            raise LedgerKeyError(f"cannot read {what} file {file}: {exc.strerror}") from None
-        if not raw.isascii():  # checked, not caught: a UnicodeDecodeError would carry the key's bytes
-            raise LedgerKeyError(f"{what} file {file} is not hex text")
-        text = raw.decode("ascii")
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):  # as for the KEK file: a key others can read is spent
-            raise LedgerKeyError(
-                f"{what} file {file} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); "
-                "chmod 600 it"
-            )
+        text = read_private_file(file, f"{what} file", LedgerKeyError)
     elif env and env in os.environ:
         text = os.environ[env]
     if text is None:
