@@ -7,22 +7,41 @@ shared no code they would drift. Memory is bounded (ProcessingConfig.max_remembe
 max_cached_originals): the oldest finished records are forgotten first and fetched from the ledger again
 when a later void, refund or reversal names them. Forgotten terminal keys are still protected by the
 ledger's idempotency keys (a reused key fails with a conflict and the terminal hears 94).
+
+What is kept of a finished transaction is a `Done` (switch.processing.record): about 850 bytes with its
+strings and map slots instead of ~2,400 for the live `Txn` it was, and not tracked by the cyclic GC, so
+the switch's full collection (switch.server.gcpolicy) does not walk the up to a million kept
+(bench/memory.py). `retire` swaps it in when the terminal has been answered.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 
 import msgspec
 
 from switch.ledger.model import EntryDraft, EntryKind
 from switch.processing import codes
-from switch.processing.record import Hold, Stage, Status, Txn, key_role, key_terminal_key, parse_memo
+from switch.processing.record import (
+    FEE_SUFFIX,
+    Done,
+    Hold,
+    Record,
+    Stage,
+    Status,
+    Txn,
+    done,
+    key_role,
+    key_terminal_key,
+    parse_memo,
+)
 from switch.processing.request import Flow
 
+__all__ = ["FEE_SUFFIX", "Book", "Line", "Totals"]
+
 DEBIT_FLOWS = frozenset({Flow.PURCHASE, Flow.COMPLETION})
-#: RRN suffix of merchant fee entries (switch.merchant.drafts.fee_rrn).
-FEE_SUFFIX = "/fee"
+_intern = sys.intern
 
 _KIND_FLOW = {
     EntryKind.PURCHASE: Flow.PURCHASE,
@@ -57,9 +76,10 @@ class Book:
     def __init__(self, max_keys: int, max_originals: int) -> None:
         self.max_keys = max_keys
         self.max_originals = max_originals
-        self.by_key: dict[str, Txn] = {}
-        self.by_rrn: dict[str, Txn] = {}
-        self.open_holds: dict[str, Txn] = {}
+        #: live transactions (`Txn`) and finished ones (`Done`, see `retire`)
+        self.by_key: dict[str, Record] = {}
+        self.by_rrn: dict[str, Record] = {}
+        self.open_holds: dict[str, Record] = {}
         #: terminal id -> currency -> totals of the open batch
         self.totals: dict[str, dict[str, Totals]] = {}
         #: when each terminal's open batch began (balanced 0500), and when the business day began
@@ -67,27 +87,47 @@ class Book:
         self.day_start_ms = 0
 
     # --- indexes -----------------------------------------------------------------------------------
-    def remember_key(self, key: str, txn: Txn) -> None:
+    def remember_key(self, key: str, txn: Record) -> None:
         self.by_key[key] = txn
         if len(self.by_key) > self.max_keys:
             oldest = next(iter(self.by_key))
             if self.by_key[oldest].stage is Stage.DONE:
                 del self.by_key[oldest]
 
-    def remember_rrn(self, txn: Txn) -> None:
+    def remember_rrn(self, txn: Record) -> None:
         self.by_rrn[txn.rrn] = txn
         if len(self.by_rrn) > self.max_originals:
             oldest = next(iter(self.by_rrn))
             if self.by_rrn[oldest].stage is Stage.DONE:
                 del self.by_rrn[oldest]
 
-    def find_rrn(self, rrn: str) -> Txn | None:
+    def find_rrn(self, rrn: str) -> Record | None:
         return self.by_rrn.get(rrn) or self.open_holds.get(rrn)
 
-    def _record(self, rrn: str) -> Txn:
+    def retire(self, txn: Txn) -> Done | None:
+        """`txn` was answered: keep its compact `Done` record wherever the book holds it (None: it held
+        it nowhere). Live transactions acting on an original hold originals already done (voids,
+        refunds and completions need a durable outcome; a reversal of an original still waiting is
+        answered in the same step); the processor re-points any other (`Txn.is_original`)."""
+        rrn, key = txn.rrn, txn.key
+        in_rrn = bool(rrn) and self.by_rrn.get(rrn) is txn
+        in_key = bool(key) and self.by_key.get(key) is txn
+        in_holds = bool(rrn) and self.open_holds.get(rrn) is txn
+        if not (in_rrn or in_key or in_holds):
+            return None
+        rec = done(txn)
+        if in_rrn:
+            self.by_rrn[rrn] = rec  # an existing key keeps its place in the eviction order
+        if in_key:
+            self.by_key[key] = rec
+        if in_holds:
+            self.open_holds[rrn] = rec
+        return rec
+
+    def _record(self, rrn: str) -> Record:
         txn = self.find_rrn(rrn)
         if txn is None:
-            txn = Txn(flow=Flow.PURCHASE, rrn=rrn)
+            txn = Done(flow=Flow.PURCHASE, rrn=rrn)
             self.remember_rrn(txn)
         return txn
 
@@ -176,23 +216,27 @@ class Book:
                 self.close_batch(d.terminal_id, d.at_ms)
             return
         txn = self._record(d.rrn)
-        if txn.stage is Stage.DONE and not txn.key:  # a record rebuilt from the ledger
+        if isinstance(txn, Done) and not txn.key:  # a record rebuilt from the ledger (`_record`)
             memo = parse_memo(d.memo)
             txn.flow = Flow(memo["flow"]) if "flow" in memo else _KIND_FLOW.get(d.kind, Flow.PURCHASE)
             txn.key = key_terminal_key(d.idempotency_key)
-            txn.terminal_id, txn.merchant_id = d.terminal_id, d.merchant_id
-            txn.at_ms, txn.amount_minor, txn.currency = d.at_ms, d.amount_minor, d.currency
-            txn.pan_masked, txn.pan_hash, txn.original_rrn = d.pan_masked, d.pan_hash, d.original_rrn
-            txn.acquirer = memo.get("acq", "")
-            txn.auth_code = memo.get("auth", "")
-            txn.acq_stan = memo.get("stan", "")
+            txn.terminal_id, txn.merchant_id = _intern(d.terminal_id), _intern(d.merchant_id)
+            txn.at_ms, txn.amount_minor, txn.currency = d.at_ms, d.amount_minor, _intern(d.currency)
+            txn.original_rrn = d.original_rrn
+            txn.repack(  # one string built, not four
+                pan_masked=d.pan_masked,
+                pan_hash=d.pan_hash,
+                auth_code=memo.get("auth", ""),
+                acq_stan=memo.get("stan", ""),
+            )
+            txn.acquirer = _intern(memo.get("acq", ""))
             txn.acq_datetime = memo.get("dt", "")
-            txn.processing_code = memo.get("pc", "")
+            txn.processing_code = _intern(memo.get("pc", ""))
             txn.stand_in = memo.get("si") == "1"
             txn.reversal_queued = memo.get("rq") == "1"
             if txn.key:
                 self.remember_key(txn.key, txn)
-        txn.response_code = d.response_code
+        txn.response_code = _intern(d.response_code)
         if d.kind is EntryKind.DECLINE:
             txn.status = Status.TIMED_OUT if d.response_code == codes.TIMEOUT else Status.DECLINED
             return

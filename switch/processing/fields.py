@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from switch.processing.record import Txn
+from switch.processing.record import Done, Txn
 
 Fields = dict[str, Any]
 
@@ -80,7 +80,7 @@ def rebuilt_request(txn: Txn, institution_id: str, now_ms: int) -> Fields:
     return acquirer_request(base, txn, institution_id, now_ms)
 
 
-def original_data(txn: Txn, institution_id: str) -> str:
+def original_data(txn: Txn | Done, institution_id: str) -> str:
     """Field 90 naming `txn` on the acquirer side: MTI, STAN, field 7, acquiring and forwarding ids."""
     mti = f"0{txn.mti[1] if txn.mti else '2'}00"
     stan = txn.acq_stan or "000000"
@@ -88,7 +88,7 @@ def original_data(txn: Txn, institution_id: str) -> str:
     return f"{mti}{stan}{when}{institution_id[-11:]:0>11}{'':0>11}"
 
 
-def reversal(txn: Txn, institution_id: str, now_ms: int) -> Fields:
+def reversal(txn: Txn | Done, institution_id: str, now_ms: int) -> Fields:
     """0400 reversing `txn` at its acquirer; store-and-forward repeats it as 0401."""
     out: Fields = {
         "t": "0400",
@@ -109,7 +109,7 @@ def reversal(txn: Txn, institution_id: str, now_ms: int) -> Fields:
     return out
 
 
-def advice(txn: Txn, institution_id: str, now_ms: int, original: Txn | None = None) -> Fields:
+def advice(txn: Txn | Done, institution_id: str, now_ms: int, original: Txn | Done | None = None) -> Fields:
     """0220 advice of an outcome the switch decided alone: a stand-in approval or a completion."""
     out: Fields = {
         "t": "0220",
@@ -145,8 +145,14 @@ def reply_base(fields: Fields) -> Fields:
 
 
 def answer(
-    mti: str, base: Fields, code: str, rrn: str = "", auth_code: str = "", extra: Fields | None = None
+    mti: str,
+    base: Fields,
+    code: str,
+    rrn: str = "",
+    auth_code: str = "",
+    extra: Fields | tuple[tuple[str, Any], ...] | None = None,
 ) -> Fields:
+    """`extra`: answer fields after the rest (a live transaction's dict or a `Done`'s pairs)."""
     out: Fields = {"t": response_mti(mti)}
     out.update(base)
     if rrn:

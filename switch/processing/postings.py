@@ -9,7 +9,7 @@ pair of accounts so they never mix with money owed. Every builder's postings bal
 from __future__ import annotations
 
 from switch.ledger.model import EntryDraft, EntryKind, Posting, Side, accounts, check_balanced
-from switch.processing.record import Txn
+from switch.processing.record import Record
 
 D, C = Side.DEBIT, Side.CREDIT
 
@@ -43,7 +43,7 @@ def release(acquirer: str, merchant_id: str, amount_minor: int, currency: str) -
 
 
 def draft(
-    txn: Txn,
+    txn: Record,
     *,
     key: str,
     kind: EntryKind,

@@ -69,7 +69,17 @@ from switch.processing.ports import (
     Rules,
     merchant_hooks,
 )
-from switch.processing.record import Hold, Stage, Status, Txn, clean_memo, key_role, outcome_key, rrn_key
+from switch.processing.record import (
+    Hold,
+    Record,
+    Stage,
+    Status,
+    Txn,
+    clean_memo,
+    key_role,
+    outcome_key,
+    rrn_key,
+)
 from switch.processing.request import CARD_FLOWS, Decline, Flow, Request, check_card, parse, terminal_key
 from switch.processing.rrn import RrnAllocator
 
@@ -207,7 +217,7 @@ class Processor:
         self._flagged.clear()
         return out
 
-    def find(self, rrn: str) -> Txn | None:
+    def find(self, rrn: str) -> Record | None:
         """A transaction known in memory by RRN (status API; the ledger has the rest)."""
         return self.book.find_rrn(rrn)
 
@@ -463,7 +473,7 @@ class Processor:
         if txn is None or txn.stage is not Stage.LOOKUP or not txn.candidates:
             return
         wanted = txn.candidates.pop(0)
-        original: Txn | None = None
+        original: Record | None = None
         if wanted.startswith("tk:"):
             rrn = next((d.rrn for d in ev.drafts if d.idempotency_key == wanted), None)
         else:
@@ -487,12 +497,14 @@ class Processor:
             self._refuse(txn, d.code, d.reason, out)
 
     def _with_original(
-        self, txn: Txn, original: Txn, f: dict[str, Any] | None, now_ms: int, out: Out
+        self, txn: Txn, original: Record, f: dict[str, Any] | None, now_ms: int, out: Out
     ) -> None:
         if original.merchant_id != txn.merchant_id:
             raise Decline(codes.UNKNOWN_ORIGINAL, "original belongs to another merchant")
         txn.original = original
         txn.original_rrn = original.rrn
+        if isinstance(original, Txn):  # still live (a reversal of an original awaiting its answer)
+            original.is_original = True
         flow = txn.flow
         if flow is Flow.REVERSAL:
             self._reverse(txn, original, now_ms, out)
@@ -519,7 +531,7 @@ class Processor:
     # ================================================================================================
     # rules, routing, acquirer
     # ================================================================================================
-    def _check_rules(self, txn: Txn, now_ms: int, original: Txn | None = None) -> None:
+    def _check_rules(self, txn: Txn, now_ms: int, original: Record | None = None) -> None:
         closed_by = ""
         if original is not None:
             if original.status is Status.VOIDED:
@@ -835,17 +847,18 @@ class Processor:
         )
 
     def _refund_fee(
-        self, txn: Txn, original: Txn | None
+        self, txn: Txn, original: Record | None
     ) -> tuple[tuple[EntryDraft, ...], Callable[[], None] | None]:
         """The pro-rata FEE_REFUND of an approved refund, and what to undo once it is posted or not.
         The basis counts refunds of the same sale already being posted, so two refunds committing in
         one batch return exactly what one after the other would."""
-        if original is None or original.fee is None or original.fee_closed:
+        fee = original.fee if original is not None else None
+        if original is None or fee is None or original.fee_closed:
             return (), None
         amount = txn.amount_minor
         drafts = self.hooks.fee_refund_drafts(
             refund_rrn=txn.rrn,
-            fee_entry=original.fee,
+            fee_entry=fee,
             original_amount_minor=original.amount_minor,
             refunded_before_minor=original.refunded_minor + original.refund_posting_minor,
             refund_minor=amount,
@@ -862,7 +875,7 @@ class Processor:
 
         return drafts, after
 
-    def _fee_reversal(self, record: Txn, at_ms: int, reason: str) -> tuple[EntryDraft, ...]:
+    def _fee_reversal(self, record: Record, at_ms: int, reason: str) -> tuple[EntryDraft, ...]:
         """Entries undoing the fee side of `record` when it is voided or reversed: a sale's fee (what
         refunds did not already return) or a refund's fee return."""
         if record.flow is Flow.REFUND:
@@ -898,7 +911,7 @@ class Processor:
     # ================================================================================================
     # flows acting on an original
     # ================================================================================================
-    def _void(self, txn: Txn, original: Txn, now_ms: int, out: Out) -> None:
+    def _void(self, txn: Txn, original: Record, now_ms: int, out: Out) -> None:
         if (
             original.flow is not Flow.PURCHASE
             or original.status is not Status.APPROVED
@@ -941,7 +954,7 @@ class Processor:
             undo=undo,
         )
 
-    def _refund(self, txn: Txn, original: Txn, f: dict[str, Any] | None, now_ms: int, out: Out) -> None:
+    def _refund(self, txn: Txn, original: Record, f: dict[str, Any] | None, now_ms: int, out: Out) -> None:
         if (
             original.flow not in (Flow.PURCHASE, Flow.COMPLETION)
             or original.status is not Status.APPROVED
@@ -962,7 +975,7 @@ class Processor:
         txn.pending_reserved = True
         self._route(txn, f, now_ms, out, preferred=original.acquirer)
 
-    def _complete(self, txn: Txn, original: Txn, now_ms: int, out: Out) -> None:
+    def _complete(self, txn: Txn, original: Record, now_ms: int, out: Out) -> None:
         if original.flow is not Flow.PREAUTH or original.status is not Status.APPROVED:
             raise Decline(codes.INVALID_TRANSACTION, f"original is {original.flow} {original.status}")
         if original.hold is not Hold.OPEN or original.busy:
@@ -992,7 +1005,7 @@ class Processor:
             txn, (d, *self._sale_fee(txn)), out, on_commit=[QueueAdvice(acq, txn.rrn, advice)], undo=undo
         )
 
-    def _reverse(self, txn: Txn, original: Txn, now_ms: int, out: Out) -> None:
+    def _reverse(self, txn: Txn, original: Record, now_ms: int, out: Out) -> None:
         txn.rrn = original.rrn
         if original.terminal_id != txn.terminal_id:
             raise Decline(codes.UNKNOWN_ORIGINAL, "original belongs to another terminal")
@@ -1000,7 +1013,7 @@ class Processor:
             raise Decline(codes.INVALID_TRANSACTION, f"{original.flow} cannot be reversed")
         if txn.amount_minor and txn.amount_minor != original.amount_minor:
             raise Decline(codes.ORIGINAL_AMOUNT_INCORRECT, "reversal amount differs from the original's")
-        if original.stage is Stage.AWAITING:
+        if original.stage is Stage.AWAITING and isinstance(original, Txn):
             # The terminal gave up before the acquirer answered: give up too, answer the reversal now
             # (its promise is the reversal queued in store-and-forward before this reply goes out).
             self.counters["reversals_before_answer"] += 1
@@ -1216,7 +1229,7 @@ class Processor:
             self._finish(txn, code, out)
 
     def _finish(self, txn: Txn, code: str, out: Out) -> None:
-        """Answer every connection waiting on `txn`; it becomes a remembered record."""
+        """Answer every connection waiting on `txn`; the book keeps its compact record (`Done`)."""
         txn.response_code = code
         if txn.pending_reserved and txn.original is not None:
             txn.original.refund_pending_minor -= txn.amount_minor
@@ -1254,8 +1267,11 @@ class Processor:
         txn.pos_fields = {}
         txn.original = None
         txn.terminal_cfg = txn.merchant_cfg = None
-        if "55" in txn.reply_extra:
-            txn.reply_extra = {k: v for k, v in txn.reply_extra.items() if k != "55"}
+        rec = self.book.retire(txn)
+        if rec is not None and txn.is_original:
+            for other in self.live.values():
+                if other.original is txn:
+                    other.original = rec
 
     def _contain(self, event: Event, out: Out) -> None:
         """After a bug: answer 96 and reverse whatever the acquirer may have approved."""
@@ -1310,7 +1326,7 @@ class Processor:
             out.append(RecordLifecycle(tid, "clock", ev.now_ms, reason=reason))
             out.append(Log("warning", "terminal_suspended", f"terminal {tid}: {reason}"))
         expiry_ms = self.config.hold_expiry_ms
-        due: list[Txn] = []
+        due: list[Record] = []
         for h in self.book.open_holds.values():
             if h.at_ms + expiry_ms > ev.now_ms:
                 break
@@ -1331,7 +1347,7 @@ class Processor:
                 original_rrn=h.rrn,
             )
 
-            def undo(h: Txn = h) -> None:
+            def undo(h: Record = h) -> None:
                 h.busy = False
 
             self._post(None, (d,), out, undo=undo)
