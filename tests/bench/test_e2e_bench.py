@@ -50,3 +50,19 @@ def test_toml_writer_round_trips_a_switch_config(tmp_path: Path) -> None:
     path = tmp_path / "switch.toml"
     path.write_text(e2e.toml_dumps(msgspec.to_builtins(config)))
     assert load_config(path) == config
+
+
+def test_the_harness_runs_below_the_switchs_priority(tmp_path: Path) -> None:
+    """--harness-nice: the acquirer simulators (and load generators, by the same hook) run that many
+    nice steps below the switch, so the kernel serves the switch first when both are ready."""
+    import os
+
+    bed = e2e.TestBed(tmp_path, terminals=1, harness_nice=3)
+    with bed:
+        assert bed.switch is not None
+        switch_nice = os.getpriority(os.PRIO_PROCESS, bed.switch.popen.pid)
+        sims = [p for p in bed.procs if p.name.startswith("acquirer-")]
+        assert len(sims) == 2
+        for sim in sims:
+            assert os.getpriority(os.PRIO_PROCESS, sim.popen.pid) == switch_nice + 3, sim.name
+        assert switch_nice == os.getpriority(os.PRIO_PROCESS, 0)  # the switch keeps ours
