@@ -107,3 +107,17 @@ def build_rows_ext() -> Any:
 def key_filter_stage_ext() -> Any:
     """The extension's KeyFilterStage class, or None when the pure-Python stage is to run."""
     return _ext.KeyFilterStage if FAST_PATH else None
+
+
+def sqlite_batch_writer() -> Any:
+    """The extension's SqliteBatchWriter class (switch.ledger.sqlite: batches committed with the GIL
+    released), or None when the pure-Python path runs or the extension cannot find the libsqlite3
+    the sqlite3 module uses."""
+    if not FAST_PATH or not hasattr(_ext, "sqlite_batch_writes"):
+        return None
+    import sqlite3
+
+    major, minor, patch = sqlite3.sqlite_version_info
+    if not _ext.sqlite_batch_writes(major * 1_000_000 + minor * 1_000 + patch):
+        return None
+    return _ext.SqliteBatchWriter
