@@ -147,10 +147,15 @@ class _JobThread:
     in flight); `result` takes its outcome, once."""
 
     def __init__(
-        self, run: Callable[[Any], None], name: str, on_close: Callable[[], None] | None = None
+        self,
+        run: Callable[[Any], None],
+        name: str,
+        on_close: Callable[[], None] | None = None,
+        on_end: Callable[[], None] | None = None,
     ) -> None:
         self._run = run
         self._on_close = on_close
+        self._on_end = on_end  # called on the thread after each job has ended (its outcome is set)
         self._cond = threading.Condition()
         self._job: Any = None
         self._busy = False
@@ -219,30 +224,19 @@ class _JobThread:
                 with self._cond:
                     self._job, self._busy, self._result = None, False, (job, error)
                     self._cond.notify_all()
+                if self._on_end is not None:
+                    self._on_end()
 
 
-def _committer(backend: LedgerBackend, answer: Callable[[list[_Submission]], None], name: str) -> _JobThread:
-    """The pipeline's commit thread (see "Pipeline"): a job is (subs, rows or None); it commits the
-    rows, then answers the subs -- every caller of a failed batch with its error, which it re-raises."""
+def _committer(backend: LedgerBackend, name: str, on_end: Callable[[], None]) -> _JobThread:
+    """The pipeline's commit thread (see "Pipeline"): a job is one batch's rows; it commits them (a
+    failure is the job's error). The writer thread answers the batch's callers once it has seen the
+    job end (`LedgerWriter._settle`)."""
 
-    def commit_and_answer(job: tuple[list[_Submission], BatchRows | None]) -> None:
-        subs, rows = job
-        error: BaseException | None = None
-        if rows is not None:
-            try:
-                backend.write_batch(rows)
-            except BaseException as exc:  # every caller of the batch must hear of it
-                error = exc
-                log.error("ledger batch of %d submissions failed: %s", len(subs), exc)
-                for sub in subs:
-                    if sub.error is None:
-                        sub.entries = None
-                        sub.error = exc
-        answer(subs)
-        if error is not None:
-            raise error
+    def commit(rows: BatchRows) -> None:
+        backend.write_batch(rows)  # looked up per batch (a wrapper set later is honoured)
 
-    return _JobThread(commit_and_answer, name)
+    return _JobThread(commit, name, on_end=on_end)
 
 
 def _indexer(backend: LedgerBackend, name: str) -> _JobThread:
@@ -315,10 +309,14 @@ class LedgerWriter:
         #: GIL released: see "Pipeline").
         self._handoff_waits = False
         self._overlay: list[tuple[int, EntryDraft, bytes]] = []  # the in-flight batch's accepted drafts
+        #: The callers of the batch in flight on the committer, and of the last one that ended and is
+        #: not answered yet (answered right after the next hand-off: see "Pipeline").
+        self._inflight: list[_Submission] = []
+        self._due: list[_Submission] = []
         try:
             self._reader = open_reader() if open_reader is not None else None
             if self._reader is not None:
-                self._committer = _committer(backend, self._answer, f"{name}-committer")
+                self._committer = _committer(backend, f"{name}-committer", self._wake)
                 writes_without_gil = getattr(backend, "writes_without_gil", None)
                 self._handoff_waits = writes_without_gil is not None and writes_without_gil()
             open_indexer = getattr(backend, "open_indexer", None)
@@ -562,6 +560,9 @@ class LedgerWriter:
                 batch = self._take_batch()
                 if batch is None:
                     break
+                if not batch:  # nothing queued and the batch in flight has ended: answer it
+                    self._drain()
+                    continue
                 self._process(batch)
                 batch = None
             self._drain()
@@ -569,8 +570,8 @@ class LedgerWriter:
                 self._final_checkpoint()
         except BaseException as exc:  # a bug: fail everyone rather than leave callers waiting forever
             log.exception("ledger writer stopped")
-            if self._committer is not None:
-                self._committer.error()  # the batch in flight is answered by its thread, first
+            self._answer_due()
+            self._answer(self._settle()[0])  # the batch in flight, first
             if batch is not None:  # the batch being checked: whoever has not heard, hears now
                 left = [sub for sub in batch if not sub.answered]
                 for sub in left:
@@ -592,15 +593,41 @@ class LedgerWriter:
                 except Exception:
                     log.exception("closing the ledger backend failed")
 
-    def _drain(self) -> bool:
-        """Wait until no batch is in flight. False if it failed: its callers have been answered, the
-        state is reloaded from storage (the writer stops if that fails too)."""
+    def _settle(self) -> tuple[list[_Submission], BaseException | None]:
+        """Wait until no batch is in flight; its callers (each with its error if the commit failed,
+        not answered yet) and the commit's error."""
+        if self._committer is None:
+            return [], None
+        error = self._committer.error()
+        subs, self._inflight = self._inflight, []
+        if error is not None:  # every caller of the batch must hear of it
+            log.error("ledger batch of %d submissions failed: %s", len(subs), error)
+            for sub in subs:
+                if sub.error is None:
+                    sub.entries = None
+                    sub.error = error
+        return subs, error
+
+    def _answer_due(self) -> None:
+        due, self._due = self._due, []
+        if due:
+            self._answer(due)
+
+    def _drain(self, defer_answers: bool = False) -> bool:
+        """Wait until no batch is in flight and answer its callers (`defer_answers`: only once the
+        caller has called `_answer_due`, after its hand-off). False if it failed: its callers have
+        been answered, the state is reloaded from storage (the writer stops if that fails too)."""
         if self._committer is None:
             return True
-        error = self._committer.error()
+        subs, error = self._settle()
         self._overlay = []
         if error is None:
+            if defer_answers:
+                self._due = subs
+            elif subs:
+                self._answer(subs)
             return True
+        self._answer(subs)
         try:
             self._load_state()
         except BaseException as reload_exc:
@@ -630,9 +657,19 @@ class LedgerWriter:
                 rows.append(TxnRow(seq, d.kind, d.rrn, d.original_rrn, d.amount_minor, d.currency))
         return rows
 
+    def _wake(self) -> None:
+        """The committer's batch has ended: an idle writer answers its callers (`_take_batch`)."""
+        with self._cond:
+            self._cond.notify()
+
     def _take_batch(self) -> list[_Submission] | None:
+        """The next batch; None when the writer is to stop; [] when nothing is queued and the batch
+        in flight has ended (its callers wait for the writer to answer them)."""
+        committer = self._committer
         with self._cond:
             while not self._queue and not self._closing and self._failure is None:
+                if self._inflight and committer is not None and not committer.busy:
+                    return []
                 self._cond.wait()
             if not self._queue or self._failure is not None:
                 return None
@@ -707,17 +744,17 @@ class LedgerWriter:
                     return
                 self._fail_batch(subs, exc)
                 return
-        if not self._drain():  # batch k failed: this one was checked against it
+        if not self._drain(defer_answers=True):  # batch k failed: this one was checked against it
             self._after_failed_drain(subs)
             return
+        # Batch k is durable; its callers are answered after k+1 is handed over (below), else now.
         committer = self._committer if len(new) >= self._pipeline_min else None
-        if rows is None:
-            if committer is None:
-                self._answer(subs)
-            else:
-                committer.submit((subs, None))  # repeats and refusals: answered in order, after k
+        if rows is None:  # repeats and refusals: answered in order, after k
+            self._answer_due()
+            self._answer(subs)
             return
         if committer is None:
+            self._answer_due()
             try:
                 self._backend.write_batch(rows)
             except BaseException as exc:
@@ -737,7 +774,9 @@ class LedgerWriter:
             self._answer(subs)
         else:
             self._overlay = new
-            committer.submit((subs, rows), wait_taken=self._handoff_waits)
+            self._inflight = subs
+            committer.submit(rows, wait_taken=self._handoff_waits)
+            self._answer_due()
         self._maybe_index()
 
     def _maybe_index(self) -> None:
@@ -830,8 +869,8 @@ class LedgerWriter:
     def _stop(self, exc: BaseException) -> None:
         """Refuse what is queued and everything after. Callers are answered from this thread only:
         a batch still in flight on the committer is waited for first."""
-        if self._committer is not None:
-            self._committer.error()
+        self._answer_due()
+        self._answer(self._settle()[0])
         with self._cond:
             self._failure = exc
             pending = list(self._queue)
