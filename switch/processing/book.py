@@ -230,7 +230,7 @@ class Book:
                 acq_stan=memo.get("stan", ""),
             )
             txn.acquirer = _intern(memo.get("acq", ""))
-            txn.acq_datetime = memo.get("dt", "")
+            txn.acq_datetime = _intern(memo.get("dt", ""))  # one per second: shared by many
             txn.processing_code = _intern(memo.get("pc", ""))
             txn.stand_in = memo.get("si") == "1"
             txn.reversal_queued = memo.get("rq") == "1"

@@ -217,28 +217,38 @@ class Done(Record, gc=False):
     terminal_cfg: ClassVar[None] = None
     merchant_cfg: ClassVar[None] = None
 
-    def parts(self) -> list[str]:
-        """[pan_masked, pan_hash, auth_code, acq_stan, fee_memo]."""
+    def parts(self) -> tuple[str, str, str, str, str]:
+        """(pan_masked, pan_hash, auth_code, acq_stan, fee_memo)."""
         p = self.packed
         if not p:
-            return ["", "", "", "", ""]
-        out, at = [], _PACKED
-        for i in range(_PACKED):
-            n = ord(p[i])
-            out.append(p[at : at + n])
-            at += n
-        out.append(p[at:])
-        return out
+            return ("", "", "", "", "")
+        a = 4 + ord(p[0])
+        b = a + ord(p[1])
+        c = b + ord(p[2])
+        d = c + ord(p[3])
+        return (p[4:a], p[a:b], p[b:c], p[c:d], p[d:])
 
-    def repack(self, **changes: str) -> None:
-        """Set any of pan_masked, pan_hash, auth_code, acq_stan, fee_memo at once."""
-        parts = dict(zip(_PACKED_NAMES, self.parts(), strict=True))
-        parts.update(changes)
-        self.packed = pack(*(parts[n] for n in _PACKED_NAMES))
+    def repack(
+        self,
+        *,
+        pan_masked: str | None = None,
+        pan_hash: str | None = None,
+        auth_code: str | None = None,
+        acq_stan: str | None = None,
+        fee_memo: str | None = None,
+    ) -> None:
+        """Set any of the five packed strings at once (None: keep it)."""
+        pm, ph, ac, st, fm = self.parts()
+        self.packed = pack(
+            pm if pan_masked is None else pan_masked,
+            ph if pan_hash is None else pan_hash,
+            ac if auth_code is None else auth_code,
+            st if acq_stan is None else acq_stan,
+            fm if fee_memo is None else fee_memo,
+        )
 
 
 _PACKED_NAMES = ("pan_masked", "pan_hash", "auth_code", "acq_stan", "fee_memo")
-_PACKED = len(_PACKED_NAMES) - 1  # the last part runs to the end: no length kept for it
 
 
 def pack(pan_masked: str, pan_hash: str, auth_code: str, acq_stan: str, fee_memo: str) -> str:
@@ -246,7 +256,7 @@ def pack(pan_masked: str, pan_hash: str, auth_code: str, acq_stan: str, fee_memo
     survives (no separator to escape); lengths under 128 keep it an ASCII string."""
     if not (pan_masked or pan_hash or auth_code or acq_stan or fee_memo):
         return ""
-    return (
+    return (  # the last part runs to the end: no length kept for it
         f"{chr(len(pan_masked))}{chr(len(pan_hash))}{chr(len(auth_code))}{chr(len(acq_stan))}"
         f"{pan_masked}{pan_hash}{auth_code}{acq_stan}{fee_memo}"
     )

@@ -95,7 +95,8 @@ def test_void_refund_reversal_and_completion_act_on_remembered_records() -> None
     }
 
 
-def _processor_with_fees() -> Processor:
+def _rules() -> MerchantRules:
+    """M1 with a fee contract (visa 1.5% + 0.10), T1 active: the merchant services of bench/processing."""
     far = NOW_MS + 365 * DAY_MS
     active = {"state": TerminalState.ACTIVE, "signed_on_at_ms": 1, "activated_at_ms": 1, "live_at_ms": 1}
     rules = MerchantRules(
@@ -112,6 +113,54 @@ def _processor_with_fees() -> Processor:
         terminals=[Terminal(id="T1", merchant_id="M1", paid_until_ms=far, **active)],  # type: ignore[arg-type]
     )
     rules.recover({("M1", "978"): 1_000_000_000}, {})
+    return rules
+
+
+def _with_fees(**driver: object) -> Driver:
+    rules = _rules()
+    return Driver(rules=rules, directory=RegistryDirectory(rules), **driver)  # type: ignore[arg-type]
+
+
+def _fee_side(sw: Driver) -> list[tuple[EntryKind, int, str]]:
+    fee_kinds = (EntryKind.FEE, EntryKind.FEE_REFUND)
+    return [
+        (e.kind, e.amount_minor, e.memo)
+        for e in sw.ledger.entries
+        if e.kind in fee_kinds or (e.kind is EntryKind.REVERSAL and e.original_rrn.endswith("/fee"))
+    ]
+
+
+def test_a_sale_rebuilt_after_a_restart_returns_and_undoes_its_fee_as_if_never_restarted() -> None:
+    def sales(sw: Driver) -> tuple[str, str]:
+        a = sw.approve(fin(amount=10_001, stan=1)).fields["37"]
+        b = sw.approve(fin(amount=5_003, stan=2)).fields["37"]
+        return a, b
+
+    def act(sw: Driver, a: str, b: str) -> None:
+        sw.request(fin(pc="200000", amount=2_501, stan=3, **{"37": a}))
+        assert sw.one(sw.answer(sw.last_sent()))["39"] == "00"
+        assert sw.one(sw.request(fin(pc="020000", amount=5_003, stan=4, **{"37": b})))["39"] == "00"
+
+    straight = _with_fees()
+    act(straight, *sales(straight))
+    before = _with_fees()
+    a, b = sales(before)
+    after = _with_fees(
+        ledger=before.ledger,
+        rrn_start=3,  # the RRNs the straight run gives the refund and the void
+        recover=Recovered(now_ms=NOW_MS, drafts=tuple(before.ledger.entries)),
+    )
+    rec = after.proc.book.by_rrn[a]
+    assert type(rec) is Done and not gc.is_tracked(rec) and rec.auth_code == "A1B2C3"
+    assert rec.fee is not None and rec.fee.amount_minor == _fee_side(before)[0][1] > 0
+    act(after, a, b)
+    kinds = [k for k, _, _ in _fee_side(after)]
+    assert kinds == [EntryKind.FEE, EntryKind.FEE, EntryKind.FEE_REFUND, EntryKind.REVERSAL]
+    assert _fee_side(after) == _fee_side(straight)
+
+
+def _processor_with_fees() -> Processor:
+    rules = _rules()
     proc = Processor(
         make_config(),
         directory=RegistryDirectory(rules),
