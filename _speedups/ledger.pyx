@@ -409,6 +409,7 @@ from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdlib cimport malloc, free
 from libc.string cimport strncpy
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 cdef extern from "<dlfcn.h>" nogil:
     void *dlopen(const char *filename, int flag)
@@ -531,6 +532,9 @@ cdef class SqliteBatchWriter:
     cdef void *_db
     cdef void **_stmts
     cdef int *_ncols
+    #: Nanoseconds spent with the GIL released (BEGIN .. COMMIT), summed over every batch: with the
+    #: time around `write`, it tells storage work from waiting for the GIL (bench/ledger.py).
+    cdef public long long released_ns
     cdef int _nstmts
 
     def __cinit__(self):
@@ -604,6 +608,7 @@ cdef class SqliteBatchWriter:
         cdef int nplan = 0, rc = _SQLITE_OK, t, nrows, col, rcode
         cdef void *stmt
         cdef char err[_ERR_LEN]
+        cdef timespec t0, t1
         cdef _Val *v
         err[0] = 0
         try:
@@ -619,6 +624,7 @@ cdef class SqliteBatchWriter:
                 plan[2 * nplan + 1] = <int>len(rows)
                 nplan += 1
             with nogil:
+                clock_gettime(CLOCK_MONOTONIC, &t0)
                 rc = _sq_exec(self._db, "BEGIN", NULL, NULL, NULL)
                 v = vals
                 t = 0
@@ -659,6 +665,8 @@ cdef class SqliteBatchWriter:
                     err[_ERR_LEN - 1] = 0
                 if rc != _SQLITE_OK:
                     _sq_exec(self._db, "ROLLBACK", NULL, NULL, NULL)  # fails harmlessly if none open
+                clock_gettime(CLOCK_MONOTONIC, &t1)
+            self.released_ns += (t1.tv_sec - t0.tv_sec) * 1_000_000_000 + (t1.tv_nsec - t0.tv_nsec)
         finally:
             free(vals)
             free(plan)
