@@ -21,11 +21,8 @@ import pstats
 import sys
 import time
 
-from switch.config import MerchantServicesConfig
 from switch.ledger.model import Entry
 from switch.merchant.directory import RegistryDirectory
-from switch.merchant.model import DAY_MS, Contract, Merchant, Rate, Terminal, TerminalState
-from switch.merchant.rules import MerchantRules
 from switch.processing import (
     AcquirerAnswered,
     HmacPanHasher,
@@ -39,28 +36,13 @@ from switch.processing import (
     SendToAcquirer,
     TerminalRequest,
 )
-from switch.processing.harness import NOW_MS, fin, make_config
+from switch.processing.harness import NOW_MS, fee_merchant_rules, fin, make_config
 
 CARDS = ("4111111111111111", "4000000000000002", "5555555555554444")
 
 
 def build() -> Processor:
-    far = NOW_MS + 365 * DAY_MS
-    active = {"state": TerminalState.ACTIVE, "signed_on_at_ms": 1, "activated_at_ms": 1, "live_at_ms": 1}
-    rules = MerchantRules(
-        MerchantServicesConfig(),
-        merchants=[Merchant(id="M1", name="Shop", mcc="5411", currency="978", contract_id="c1")],
-        contracts=[
-            Contract(
-                id="c1",
-                merchant_id="M1",
-                currency="978",
-                rates={"default": Rate(bps=100), "visa": Rate(bps=150, fixed_minor=10)},
-            )
-        ],
-        terminals=[Terminal(id="T1", merchant_id="M1", paid_until_ms=far, **active)],  # type: ignore[arg-type]
-    )
-    rules.recover({("M1", "978"): 1_000_000}, {})
+    rules = fee_merchant_rules(1_000_000)
     proc = Processor(
         make_config(),
         directory=RegistryDirectory(rules),

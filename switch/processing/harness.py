@@ -9,8 +9,17 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from switch.config import AcquirerConfig, MerchantConfig, ProcessingConfig, SwitchConfig, TerminalConfig
+from switch.config import (
+    AcquirerConfig,
+    MerchantConfig,
+    MerchantServicesConfig,
+    ProcessingConfig,
+    SwitchConfig,
+    TerminalConfig,
+)
 from switch.ledger.model import Entry, EntryDraft, EntryKind, Side, check_balanced
+from switch.merchant.model import DAY_MS, Contract, Merchant, Rate, Terminal, TerminalState
+from switch.merchant.rules import MerchantRules
 from switch.processing import (
     AcquirerAnswered,
     ConfigDirectory,
@@ -305,3 +314,35 @@ class Driver:
     def one(self, replies: list[Reply]) -> dict[str, Any]:
         assert len(replies) == 1, replies
         return replies[0].fields
+
+
+def fee_merchant_rules(deposit_minor: int) -> MerchantRules:
+    """Merchant services with one fee-charging merchant: M1 (EUR) on a contract of visa 1.5% + 0.10
+    (else 1%), terminal T1 active and paid for a year, `deposit_minor` held for M1 -- the merchant of
+    bench/processing.py and the memory tests, so fees, fee refunds and fee reversals all occur."""
+    far = NOW_MS + 365 * DAY_MS
+    rules = MerchantRules(
+        MerchantServicesConfig(),
+        merchants=[Merchant(id="M1", name="Shop", mcc="5411", currency="978", contract_id="c1")],
+        contracts=[
+            Contract(
+                id="c1",
+                merchant_id="M1",
+                currency="978",
+                rates={"default": Rate(bps=100), "visa": Rate(bps=150, fixed_minor=10)},
+            )
+        ],
+        terminals=[
+            Terminal(
+                id="T1",
+                merchant_id="M1",
+                paid_until_ms=far,
+                state=TerminalState.ACTIVE,
+                signed_on_at_ms=1,
+                activated_at_ms=1,
+                live_at_ms=1,
+            )
+        ],
+    )
+    rules.recover({("M1", "978"): deposit_minor}, {})
+    return rules

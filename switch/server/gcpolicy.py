@@ -14,7 +14,10 @@ How: `gc.freeze()` every `gc_freeze_interval_ms` moves every object that survive
 permanent generation, which collections skip; young collections still reclaim the short-lived cycles
 (trio tasks, exceptions). The cost is that a frozen object that later becomes cyclic garbage is not
 reclaimed until the next `gc_full_interval_s`, when everything is unfrozen and one full collection runs
-(one long pause, at a known rate, instead of many at random).
+(one long pause, at a known rate, instead of many at random). That pause stays short because the
+largest population, the processor's finished transactions (up to a million), is kept as untracked
+`Done` records (switch.processing.record) that no collection walks: a full collection with a million
+remembered purchases takes ~20 ms against ~2.8 s when they were tracked `Txn`s (bench/memory.py).
 """
 
 from __future__ import annotations

@@ -8,10 +8,8 @@ from __future__ import annotations
 import gc
 import tracemalloc
 
-from switch.config import MerchantServicesConfig
 from switch.ledger.model import Entry, EntryKind
 from switch.merchant.directory import RegistryDirectory
-from switch.merchant.model import DAY_MS, Contract, Merchant, Rate, Terminal, TerminalState
 from switch.merchant.rules import MerchantRules
 from switch.processing import (
     AcquirerAnswered,
@@ -25,7 +23,7 @@ from switch.processing import (
     SendToAcquirer,
     TerminalRequest,
 )
-from switch.processing.harness import NOW_MS, Driver, fin, make_config
+from switch.processing.harness import NOW_MS, Driver, fee_merchant_rules, fin, make_config
 from switch.processing.record import Done, Status, Txn
 
 
@@ -96,24 +94,7 @@ def test_void_refund_reversal_and_completion_act_on_remembered_records() -> None
 
 
 def _rules() -> MerchantRules:
-    """M1 with a fee contract (visa 1.5% + 0.10), T1 active: the merchant services of bench/processing."""
-    far = NOW_MS + 365 * DAY_MS
-    active = {"state": TerminalState.ACTIVE, "signed_on_at_ms": 1, "activated_at_ms": 1, "live_at_ms": 1}
-    rules = MerchantRules(
-        MerchantServicesConfig(),
-        merchants=[Merchant(id="M1", name="Shop", mcc="5411", currency="978", contract_id="c1")],
-        contracts=[
-            Contract(
-                id="c1",
-                merchant_id="M1",
-                currency="978",
-                rates={"default": Rate(bps=100), "visa": Rate(bps=150, fixed_minor=10)},
-            )
-        ],
-        terminals=[Terminal(id="T1", merchant_id="M1", paid_until_ms=far, **active)],  # type: ignore[arg-type]
-    )
-    rules.recover({("M1", "978"): 1_000_000_000}, {})
-    return rules
+    return fee_merchant_rules(1_000_000_000)
 
 
 def _with_fees(**driver: object) -> Driver:
