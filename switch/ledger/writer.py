@@ -313,6 +313,7 @@ class LedgerWriter:
         #: not answered yet (answered right after the next hand-off: see "Pipeline").
         self._inflight: list[_Submission] = []
         self._due: list[_Submission] = []
+        self._window_ends = 0.0  # monotonic end of the batch window being waited out (0: none)
         try:
             self._reader = open_reader() if open_reader is not None else None
             if self._reader is not None:
@@ -674,12 +675,18 @@ class LedgerWriter:
             if not self._queue or self._failure is not None:
                 return None
             if self._window_s > 0 and self._queued_entries < self._max_batch and not self._closing:
-                deadline = time.monotonic() + self._window_s
+                # The window goes on where it was if the batch in flight ended meanwhile: its
+                # callers are answered first (returning []), not after the window.
+                deadline = self._window_ends or time.monotonic() + self._window_s
+                self._window_ends = deadline
                 while self._queued_entries < self._max_batch and not self._closing:
+                    if self._inflight and committer is not None and not committer.busy:
+                        return []
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._cond.wait(left)
+                self._window_ends = 0.0
             batch: list[_Submission] = []
             n = 0
             queue = self._queue

@@ -273,3 +273,24 @@ def test_a_bug_while_a_batch_is_in_flight_answers_everyone_once_and_in_order(
     assert [name for name, _ in heard] == ["sale", "refund"]
     with pytest.raises(LedgerUnavailable):
         writer.append([draft("t", K.PURCHASE, "R2", 5)])
+
+
+def test_callers_of_a_committed_batch_do_not_wait_for_the_next_batch_window(
+    ledger_backend: LedgerDb, signing_key: Ed25519PrivateKey
+) -> None:
+    """The writer answers a pipelined batch's callers (the committer only commits): while it waits out
+    the next batch's window, a batch that has committed is still answered at once."""
+    cfg = LedgerConfig(batch_window_ms=60_000, max_batch_entries=2, pipeline_min_batch_entries=1)
+    w = LedgerWriter(ledger_backend.open(), signing_key=signing_key, config=cfg)
+    try:
+        first, second, third = Answer(), Answer(), Answer()
+        w.submit([draft("a1", K.PURCHASE, "R1", 100), draft("a2", K.PURCHASE, "R2", 200)], first)  # full
+        w.submit([draft("b", K.PURCHASE, "R3", 300)], second)  # waits for the window or a second entry
+        assert first.wait().error is None, "answered while the next batch waits out its window"
+        assert not second.done.is_set()
+        w.submit([draft("c1", K.PURCHASE, "R4", 400), draft("c2", K.PURCHASE, "R5", 500)], third)
+        assert second.wait().error is None and third.wait().error is None
+        assert [e.seq for e in second.entries or []] == [2]
+        assert [e.seq for e in third.entries or []] == [3, 4]
+    finally:
+        w.close()
