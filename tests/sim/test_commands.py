@@ -1,36 +1,16 @@
 """The command line: `switch acquirer sim` serves until stopped; `switch terminal ...` prints one masked
-JSON answer. The simulator is run with the terminal profile here so the terminal can talk to it."""
+JSON answer. The simulator (fixture `sim_port`, tests/sim/conftest.py) is run with the terminal profile
+so the terminal can talk to it. Public test cards may go on the command line; other cards come from a
+file or standard input (tests/sim/test_card_input.py)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
-
-import pytest
 
 from switch.cli import main
 
 PAN = "4111111111111111"
-
-
-@pytest.fixture
-def sim_port(tmp_path: Path):
-    cfg = tmp_path / "sim.toml"
-    cfg.write_text('profile = "terminal_ascii"\nbalances = { "4000000000000002" = 100 }\n')
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "switch", "acquirer", "sim", "--port", "0", "--config", str(cfg)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        line = proc.stdout.readline()
-        assert "listening on" in line, line
-        yield int(line.rsplit(":", 1)[1])
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_terminal_purchase_and_void_from_the_command_line(sim_port: int, tmp_path: Path, capsys) -> None:

@@ -132,7 +132,7 @@ def test_terminal_master_key_from_a_private_file_or_the_environment(tmp_path: Pa
 
     def args(*argv: str):
         return build_parser().parse_args(
-            ["terminal", "purchase", "--port", "1", "--pan", "1", "--amount", "1", *argv]
+            ["terminal", "purchase", "--port", "1", "--pan", "4111111111111111", "--amount", "1", *argv]
         )
 
     with pytest.raises(SystemExit) as exc:
