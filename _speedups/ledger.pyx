@@ -399,15 +399,19 @@ cdef class KeyFilterStage:
 # retakes wait behind the writer thread's Python for up to a GIL switch interval (5 ms) each, so a
 # batch's commit started ~5 ms after it was handed over and its ~13 statements stretched it further
 # (traced: 19 ms per 1,000-entry cycle, of which the write itself 12). `SqliteBatchWriter` copies
-# the rows' values out under the GIL (pointers into the row objects, which the caller keeps alive),
-# then runs BEGIN, one prepared single-row INSERT per row and COMMIT in C with the GIL released:
-# one release per batch. It is a connection of its own to the same file, from the same libsqlite3
-# the sqlite3 module uses (found with RTLD_NOLOAD: never a second copy of SQLite in the process,
-# whose POSIX locks would not see each other's).
+# the rows' values under the GIL -- integers into an array, the bytes of every text (UTF-8) and blob
+# into one buffer owned by the call, so nothing bound points into a Python object -- then runs BEGIN,
+# one prepared single-row INSERT per row and COMMIT in C with the GIL released: one release per
+# batch; the statements' bindings are cleared before the buffer is freed. It is a connection of its
+# own to the same file, through the very libsqlite3 the _sqlite3 extension module uses: the
+# functions are looked up through a handle of _sqlite3 itself (dlopen RTLD_NOLOAD of its file, so
+# dlsym searches it and its dependencies, as its own calls resolve), never a second copy of SQLite
+# in the process (whose POSIX locks would not see each other's), and the library's version must be
+# the one the sqlite3 module reports.
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport strncpy
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
@@ -428,6 +432,7 @@ ctypedef int (*_f_stmt)(void *) noexcept nogil
 ctypedef const char *(*_f_errmsg)(void *) noexcept nogil
 ctypedef int (*_f_busy)(void *, int) noexcept nogil
 ctypedef int (*_f_version)() noexcept nogil
+ctypedef const unsigned char *(*_f_column_text)(void *, int) noexcept nogil
 
 cdef _f_open_v2 _sq_open = NULL
 cdef _f_db _sq_close = NULL
@@ -439,95 +444,149 @@ cdef _f_bind_ptr _sq_bind_blob = NULL
 cdef _f_bind_null _sq_bind_null = NULL
 cdef _f_stmt _sq_step = NULL
 cdef _f_stmt _sq_reset = NULL
+cdef _f_stmt _sq_clear_bindings = NULL
+cdef _f_stmt _sq_bind_parameter_count = NULL
 cdef _f_stmt _sq_finalize = NULL
+cdef _f_db _sq_get_autocommit = NULL
 cdef _f_errmsg _sq_errmsg = NULL
 cdef _f_busy _sq_busy_timeout = NULL
 cdef _f_version _sq_version = NULL
-cdef int _sq_state = 0  # 0 not looked up, 1 found, -1 unavailable
+cdef _f_column_text _sq_column_text = NULL
+cdef int _sq_state = 0  # 0 not looked up, 1 found and the sqlite3 module's version, -1 unavailable
 
 DEF _SQLITE_OK = 0
+DEF _SQLITE_ROW = 100
 DEF _SQLITE_DONE = 101
 DEF _SQLITE_OPEN_READWRITE = 0x2
 DEF _ERR_LEN = 512
 
 
-def sqlite_batch_writes(int version_number):
-    """Whether `SqliteBatchWriter` can run: the libsqlite3 the sqlite3 module loaded is found (never
-    loaded here), has every function it calls, and is the version the sqlite3 module reports
-    (`version_number`: sqlite3.sqlite_version_info as 3_040_001)."""
+def sqlite_batch_writes():
+    """Whether `SqliteBatchWriter` can run: the _sqlite3 extension module is loaded (never loaded
+    here), every function the writer calls resolves through it (the libsqlite3 it uses), and that
+    library's version is the one the sqlite3 module reports (sqlite3.sqlite_version_info)."""
     global _sq_open, _sq_close, _sq_exec, _sq_prepare, _sq_bind_int64, _sq_bind_text, _sq_bind_blob
-    global _sq_bind_null, _sq_step, _sq_reset, _sq_finalize, _sq_errmsg, _sq_busy_timeout, _sq_version
-    global _sq_state
-    if _sq_state == 0:
-        _sq_state = -1
-        lib = dlopen("libsqlite3.so.0", RTLD_NOW | RTLD_NOLOAD)
-        if lib == NULL:
-            return False
-        _sq_open = <_f_open_v2>dlsym(lib, "sqlite3_open_v2")
-        _sq_close = <_f_db>dlsym(lib, "sqlite3_close_v2")
-        _sq_exec = <_f_exec>dlsym(lib, "sqlite3_exec")
-        _sq_prepare = <_f_prepare>dlsym(lib, "sqlite3_prepare_v2")
-        _sq_bind_int64 = <_f_bind_int64>dlsym(lib, "sqlite3_bind_int64")
-        _sq_bind_text = <_f_bind_ptr>dlsym(lib, "sqlite3_bind_text")
-        _sq_bind_blob = <_f_bind_ptr>dlsym(lib, "sqlite3_bind_blob")
-        _sq_bind_null = <_f_bind_null>dlsym(lib, "sqlite3_bind_null")
-        _sq_step = <_f_stmt>dlsym(lib, "sqlite3_step")
-        _sq_reset = <_f_stmt>dlsym(lib, "sqlite3_reset")
-        _sq_finalize = <_f_stmt>dlsym(lib, "sqlite3_finalize")
-        _sq_errmsg = <_f_errmsg>dlsym(lib, "sqlite3_errmsg")
-        _sq_busy_timeout = <_f_busy>dlsym(lib, "sqlite3_busy_timeout")
-        _sq_version = <_f_version>dlsym(lib, "sqlite3_libversion_number")
-        if (_sq_open == NULL or _sq_close == NULL or _sq_exec == NULL or _sq_prepare == NULL
-                or _sq_bind_int64 == NULL or _sq_bind_text == NULL or _sq_bind_blob == NULL
-                or _sq_bind_null == NULL or _sq_step == NULL or _sq_reset == NULL
-                or _sq_finalize == NULL or _sq_errmsg == NULL or _sq_busy_timeout == NULL
-                or _sq_version == NULL):
-            return False
-        _sq_state = 1
-    return _sq_state == 1 and _sq_version() == version_number
+    global _sq_bind_null, _sq_step, _sq_reset, _sq_clear_bindings, _sq_bind_parameter_count
+    global _sq_finalize, _sq_get_autocommit, _sq_errmsg, _sq_busy_timeout, _sq_version
+    global _sq_column_text, _sq_state
+    if _sq_state != 0:
+        return _sq_state == 1
+    _sq_state = -1
+    import sqlite3
+    import _sqlite3
+    cdef bytes module_file = _sqlite3.__file__.encode() if getattr(_sqlite3, "__file__", None) else b""
+    if not module_file:
+        return False  # built into the interpreter: no file to take a handle of
+    cdef void *lib = dlopen(module_file, RTLD_NOW | RTLD_NOLOAD)
+    if lib == NULL:
+        return False
+    _sq_open = <_f_open_v2>dlsym(lib, "sqlite3_open_v2")
+    _sq_close = <_f_db>dlsym(lib, "sqlite3_close_v2")
+    _sq_exec = <_f_exec>dlsym(lib, "sqlite3_exec")
+    _sq_prepare = <_f_prepare>dlsym(lib, "sqlite3_prepare_v2")
+    _sq_bind_int64 = <_f_bind_int64>dlsym(lib, "sqlite3_bind_int64")
+    _sq_bind_text = <_f_bind_ptr>dlsym(lib, "sqlite3_bind_text")
+    _sq_bind_blob = <_f_bind_ptr>dlsym(lib, "sqlite3_bind_blob")
+    _sq_bind_null = <_f_bind_null>dlsym(lib, "sqlite3_bind_null")
+    _sq_step = <_f_stmt>dlsym(lib, "sqlite3_step")
+    _sq_reset = <_f_stmt>dlsym(lib, "sqlite3_reset")
+    _sq_clear_bindings = <_f_stmt>dlsym(lib, "sqlite3_clear_bindings")
+    _sq_bind_parameter_count = <_f_stmt>dlsym(lib, "sqlite3_bind_parameter_count")
+    _sq_finalize = <_f_stmt>dlsym(lib, "sqlite3_finalize")
+    _sq_get_autocommit = <_f_db>dlsym(lib, "sqlite3_get_autocommit")
+    _sq_errmsg = <_f_errmsg>dlsym(lib, "sqlite3_errmsg")
+    _sq_busy_timeout = <_f_busy>dlsym(lib, "sqlite3_busy_timeout")
+    _sq_version = <_f_version>dlsym(lib, "sqlite3_libversion_number")
+    _sq_column_text = <_f_column_text>dlsym(lib, "sqlite3_column_text")
+    if (_sq_open == NULL or _sq_close == NULL or _sq_exec == NULL or _sq_prepare == NULL
+            or _sq_bind_int64 == NULL or _sq_bind_text == NULL or _sq_bind_blob == NULL
+            or _sq_bind_null == NULL or _sq_step == NULL or _sq_reset == NULL
+            or _sq_clear_bindings == NULL or _sq_bind_parameter_count == NULL
+            or _sq_finalize == NULL or _sq_get_autocommit == NULL or _sq_errmsg == NULL
+            or _sq_busy_timeout == NULL or _sq_version == NULL or _sq_column_text == NULL):
+        return False
+    major, minor, patch = sqlite3.sqlite_version_info
+    if _sq_version() != major * 1_000_000 + minor * 1_000 + patch:
+        return False
+    _sq_state = 1
+    return True
 
 
 cdef struct _Val:
     int kind  # 0 NULL, 1 integer, 2 text, 3 blob
-    long long i
-    const char *p
+    long long i  # the integer; for text and blob, the offset of the bytes in the call's buffer
     Py_ssize_t n
 
 
-cdef int _fill(_Val *v, object x) except -1:
+cdef struct _Buf:
+    char *p
+    size_t n
+    size_t cap
+
+
+cdef int _append(_Buf *b, const char *p, Py_ssize_t n) except -1:
+    cdef size_t cap
+    cdef char *grown
+    if b.n + <size_t>n > b.cap:
+        cap = b.cap * 2 if b.cap else 4096
+        while cap < b.n + <size_t>n:
+            cap *= 2
+        grown = <char *>realloc(b.p, cap)
+        if grown == NULL:
+            raise MemoryError()
+        b.p = grown
+        b.cap = cap
+    if n:
+        memcpy(b.p + b.n, p, n)
+    b.n += n
+    return 0
+
+
+cdef int _fill(_Val *v, object x, _Buf *b) except -1:
+    """Copy one value: integers into `v`, the bytes of text and blobs into `b` (at offset v.i)."""
     cdef int overflow = 0
     cdef Py_ssize_t n = 0
+    cdef const char *p = NULL
     v.n = 0
     if x is None:
         v.kind = 0
+        return 0
     elif isinstance(x, int):
         v.kind = 1
         v.i = PyLong_AsLongLongAndOverflow(x, &overflow)
         if overflow:
             raise OverflowError("ledger: integer does not fit 64 bits")
+        return 0
     elif isinstance(x, str):
         v.kind = 2
-        v.p = PyUnicode_AsUTF8AndSize(x, &n)
-        v.n = n
+        p = PyUnicode_AsUTF8AndSize(x, &n)
     elif isinstance(x, bytearray):
         v.kind = 3
-        v.p = PyByteArray_AS_STRING(x)
-        v.n = PyByteArray_GET_SIZE(x)
+        p = PyByteArray_AS_STRING(x)
+        n = PyByteArray_GET_SIZE(x)
     elif isinstance(x, bytes):
         v.kind = 3
-        v.p = PyBytes_AS_STRING(x)
-        v.n = PyBytes_GET_SIZE(x)
+        p = PyBytes_AS_STRING(x)
+        n = PyBytes_GET_SIZE(x)
     else:
         raise TypeError(f"ledger: cannot bind a {type(x).__name__}")
-    if v.n > 0x7FFFFFFF:
+    if n > 0x7FFFFFFF:
         raise OverflowError("ledger: value too long to bind")
+    v.i = <long long>b.n
+    v.n = n
+    _append(b, p, n)
     return 0
 
 
 cdef class SqliteBatchWriter:
     """One SQLite connection that writes whole batches with the GIL released (see above). `inserts`:
     the INSERT statement of each table, one row of parameters each; `write` takes (statement
-    number, rows) pairs and commits them in ONE transaction, or raises (nothing of it visible)."""
+    number, rows) pairs and commits them in ONE transaction, or raises (nothing of it visible).
+
+    Single-threaded: one call at a time. A call made while another is under way (another thread's
+    `write` in its commit, or one re-entered from a row iterator) raises RuntimeError and does
+    nothing. After a ROLLBACK that SQLite could not complete the writer is broken: every later call
+    raises (close it and open another)."""
 
     cdef void *_db
     cdef void **_stmts
@@ -536,22 +595,32 @@ cdef class SqliteBatchWriter:
     #: time around `write`, it tells storage work from waiting for the GIL (bench/ledger.py).
     cdef public long long released_ns
     cdef int _nstmts
+    cdef bint _busy
+    cdef bint _broken
+    cdef readonly str path
 
     def __cinit__(self):
         self._db = NULL
         self._stmts = NULL
         self._ncols = NULL
         self._nstmts = 0
+        self._busy = False
+        self._broken = False
 
     def __init__(self, str path, int busy_timeout_ms, inserts, pragmas=()):
-        if _sq_state != 1:
-            raise RuntimeError("ledger: SQLite batch writes are unavailable")
-        cdef bytes bpath = path.encode()
+        if not sqlite_batch_writes():
+            raise RuntimeError("ledger: SQLite batch writes are unavailable (the sqlite3 module's "
+                               "libsqlite3 was not found through _sqlite3, or its version differs)")
+        if self._db != NULL or self._busy:
+            raise RuntimeError("ledger: batch writer already open")
+        import os
+        self.path = os.path.abspath(path)  # the file is the same whatever the cwd is later
+        cdef bytes bpath = self.path.encode()
         cdef int rc = _sq_open(bpath, &self._db, _SQLITE_OPEN_READWRITE, NULL)
         if rc != _SQLITE_OK:
             msg = self._error()
             self._close()
-            raise RuntimeError(f"cannot open {path}: {msg}")
+            raise RuntimeError(f"cannot open {self.path}: {msg}")
         _sq_busy_timeout(self._db, busy_timeout_ms)
         for pragma in pragmas:
             self.execute(pragma)
@@ -562,67 +631,118 @@ cdef class SqliteBatchWriter:
             self._close()
             raise MemoryError()
         cdef bytes bsql
+        cdef int nparams
         for sql in inserts:
             bsql = sql.encode()
             self._stmts[self._nstmts] = NULL
             rc = _sq_prepare(self._db, bsql, <int>len(bsql), &self._stmts[self._nstmts], NULL)
-            if rc != _SQLITE_OK:
-                msg = self._error()
+            if rc != _SQLITE_OK or self._stmts[self._nstmts] == NULL:
+                msg = self._error() if rc != _SQLITE_OK else "no statement"
                 self._close()
                 raise RuntimeError(f"cannot prepare {sql!r}: {msg}")
-            self._ncols[self._nstmts] = sql.count("?")
+            nparams = _sq_bind_parameter_count(self._stmts[self._nstmts])
             self._nstmts += 1
+            if nparams != sql.count("?"):
+                self._close()
+                raise RuntimeError(f"{sql!r}: SQLite counts {nparams} parameters, not {sql.count('?')}")
+            self._ncols[self._nstmts - 1] = nparams
 
     cdef str _error(self):
         if self._db == NULL:
             return "out of memory"
         return (<bytes>_sq_errmsg(self._db)).decode("utf-8", "replace")
 
-    def execute(self, str sql):
-        """Run statements that return nothing of interest (PRAGMAs), with the GIL held."""
+    cdef int _usable(self) except -1:
+        if self._busy:
+            raise RuntimeError("ledger: batch writer in use by another call (single-threaded)")
         if self._db == NULL:
             raise RuntimeError("ledger: batch writer is closed")
+        if self._broken:
+            raise RuntimeError("ledger: batch writer is broken (a rollback failed); reopen it")
+        return 0
+
+    def execute(self, str sql):
+        """Run statements that return nothing of interest (PRAGMAs), with the GIL held."""
+        self._usable()
         cdef bytes bsql = sql.encode()
         if _sq_exec(self._db, bsql, NULL, NULL, NULL) != _SQLITE_OK:
             raise RuntimeError(f"{sql}: {self._error()}")
 
+    def pragma(self, str name):
+        """The value of `PRAGMA name` on this connection (first column of its first row) as text,
+        or None when it returns no row: e.g. pragma("journal_mode") == "wal"."""
+        self._usable()
+        if not name.replace(".", "_").isidentifier():
+            raise ValueError(f"not a pragma name: {name!r}")
+        cdef bytes bsql = f"PRAGMA {name}".encode()
+        cdef void *stmt = NULL
+        cdef const unsigned char *text
+        cdef int rc
+        if _sq_prepare(self._db, bsql, <int>len(bsql), &stmt, NULL) != _SQLITE_OK:
+            raise RuntimeError(f"PRAGMA {name}: {self._error()}")
+        try:
+            rc = _sq_step(stmt)
+            if rc == _SQLITE_DONE:
+                return None
+            if rc != _SQLITE_ROW:
+                raise RuntimeError(f"PRAGMA {name}: {self._error()}")
+            text = _sq_column_text(stmt, 0)
+            return None if text == NULL else (<bytes>text).decode("utf-8", "replace")
+        finally:
+            _sq_finalize(stmt)
+
     def write(self, list tables):
         """Insert every (statement number, rows) of `tables` in ONE transaction with the GIL
-        released; raises RuntimeError with SQLite's message if anything failed (rolled back)."""
-        if self._db == NULL:
-            raise RuntimeError("ledger: batch writer is closed")
-        cdef Py_ssize_t total = 0, k = 0, r, c, ncols
+        released; raises RuntimeError with SQLite's message if anything failed (rolled back), and
+        ValueError/TypeError/OverflowError for rows it cannot bind (nothing written)."""
+        self._usable()
+        cdef _Val *vals = NULL
+        cdef int *plan = NULL
+        cdef _Buf buf
+        buf.p = NULL
+        buf.n = 0
+        buf.cap = 0
+        cdef tuple snapshot
+        cdef Py_ssize_t total = 0, k = 0, r, c, ncols, seen
         cdef int which
         cdef tuple row
-        for which, rows in tables:
-            if which < 0 or which >= self._nstmts:
-                raise ValueError(f"no statement {which}")
-            total += len(rows) * <Py_ssize_t>self._ncols[which]
-        cdef _Val *vals = <_Val *>malloc((total + 1) * sizeof(_Val))
-        if vals == NULL:
-            raise MemoryError()
-        cdef int *plan = <int *>malloc((2 * len(tables) + 1) * sizeof(int))  # (statement, rows) pairs
-        if plan == NULL:
-            free(vals)
-            raise MemoryError()
-        cdef int nplan = 0, rc = _SQLITE_OK, t, nrows, col, rcode
+        cdef int nplan = 0, rc = _SQLITE_OK, t, nrows, col, rcode, i
         cdef void *stmt
         cdef char err[_ERR_LEN]
         cdef timespec t0, t1
         cdef _Val *v
+        cdef bint rolled_back = True
         err[0] = 0
+        self._busy = True  # under the GIL, and no Python ran since the check: one call at a time
         try:
-            for which, rows in tables:
+            snapshot = tuple(tables)  # the pairs themselves cannot change between the two passes
+            for which, rows in snapshot:
+                if which < 0 or which >= self._nstmts:
+                    raise ValueError(f"no statement {which}")
+                total += len(rows) * <Py_ssize_t>self._ncols[which]
+            vals = <_Val *>malloc((total + 1) * sizeof(_Val))
+            plan = <int *>malloc((2 * len(snapshot) + 1) * sizeof(int))  # (statement, rows) pairs
+            if vals == NULL or plan == NULL:
+                raise MemoryError()
+            for which, rows in snapshot:
                 ncols = self._ncols[which]
+                seen = 0
                 for row in rows:
                     if len(row) != ncols:
                         raise ValueError(f"a row of {len(row)} values for {ncols} columns")
+                    if k + ncols > total:
+                        raise ValueError("ledger: the rows changed while being copied (more than counted)")
                     for c in range(ncols):
-                        _fill(&vals[k], row[c])
+                        _fill(&vals[k], row[c], &buf)
                         k += 1
+                    seen += 1
+                if seen > 0x7FFFFFFF:
+                    raise OverflowError("ledger: too many rows")
                 plan[2 * nplan] = which
-                plan[2 * nplan + 1] = <int>len(rows)
+                plan[2 * nplan + 1] = <int>seen
                 nplan += 1
+            if k != total:
+                raise ValueError("ledger: the rows changed while being copied (fewer than counted)")
             with nogil:
                 clock_gettime(CLOCK_MONOTONIC, &t0)
                 rc = _sq_exec(self._db, "BEGIN", NULL, NULL, NULL)
@@ -635,12 +755,14 @@ cdef class SqliteBatchWriter:
                     while rc == _SQLITE_OK and r < nrows:
                         col = 1
                         while rc == _SQLITE_OK and col <= self._ncols[plan[2 * t]]:
+                            # Text and blobs point into `buf` (SQLITE_STATIC): it outlives the
+                            # bindings, which are cleared below before it is freed.
                             if v.kind == 1:
                                 rc = _sq_bind_int64(stmt, col, v.i)
                             elif v.kind == 2:
-                                rc = _sq_bind_text(stmt, col, v.p, <int>v.n, NULL)
+                                rc = _sq_bind_text(stmt, col, buf.p + v.i, <int>v.n, NULL)
                             elif v.kind == 3:
-                                rc = _sq_bind_blob(stmt, col, v.p, <int>v.n, NULL)
+                                rc = _sq_bind_blob(stmt, col, buf.p + v.i, <int>v.n, NULL)
                             else:
                                 rc = _sq_bind_null(stmt, col)
                             v += 1
@@ -665,15 +787,26 @@ cdef class SqliteBatchWriter:
                     err[_ERR_LEN - 1] = 0
                 if rc != _SQLITE_OK:
                     _sq_exec(self._db, "ROLLBACK", NULL, NULL, NULL)  # fails harmlessly if none open
+                    rolled_back = _sq_get_autocommit(self._db) != 0
+                for i in range(self._nstmts):
+                    _sq_clear_bindings(self._stmts[i])
                 clock_gettime(CLOCK_MONOTONIC, &t1)
             self.released_ns += (t1.tv_sec - t0.tv_sec) * 1_000_000_000 + (t1.tv_nsec - t0.tv_nsec)
         finally:
             free(vals)
             free(plan)
+            free(buf.p)
+            self._busy = False
+        if not rolled_back:
+            self._broken = True
+            raise RuntimeError(f"SQLite error {rc}: {(<bytes>err).decode('utf-8', 'replace')}; "
+                               "the rollback did not end the transaction (batch writer broken)")
         if rc != _SQLITE_OK:
             raise RuntimeError(f"SQLite error {rc}: {(<bytes>err).decode('utf-8', 'replace')}")
 
     def close(self):
+        if self._busy:
+            raise RuntimeError("ledger: batch writer in use by another call (single-threaded)")
         self._close()
 
     cdef void _close(self) noexcept:
@@ -693,4 +826,5 @@ cdef class SqliteBatchWriter:
             self._db = NULL
 
     def __dealloc__(self):
-        self._close()
+        if not self._busy:  # a call under way holds a reference: never the case, but never free it
+            self._close()

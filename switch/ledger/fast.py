@@ -111,13 +111,12 @@ def key_filter_stage_ext() -> Any:
 
 def sqlite_batch_writer() -> Any:
     """The extension's SqliteBatchWriter class (switch.ledger.sqlite: batches committed with the GIL
-    released), or None when the pure-Python path runs or the extension cannot find the libsqlite3
-    the sqlite3 module uses."""
+    released), or None when the pure-Python path runs or the extension cannot reach the libsqlite3
+    the sqlite3 module uses (through the _sqlite3 module's own handle, same version)."""
     if not FAST_PATH or not hasattr(_ext, "sqlite_batch_writes"):
         return None
-    import sqlite3
+    import sqlite3  # noqa: F401  (loads _sqlite3, which the extension looks up but never loads)
 
-    major, minor, patch = sqlite3.sqlite_version_info
-    if not _ext.sqlite_batch_writes(major * 1_000_000 + minor * 1_000 + patch):
+    if not _ext.sqlite_batch_writes():
         return None
     return _ext.SqliteBatchWriter

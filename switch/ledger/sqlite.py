@@ -55,10 +55,12 @@ held and releases and retakes it around every statement step (~13 per 1,000-entr
 commit pipeline the writer thread runs Python the whole time the committer commits, so each retake
 waited up to a GIL switch interval (5 ms), and so did the commit's start: traced, a 1,000-entry cycle
 took 19 ms of which the write 12 and the wait for the GIL ~6. The C writer copies the rows' values
-out under the GIL and runs BEGIN, the inserts and COMMIT (with its fsync) with the GIL released,
-once per batch. Same statements, same transaction, same durability (WAL, synchronous=FULL); on any
-error it rolls back and `write_batch` raises LedgerStorageError. Without the extension (or with
-SWITCH_LEDGER_PURE=1) batches go through sqlite3 as before.
+under the GIL (integers, and the bytes of every text and blob into a buffer of its own) and runs
+BEGIN, the inserts and COMMIT (with its fsync) with the GIL released, once per batch. Same
+statements, same transaction, same durability (WAL, synchronous=FULL: read back on its connection
+when it opens, `_check_durability`, else LedgerStorageError); on any error it rolls back and
+`write_batch` raises LedgerStorageError. Without the extension (or with SWITCH_LEDGER_PURE=1)
+batches go through sqlite3 as before.
 """
 
 from __future__ import annotations
@@ -155,6 +157,9 @@ class SqliteBackend(SqlBackend):
             self.create_schema()  # a schema-3 ledger whose index file is gone: an empty one (all tail)
 
     _checkpointer: WalCheckpointer | None = None
+    #: Run on the C batch writer's connection when it opens; `_check_durability` then reads back
+    #: what the commits depend on.
+    _BATCH_WRITER_PRAGMAS: tuple[str, ...] = ("PRAGMA synchronous = FULL",)
     #: The C batch writer (module docstring), opened at the first batch; False: not available.
     _batch_writer: Any = None
     _autocheckpoint_pages: int | None = None
@@ -207,17 +212,24 @@ class SqliteBackend(SqlBackend):
         open_writer = fast.sqlite_batch_writer() if self.path != ":memory:" else None
         if open_writer is None:
             return False
-        pragmas = ["PRAGMA synchronous = FULL"]
+        pragmas = list(self._BATCH_WRITER_PRAGMAS)
         if self._autocheckpoint_pages is not None:
             pragmas.append(f"PRAGMA main.wal_autocheckpoint = {self._autocheckpoint_pages}")
         inserts = [self.dialect.insert(t, c) for t, c in _TABLE_COLUMNS.items()]
         inserts += [self._sql_head, self._sql_checkpoint]
         try:
-            self._batch_writer = open_writer(self.path, self.busy_timeout_ms, inserts, pragmas)
-        except RuntimeError as exc:
+            writer = open_writer(self.path, self.busy_timeout_ms, inserts, pragmas)
+        except (RuntimeError, MemoryError) as exc:
             log.warning("ledger: batches go through sqlite3 (%s)", exc)
-            self._batch_writer = False
-        return self._batch_writer
+            return False
+        try:
+            _check_durability(writer, self.path)
+        except BaseException:
+            writer.close()
+            self._batch_writer = None  # not False: every batch tries again and fails the same way
+            raise
+        self._batch_writer = writer
+        return writer
 
     def close(self) -> None:
         if self._checkpointer is not None:
@@ -320,6 +332,27 @@ class SqliteBackend(SqlBackend):
         if not wanted:
             return []
         return [TxnRow(*r) for r in self._all(_SQL_TXN_ROWS, (_json.encode(wanted),))]
+
+
+def _check_durability(writer: Any, path: str) -> None:
+    """Refuse a C batch writer whose connection would not commit as the sqlite3 path does: the
+    database in WAL mode, synchronous = FULL (2), read back on that very connection.
+
+    Raises LedgerStorageError rather than falling back to sqlite3: the fallback writes the same file
+    through the same library, so whatever kept these settings from holding (a file not in WAL
+    mode, a library that refuses the setting) is a fault to stop on, not to route around -- a
+    payments ledger must not commit with less durability than it states."""
+    try:
+        mode = writer.pragma("journal_mode")
+        sync = writer.pragma("synchronous")
+    except RuntimeError as exc:
+        writer_error = f"cannot read the batch writer's settings: {exc}"
+        raise LedgerStorageError(f"ledger {path}: {writer_error}") from exc
+    if (mode or "").lower() != "wal" or sync != "2":
+        raise LedgerStorageError(
+            f"ledger {path}: the batch writer's connection has journal_mode={mode}, synchronous={sync}"
+            " (need wal and 2, FULL)"
+        )
 
 
 class WalCheckpointer:
