@@ -686,7 +686,9 @@ class LedgerWriter:
                     if left <= 0:
                         break
                     self._cond.wait(left)
-                self._window_ends = 0.0
+            # A batch is taken: the next one has a window of its own (even when this one filled up
+            # without its window being waited out, after an interrupted window).
+            self._window_ends = 0.0
             batch: list[_Submission] = []
             n = 0
             queue = self._queue
