@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgspec
 
-from switch.ledger.model import EntryDraft, EntryKind
+from switch.ledger.model import EntryDraft
+from switch.merchant import drafts as merchant_drafts
 from switch.processing.request import Flow
 
 #: RRN suffix of merchant fee entries (switch.merchant.drafts.fee_rrn).
-FEE_SUFFIX = "/fee"
+FEE_SUFFIX = merchant_drafts.fee_rrn("")
 
 
 class Stage(enum.StrEnum):
@@ -107,21 +108,18 @@ class Record(msgspec.Struct):
     @property
     def fee(self) -> EntryDraft | None:
         """The sale's FEE entry (what refunds return and reversals undo), rebuilt from the two fields
-        kept of it: merchant fee entries (switch.merchant.drafts.fee) are `<sale rrn>/fee` for the
-        sale's merchant, terminal and currency, so only the amount and the terms memo vary."""
+        kept of it by the one function that made it (switch.merchant.drafts.fee: `<sale rrn>/fee` for the
+        sale's merchant, terminal and currency, so only the amount and the terms memo vary)."""
         if self.fee_minor < 0:
             return None
-        return EntryDraft(
-            idempotency_key=f"fee:{self.rrn}",
-            kind=EntryKind.FEE,
-            rrn=self.rrn + FEE_SUFFIX,
-            at_ms=self.at_ms,
-            merchant_id=self.merchant_id,
-            terminal_id=self.terminal_id,
-            amount_minor=self.fee_minor,
-            currency=self.currency,
-            original_rrn=self.rrn,
-            memo=self.fee_memo,
+        return merchant_drafts.fee(
+            self.rrn,
+            self.merchant_id,
+            self.terminal_id,
+            self.fee_minor,
+            self.currency,
+            self.at_ms,
+            self.fee_memo,
         )
 
     @fee.setter
