@@ -229,11 +229,19 @@ class AdminConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     token_env: str = "SWITCH_ADMIN_TOKEN"
 
 
+#: Smallest `server.armed_slot_bytes` accepted (a slot must hold the live arms and room for more).
+MIN_ARMED_SLOT_BYTES = 65_536
+
+
 class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The trio server's own state files and timers (switch.server)."""
 
-    #: Pre-stored reversals, armed durably before each acquirer request leaves.
+    #: Pre-stored reversals, armed durably before each acquirer request leaves: an append-only log in
+    #: this file and `<armed_path>-b` (switch.server.armed; an older SQLite file here is migrated).
     armed_path: str = "var/armed.db"
+    #: Bytes each of the two armed-reversal log files is preallocated to (zero-filled); when a group
+    #: of arms does not fit, the live ones move to the other file. Larger: rarer moves, more disk.
+    armed_slot_bytes: int = 4 * 1024 * 1024
     #: Durable high-water mark of reserved RRNs (field 37).
     rrn_path: str = "var/rrn.hwm"
     #: How often request deadlines are checked (a timeout is answered at most this late).
@@ -278,6 +286,13 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: shutdown (bench/e2e.py --trace). Empty: off.
     stage_trace_path: str = ""
     stage_trace_max_txns: int = 500_000
+
+    def __post_init__(self) -> None:
+        if self.armed_slot_bytes < MIN_ARMED_SLOT_BYTES:
+            raise ValueError(
+                f"server.armed_slot_bytes must be at least {MIN_ARMED_SLOT_BYTES}, "
+                f"got {self.armed_slot_bytes}"
+            )
 
 
 class MerchantServicesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

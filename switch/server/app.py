@@ -108,7 +108,7 @@ class Switch:
         except (keymod.KeyStoreError, RegistryError) as exc:
             raise StartupError(f"merchant services: {exc}") from None
         self.saf = StoreForward.open(config.store_forward, kek=kek)
-        self.armed = ArmedStore(config.server.armed_path, kek=kek)
+        self.armed = ArmedStore(config.server.armed_path, kek=kek, slot_bytes=config.server.armed_slot_bytes)
         self.rrns = RrnStore(config.server.rrn_path)
         self.router = BinTable.from_config(config.routing)
         self.processor = make_processor(

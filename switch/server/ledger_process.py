@@ -620,7 +620,11 @@ def child_main(conn: Any, config_bytes: bytes, environ: dict[str, str] | None = 
         from switch.server.armed import ArmedStore
 
         config = msgspec.msgpack.decode(config_bytes, type=SwitchConfig)
-        armed = ArmedStore(config.server.armed_path, kek=keymod.load_kek(config.keys, environ))
+        armed = ArmedStore(
+            config.server.armed_path,
+            kek=keymod.load_kek(config.keys, environ),
+            slot_bytes=config.server.armed_slot_bytes,
+        )
         writer = open_writer(config.ledger)
     except BaseException as exc:  # report why, so the switch's start-up error says it
         conn.send_bytes(_encoder.encode(Failed(f"{type(exc).__name__}: {exc}")))

@@ -1,5 +1,6 @@
 """Armed-reversal store card data at rest: the PAN is sealed in the file (both write paths), opened for
-recovery, and clear rows of an older file are sealed and scrubbed when it is opened."""
+recovery, and the rows of an older (SQLite) file, even clear ones, are sealed into the log and the old
+file scrubbed when it is opened."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import msgspec
 import pytest
 
 from switch.codec.keys import Kek
+from switch.server import armed
 from switch.server.armed import ArmedStore, ArmedStoreError
 
 PANS = ["4761739001010119", "5425233430109903", "4263982640269299"]
@@ -69,15 +71,22 @@ def test_both_write_paths_seal_and_recovery_opens(tmp_path: Path) -> None:
     assert_no_card_data(file_bytes(path))
 
 
-def test_a_row_moved_to_another_rrn_stops_the_start(tmp_path: Path) -> None:
+def test_a_record_moved_to_another_rrn_stops_the_start(tmp_path: Path) -> None:
+    """Someone who can write the file forges a record under another RRN (CRC and all): the seal,
+    bound to acquirer and RRN, does not open there, and the start stops naming the record."""
     path = tmp_path / "armed.db"
     store = ArmedStore(path, kek=KEK)
     store.arm_many([("alpha", "000000000001", reversal(PANS[0], "000000000001"))], 0)
     store.close()
-    conn = sqlite3.connect(path)
-    conn.execute("UPDATE armed SET rrn = '000000000777'")
-    conn.commit()
-    conn.close()
+    raw = path.read_bytes()
+    gen = armed._header_generation(raw[: armed.HEADER_BYTES])
+    assert gen
+    live, _ = armed._replay(raw, gen)
+    ((sealed, created),) = live.values()
+    forged = armed._encode([(True, "alpha", "000000000777", sealed, created)], gen)
+    with open(path, "r+b") as f:
+        f.seek(armed.HEADER_BYTES)
+        f.write(forged + bytes(64))
     with pytest.raises(ArmedStoreError, match=r"armed\.db.*armed/alpha/000000000777") as err:
         ArmedStore(path, kek=KEK)
     assert PANS[0][6:] not in str(err.value)

@@ -1,0 +1,79 @@
+"""Reading the armed-reversal file of switches before the append log (an SQLite database), once.
+
+Why it exists: a switch upgraded with armed reversals still on disk must not lose them -- each stands
+for a request whose outcome the ledger may not show. `switch.server.armed.ArmedStore` finds the old
+file at its path (by SQLite's header), takes its rows from here, writes them to its log, and then
+scrubs the old file (`scrub`): overwritten with zeros, synced, removed, so no page with a PAN, sealed
+or (older still) in clear, stays behind.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+from switch.codec.sealing import FieldSealer, decode_legacy, is_legacy
+
+#: The first 16 bytes of every SQLite database file.
+SQLITE_HEADER = b"SQLite format 3\x00"
+#: Files SQLite keeps beside a database in WAL mode.
+SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def is_sqlite(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(SQLITE_HEADER)) == SQLITE_HEADER
+    except FileNotFoundError:
+        return False
+
+
+def read_rows(
+    path: str, sealer: FieldSealer, context: Callable[[str, str], bytes]
+) -> list[tuple[str, str, dict[str, str], int]]:
+    """(acquirer, rrn, opened fields, created_ms) of every row, oldest first. Rows written in clear
+    (before sealing) are decoded; sealed rows are opened under the sealer's KEKs (SealingError names a
+    row that does not open). The WAL is checkpointed into the file first, so nothing is left in it."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        rows = conn.execute(
+            "SELECT acquirer, rrn, fields, created_ms FROM armed ORDER BY created_ms"
+        ).fetchall()
+    finally:
+        conn.close()
+    out = []
+    for acquirer, rrn, data, created_ms in rows:
+        fields = decode_legacy(data) if is_legacy(data) else sealer.open(data, context(acquirer, rrn))
+        out.append((acquirer, rrn, fields, int(created_ms)))
+    return out
+
+
+def scrub(path: str) -> None:
+    """Overwrite the old database and its side files with zeros, sync them, and remove them."""
+    for name in (path, *(path + s for s in SIDE_FILES)):
+        try:
+            fd = os.open(name, os.O_WRONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            size = os.fstat(fd).st_size
+            zeros = bytes(min(size, 1 << 20))
+            done = 0
+            while done < size:
+                done += os.pwrite(fd, zeros[: size - done], done)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.unlink(name)
+    _sync_dir(path)
+
+
+def _sync_dir(path: str) -> None:
+    fd = os.open(str(Path(path).parent), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,220 @@
+"""The armed-reversal log (switch.server.armed): what a switch finds after a restart or a crash is
+every arm it was told was durable and not released, never a reversal it did not arm; the two slot files
+take turns without losing anything; released records are scrubbed; one process writes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from switch.codec.keys import Kek
+from switch.codec.sealing import FieldSealer
+from switch.config import ServerConfig
+from switch.server import armed
+from switch.server.armed import ArmedStore, ArmedStoreError
+
+KEK = Kek(bytes(range(32)))
+SMALL = armed.MIN_ARMED_SLOT_BYTES  # 64 KiB: a few hundred arms per slot, so the slots take turns
+
+
+def reversal(rrn: str) -> dict[str, str]:
+    return {"t": "0400", "2": "4761739001010119", "4": "000000001000", "37": rrn, "52": "AB" * 8}
+
+
+def rrn(i: int) -> str:
+    return f"{i:012d}"
+
+
+def rrns(store: ArmedStore) -> list[str]:
+    return [r for _, r, _ in store.all()]
+
+
+def test_arms_survive_a_reopen_in_arming_order_and_releases_remove_them(tmp_path: Path) -> None:
+    path = tmp_path / "armed.db"
+    store = ArmedStore(path, kek=KEK)
+    store.arm_many([("alpha", rrn(3), reversal(rrn(3)))], now_ms=30)
+    store.apply(
+        [
+            (True, ("alpha", rrn(1), reversal(rrn(1)), 10)),
+            (True, ("beta", rrn(2), reversal(rrn(2)), 20)),
+            (False, ("alpha", rrn(1))),
+            (True, ("alpha", rrn(4), None, 40)),  # a request without a reversal arms nothing
+        ]
+    )
+    assert len(store) == 2
+    store.close()
+    reopened = ArmedStore(path, kek=KEK)
+    assert [(a, r) for a, r, _ in reopened.all()] == [("beta", rrn(2)), ("alpha", rrn(3))]
+    assert reopened.all()[0][2] == {"t": "0400", "2": "4761739001010119", "4": "000000001000", "37": rrn(2)}
+    reopened.release_many([("beta", rrn(2)), ("alpha", rrn(3)), ("alpha", rrn(99))])  # 99: never armed
+    reopened.close()
+    assert rrns(ArmedStore(path, kek=KEK)) == []
+
+
+def test_the_slots_take_turns_without_losing_an_arm_and_scrub_what_was_released(tmp_path: Path) -> None:
+    path = tmp_path / "armed.db"
+    store = ArmedStore(path, kek=KEK, slot_bytes=SMALL)
+    expected: set[str] = set()
+    for i in range(3_000):  # ~300 bytes per arm: about a dozen moves between the two slots
+        ops: list = [(True, ("alpha", rrn(i), reversal(rrn(i)), i))]
+        if i >= 5:
+            ops.append((False, ("alpha", rrn(i - 5))))  # five in flight, as on a quiet link
+            expected.discard(rrn(i - 5))
+        store.apply(ops)
+        expected.add(rrn(i))
+    generation = store._generation
+    assert generation > 10, "the test should have made the slots take turns"
+    store.close()
+    assert set(rrns(ArmedStore(path, kek=KEK, slot_bytes=SMALL))) == expected
+    # the slot not in use holds no record: what was released there was overwritten with zeros
+    current = Path(f"{path}{armed.SLOT_SUFFIXES[(generation + 1) % 2]}")
+    other = Path(f"{path}{armed.SLOT_SUFFIXES[generation % 2]}")
+    assert armed._header_generation(current.read_bytes()[: armed.HEADER_BYTES]) == generation
+    assert other.read_bytes()[armed.HEADER_BYTES :] == bytes(other.stat().st_size - armed.HEADER_BYTES)
+
+
+def test_a_live_set_larger_than_a_slot_grows_the_slot(tmp_path: Path) -> None:
+    path = tmp_path / "armed.db"
+    store = ArmedStore(path, kek=KEK, slot_bytes=SMALL)
+    store.apply([(True, ("alpha", rrn(i), reversal(rrn(i)), i)) for i in range(600)])  # ~180 KB at once
+    store.close()
+    assert len(rrns(ArmedStore(path, kek=KEK, slot_bytes=SMALL))) == 600
+    assert max(p.stat().st_size for p in tmp_path.glob("armed.db*")) > SMALL
+
+
+def test_a_torn_last_write_ends_the_log_and_keeps_everything_before_it(tmp_path: Path) -> None:
+    path = tmp_path / "armed.db"
+    store = ArmedStore(path, kek=KEK)
+    store.arm_many([("alpha", rrn(1), reversal(rrn(1)))], 1)
+    end_of_first = store._head
+    store.arm_many([("alpha", rrn(2), reversal(rrn(2)))], 2)
+    end_of_second = store._head
+    store.close()
+    with open(path, "r+b") as f:  # the crash tore the second record: its last bytes never arrived
+        f.seek(end_of_second - 40)
+        f.write(bytes(40))
+    reopened = ArmedStore(path, kek=KEK)
+    assert rrns(reopened) == [rrn(1)]
+    # the next arm goes where the torn one was, and reads back
+    reopened.arm_many([("alpha", rrn(3), reversal(rrn(3)))], 3)
+    assert reopened._head > end_of_first
+    reopened.close()
+    assert rrns(ArmedStore(path, kek=KEK)) == [rrn(1), rrn(3)]
+
+
+CRASHER = textwrap.dedent(
+    """
+    import sys
+    from switch.codec.keys import Kek
+    from switch.server.armed import ArmedStore
+
+    store = ArmedStore(sys.argv[1], kek=Kek(bytes(range(32))), slot_bytes=65536)
+    fields = {"t": "0400", "2": "4761739001010119", "4": "000000001000"}
+    i = 0
+    while True:
+        ops = [(True, ("alpha", f"{i:012d}", fields, i))]
+        if i >= 3:
+            ops.append((False, ("alpha", f"{i - 3:012d}")))
+        store.apply(ops)
+        sys.stdout.write(f"{i}\\n")
+        sys.stdout.flush()
+        i += 1
+    """
+)
+
+
+@pytest.mark.parametrize("kill_after", [150, 700, 1_900])
+def test_after_sigkill_every_acknowledged_arm_not_released_is_there_and_nothing_else(
+    tmp_path: Path, kill_after: int
+) -> None:
+    """A process arms (and releases the arm three back) in a loop, across many slot moves, and is
+    killed with SIGKILL mid-stream. Arm i was acknowledged when its line was printed; the release of
+    i-3 went out in the same write as arm i."""
+    path = tmp_path / "armed.db"
+    proc = subprocess.Popen([sys.executable, "-c", CRASHER, str(path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if int(line) >= kill_after:
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    last = max([kill_after, *(int(line) for line in proc.stdout.read().split())])  # lines still in the pipe
+    found = {int(r) for r in rrns(ArmedStore(path, kek=KEK))}
+    # the state after the last acknowledged write, or after the one in flight when the kill came
+    assert found in ({last - 2, last - 1, last}, {last - 1, last, last + 1}), (last, sorted(found))
+
+
+def test_one_process_writes_and_others_may_read(tmp_path: Path) -> None:
+    path = tmp_path / "armed.db"
+    writer = ArmedStore(path, kek=KEK)
+    writer.arm_many([("alpha", rrn(1), reversal(rrn(1)))], 1)
+    reader = ArmedStore(path, kek=KEK)  # e.g. the switch at start-up, while its ledger process writes
+    assert rrns(reader) == [rrn(1)]
+    with pytest.raises(ArmedStoreError, match="in use by another process"):
+        reader.arm_many([("alpha", rrn(2), reversal(rrn(2)))], 2)
+    reader.close()
+    writer.close()
+    second = ArmedStore(path, kek=KEK)  # the lock went with the writer
+    second.arm_many([("alpha", rrn(2), reversal(rrn(2)))], 2)
+    assert rrns(second) == [rrn(1), rrn(2)]
+    second.close()
+
+
+def test_a_failed_sync_refuses_every_later_arm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ArmedStore(tmp_path / "armed.db", kek=KEK)
+    store.arm_many([("alpha", rrn(1), reversal(rrn(1)))], 1)
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(armed.os, "fdatasync", failing)
+    with pytest.raises(ArmedStoreError, match="write failed"):
+        store.arm_many([("alpha", rrn(2), reversal(rrn(2)))], 2)
+    monkeypatch.undo()
+    with pytest.raises(ArmedStoreError, match="restart the switch"):
+        store.arm_many([("alpha", rrn(3), reversal(rrn(3)))], 3)
+    assert rrns(store) == [rrn(1)]  # what the switch knows as armed did not change
+    store.close()
+
+
+def test_a_file_that_is_not_an_armed_log_stops_the_start(tmp_path: Path) -> None:
+    path = tmp_path / "armed.db"
+    path.write_bytes(b"something else entirely" + bytes(5000))
+    with pytest.raises(ArmedStoreError, match="not an armed-reversal log"):
+        ArmedStore(path, kek=KEK)
+
+
+def test_an_sqlite_store_of_an_older_switch_is_moved_into_the_log(tmp_path: Path) -> None:
+    path = tmp_path / "armed.db"
+    sealer = FieldSealer(KEK, armed.SEAL_PURPOSE)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(
+        "CREATE TABLE armed (acquirer TEXT NOT NULL, rrn TEXT NOT NULL, fields BLOB NOT NULL, "
+        "created_ms INTEGER NOT NULL, PRIMARY KEY (acquirer, rrn))"
+    )
+    for i in (2, 1):
+        sealed = sealer.seal(reversal(rrn(i)), armed._context("alpha", rrn(i)))
+        conn.execute("INSERT INTO armed VALUES ('alpha', ?, ?, ?)", (rrn(i), sealed, i))
+    conn.close()
+    store = ArmedStore(path, kek=KEK)
+    assert rrns(store) == [rrn(1), rrn(2)]
+    store.close()
+    assert not path.read_bytes().startswith(b"SQLite format 3")
+    assert not Path(f"{path}-wal").exists() and not Path(f"{path}-shm").exists()
+    assert rrns(ArmedStore(path, kek=KEK)) == [rrn(1), rrn(2)]
+
+
+def test_the_slot_size_is_a_named_limit() -> None:
+    with pytest.raises(msgspec.ValidationError, match="armed_slot_bytes must be at least 65536"):
+        msgspec.convert({"armed_slot_bytes": 4096}, ServerConfig)
+    with pytest.raises(ValueError, match="slot_bytes"):
+        ArmedStore("unused.db", kek=KEK, slot_bytes=4096)
