@@ -8,6 +8,9 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import NoReturn
+
+from switch.codec.masking import scrub_text
 
 #: Command-group modules, in help order. Each defines register(subparsers) -> None.
 COMMAND_MODULES = (
@@ -21,8 +24,17 @@ COMMAND_MODULES = (
 )
 
 
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse with its error messages scrubbed of card numbers: "unrecognized arguments" and
+    "invalid choice" quote what was typed, and a PAN typed in the wrong place must not come back in
+    clear on a screen, in a shell log or in a CI transcript. Subcommand parsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(scrub_text(message))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="switch", description="ISO 8583 payment switch")
+    parser = CommandLineParser(prog="switch", description="ISO 8583 payment switch")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:

@@ -108,6 +108,22 @@ def test_another_card_number_on_the_command_line_is_refused_unechoed(capsys) -> 
         assert_clean(err)
 
 
+def test_a_card_number_typed_in_the_wrong_place_is_not_echoed_by_argparse(capsys) -> None:
+    """argparse quotes what it could not place ("unrecognized arguments", "invalid choice"): those
+    messages go out with card numbers masked, for every command."""
+    for argv in (
+        ["terminal", "purchase", "--port", "1", "--amount", "1", "--pan", "-", PAN],
+        ["terminal", PAN],
+        ["ledger", "verify", "--db", "x.db", PAN],
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and ("unrecognized arguments" in err or "invalid choice" in err), err
+        assert PAN[:6] + "******" + PAN[-4:] in err
+        assert_clean(err)
+
+
 def test_card_number_given_as_the_card_file_is_refused_unechoed(capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["terminal", "purchase", "--port", "1", "--amount", "1", "--card-file", PAN])
