@@ -1173,9 +1173,8 @@ def main(argv: list[str] | None = None) -> int:
                                 stan_base=100_000, out=out, profile_to=profile_path)  # fmt: skip
                 runs.append(best)
             # the target's "half that rate" is half of TARGET_AUTH_PER_S; a machine below the target
-            # is measured at half of what it reached
-            half_max = max(1.0, round(best.approved_per_s / 2))  # type: ignore[union-attr]
-            rate = args.rate or min(TARGET_AUTH_PER_S / 2, half_max)
+            # is measured at half of what it reached (--fixed-only requires --rate)
+            rate = args.rate or min(TARGET_AUTH_PER_S / 2, max(1.0, round(best.approved_per_s / 2)))  # type: ignore[union-attr]
             fixed_profile = directory / "switch-fixed.pyspy.txt" if args.profile_fixed else None
             half = run_load(bed, "fixed", seconds=args.seconds, loadgens=args.loadgens, window=args.window,
                             rate=rate, stan_base=300_000, out=out, profile_to=fixed_profile,

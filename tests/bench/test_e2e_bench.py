@@ -37,6 +37,24 @@ def test_e2e_bench_runs_and_ends_with_its_json(tmp_path: Path) -> None:
     assert "[max]" in proc.stderr and "[fixed]" in proc.stderr, "no progress lines"
     assert "approved/s" in proc.stderr, "no table"
     assert "ledger:" in proc.stderr and "matches the approvals" in proc.stderr
+    # the fixed run is at half the target's rate, or half the max when the max is below the target
+    half_max = max(1, round(result["auth_per_s"] / 2))
+    assert abs(result["offered_half_load_per_s"] - min(e2e.TARGET_AUTH_PER_S / 2, half_max)) <= 1
+
+
+def test_e2e_bench_fixed_only_runs_at_the_given_rate(tmp_path: Path) -> None:
+    argv = [
+        sys.executable, str(ROOT / "bench" / "e2e.py"),
+        "--seconds", "1", "--warmup-seconds", "0", "--terminals", "4", "--loadgens", "1",
+        "--rate", "200", "--fixed-only", "--dir", str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, timeout=BENCH_TIMEOUT_S, cwd=ROOT, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["offered_half_load_per_s"] == 200 and result["errors"] == 0 and result["ledger_verified"]
+    assert "[fixed]" in proc.stderr and "[max]" not in proc.stderr
 
 
 def test_toml_writer_round_trips_a_switch_config(tmp_path: Path) -> None:
