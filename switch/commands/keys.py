@@ -286,7 +286,7 @@ def _stores(config: SwitchConfig, kek: keymod.Kek, report: Report) -> None:
     else:
         report.say(f"store-and-forward {saf_path}: no file")
     armed_path = Path(config.server.armed_path)
-    if armed_path.exists():
+    if ArmedStore.exists(armed_path):
         try:
             armed = ArmedStore(armed_path, kek=kek)
             try:

@@ -30,11 +30,11 @@ from switch.ledger.writer import LedgerUnavailable, LedgerWriter
 from switch.merchant.model import RegistryError
 from switch.processing import events as ev
 from switch.routing.bins import BinTable
-from switch.routing.store_forward import StoreForward
+from switch.routing.store_forward import StoreForward, StoreForwardError
 from switch.server import gcpolicy
 from switch.server.acquirer import AcquirerGroup, AcquirerLink
 from switch.server.admin.wiring import MerchantWiring
-from switch.server.armed import ArmedStore
+from switch.server.armed import ArmedStore, ArmedStoreError
 from switch.server.core import SwitchCore, TerminalKeys, wall_ms
 from switch.server.ledger_process import RemoteLedgerWriter
 from switch.server.ledger_reader import LedgerReader
@@ -107,8 +107,15 @@ class Switch:
             self.merchant = MerchantWiring(config, self.writer, kek, master, clock_ms)
         except (keymod.KeyStoreError, RegistryError) as exc:
             raise StartupError(f"merchant services: {exc}") from None
-        self.saf = StoreForward.open(config.store_forward, kek=kek)
-        self.armed = ArmedStore(config.server.armed_path, kek=kek, slot_bytes=config.server.armed_slot_bytes)
+        try:  # a store that does not open (wrong KEK, damaged file, in use) stops the start with its reason
+            self.saf = StoreForward.open(config.store_forward, kek=kek)
+            self.armed = ArmedStore(
+                config.server.armed_path, kek=kek, slot_bytes=config.server.armed_slot_bytes
+            )
+            if not config.server.ledger_writer_process:
+                self.armed.take_over()  # the durable-writer thread of this process writes it
+        except (StoreForwardError, ArmedStoreError) as exc:
+            raise StartupError(str(exc)) from None
         self.rrns = RrnStore(config.server.rrn_path)
         self.router = BinTable.from_config(config.routing)
         self.processor = make_processor(

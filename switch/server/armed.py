@@ -20,32 +20,36 @@ lock calls, and every ~1,000 pages a WAL checkpoint (two more fsyncs) landed ins
 Here a group of arms is one pwrite and one fdatasync into a region already allocated and zero-filled,
 so the fdatasync writes no file-system metadata (docs/performance.md, session 6).
 
-Format: a slot starts with a header block (`MAGIC`, generation, CRC-32 of both); records follow from
-`HEADER_BYTES`: CRC-32 (u32) | body length (u32) | kind (u8, `ARM` or `RELEASE`) | body, the CRC taken
-over the slot's generation, the kind and the body, so a record left from an older use of the slot never
-reads as current. Reading stops at the first record that does not check (zeros, or a write torn by a
-crash), as SQLite's WAL does: an arm is acknowledged only after the fdatasync that covers it and
-everything before it, so every acknowledged arm lies before that point.
+Format: a slot starts with a header block (`MAGIC`, generation, a random salt, CRC-32 of the three);
+records follow from `HEADER_BYTES`: CRC-32 (u32) | body length (u32) | kind (u8, `ARM` or `RELEASE`) |
+body, the CRC seeded with the slot's generation and salt, so a record left from any other use of the
+slot -- an older generation, or a rotation that crashed before its header -- never reads as current.
+Reading stops at the first record that does not check (zeros, or a write torn by a crash), as SQLite's
+WAL does: an arm is acknowledged only after the fdatasync that covers it and everything before it, so
+every acknowledged arm lies before that point.
 
 Slots: when a group does not fit, the live set (reversals armed and not released: requests in flight)
 is written to the other slot under the next generation and synced, then that slot's header is written
 and synced. That header write is the switch; a crash before it leaves the old slot current and whole.
 The old slot is then overwritten with zeros, so the sealed bytes of released reversals stay on disk for
-at most one slot's worth of appends.
+at most one slot's worth of appends. A process that becomes the writer always starts a new generation
+first: whatever a crash left past the last record (a group whose sync never completed, half on disk)
+can then never be read as part of the log, and is zeroed with the old slot.
 
 Releases are written without waiting for the fdatasync (the next arm's covers them): a release lost in
 a crash only leaves a spurious armed record, which recovery resolves against the ledger.
 
 One writer: the first write takes an exclusive lock (`<path>.lock`, flock) for the store's life. A
 process that only reads (the switch at start-up while its ledger process writes, `switch keys check`)
-never takes it. A file of the SQLite store found at `path` is migrated once (switch.server.armed_legacy).
+never takes it; it reads again if a rotation changed the headers under it. A file of the SQLite store
+found at `path` is migrated once (switch.server.armed_legacy).
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
-import sqlite3
+import secrets
 import struct
 import threading
 import zlib
@@ -71,7 +75,7 @@ SLOT_SUFFIXES = ("", "-b")
 #: Record kinds.
 ARM, RELEASE = 0x41, 0x52
 
-_HEAD = struct.Struct("<8sQI")  # magic, generation, CRC-32 of the two
+_HEAD = struct.Struct("<8sQQI")  # magic, generation, salt, CRC-32 of the three
 _REC = struct.Struct("<IIB")  # CRC-32, body length, kind
 _ARM_BODY = struct.Struct("<HHq")  # acquirer bytes, rrn bytes, created_ms; then acquirer, rrn, sealed
 _REL_BODY = struct.Struct("<HH")  # acquirer bytes, rrn bytes; then acquirer, rrn
@@ -79,6 +83,10 @@ _ZEROS = bytes(1 << 20)
 
 #: (acquirer, rrn) -> (sealed fields, created_ms), in arming order.
 Live = dict[tuple[str, str], tuple[bytes, int]]
+#: What a slot's records are checked against: (generation, salt); generation 0: nothing committed.
+Epoch = tuple[int, int]
+#: How often a reader reads again when a rotation changed the headers while it read.
+READ_ATTEMPTS = 5
 #: A prepared operation: (is arm, acquirer, rrn, sealed fields or b"", created_ms).
 _Op = tuple[bool, str, str, bytes, int]
 
@@ -110,26 +118,40 @@ class ArmedStore:
         self._fds = [-1, -1]
         self._lock_fd = -1
         self._current = 0
-        self._generation = 0  # 0: nothing committed yet
+        self._epoch: Epoch = (0, 0)
         self._head = HEADER_BYTES
         self._sizes = [0, 0]
+        #: Per slot, the offset past which it is known to hold only zeros.
+        self._dirty = [HEADER_BYTES, HEADER_BYTES]
         self._broken = ""
         self._live: Live = {}
         try:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             with self._lock:
-                if armed_legacy.is_sqlite(self.path):
+                if armed_legacy.pending(self.path):
                     self._migrate()
                 else:
                     self._load()
                     self._reseal_if_needed()
-        except (OSError, SealingError, sqlite3.Error, ArmedStoreError) as exc:
-            self._close_files()
-            if isinstance(exc, ArmedStoreError):
+        except BaseException as exc:
+            self._close_files()  # and the writer lock with them
+            if isinstance(exc, ArmedStoreError) or not isinstance(exc, Exception):
                 raise
             raise ArmedStoreError(f"armed reversals file {self.path}: {exc}") from None
 
+    @staticmethod
+    def exists(path: str | Path) -> bool:
+        """Whether a store (either slot file, or an SQLite file to migrate) is at `path`."""
+        return any(os.path.exists(f"{path}{s}") for s in SLOT_SUFFIXES) or armed_legacy.pending(str(path))
+
     # --- the interface the server uses ------------------------------------------------------------
+    def take_over(self) -> None:
+        """Become the writer now (the lock, a new generation, the old slot scrubbed and synced) rather
+        than at the first arm, which would wait for all of that: the process that writes calls it
+        at start-up. ArmedStoreError if another process writes."""
+        with self._lock:
+            self._writable()
+
     def close(self) -> None:
         with self._lock:
             self._close_files()
@@ -164,7 +186,7 @@ class ArmedStore:
             return
         with self._lock:
             self._writable()
-            data = _encode(prepared, self._generation)
+            data = _encode(prepared, self._epoch)
             if self._head + len(data) > self._sizes[self._current]:
                 live = dict(self._live)
                 _apply_to(live, prepared)
@@ -173,11 +195,12 @@ class ArmedStore:
             fd = self._fds[self._current]
             try:
                 _pwrite_all(fd, data, self._head)
+                self._head += len(data)
+                self._dirty[self._current] = max(self._dirty[self._current], self._head)
                 if any_arm:
                     os.fdatasync(fd)
             except OSError as exc:
                 raise self._break(exc) from None
-            self._head += len(data)
             _apply_to(self._live, prepared)
 
     def all(self) -> list[tuple[str, str, dict[str, str]]]:
@@ -196,38 +219,62 @@ class ArmedStore:
 
     # --- reading ----------------------------------------------------------------------------------
     def _load(self) -> None:
-        """The live set of the current slot: the valid slot with the highest generation."""
-        best: tuple[int, int] | None = None
-        unreadable: list[str] = []
-        for i, p in enumerate(self._paths):
+        """The live set of the current slot (the valid slot with the highest generation), read again
+        if a writer's rotation changed the headers meanwhile."""
+        for _ in range(READ_ATTEMPTS):
+            headers = self._headers()
+            state = self._read(headers)
+            if self._headers() == headers:
+                break
+        live, head, current, epoch, dirty, sizes = state
+        self._live, self._head, self._current, self._epoch = live, head, current, epoch
+        self._dirty, self._sizes = dirty, sizes
+
+    def _headers(self) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for p in self._paths:
             try:
                 with open(p, "rb") as f:
-                    head = f.read(_HEAD.size)
+                    out.append(f.read(_HEAD.size))
             except FileNotFoundError:
+                out.append(None)
+        return out
+
+    def _read(self, headers: list[bytes | None]) -> tuple[Live, int, int, Epoch, list[int], list[int]]:
+        best: tuple[int, Epoch] | None = None
+        unreadable: list[int] = []
+        for i, head in enumerate(headers):
+            if head is None:
                 continue
-            gen = _header_generation(head)
-            if gen is None:
-                unreadable.append(p)
-            elif gen and (best is None or gen > best[1]):
-                best = (i, gen)
+            epoch = _header_epoch(head)
+            if epoch is None:
+                unreadable.append(i)
+            elif epoch[0] and (best is None or epoch[0] > best[1][0]):
+                best = (i, epoch)
+        datas = [_read_file(p) for p in self._paths]
+        dirty = [
+            HEADER_BYTES + len(d[HEADER_BYTES:].rstrip(b"\0")) if len(d) > HEADER_BYTES else HEADER_BYTES
+            for d in datas
+        ]
+        sizes = [len(d) for d in datas]
         if best is None:
-            if unreadable:
-                raise ArmedStoreError(f"armed reversals file {unreadable[0]}: not an armed-reversal log")
-            self._live, self._generation, self._head = {}, 0, HEADER_BYTES
-            return
-        i, gen = best
-        with open(self._paths[i], "rb") as f:
-            data = f.read()
+            # Nothing was ever committed, unless a slot that is not a log holds data: a first header
+            # torn by a crash leaves zeros behind it (no arm is acknowledged before that header).
+            for i in unreadable:
+                if dirty[i] > HEADER_BYTES:
+                    raise ArmedStoreError(f"armed reversals file {self._paths[i]}: not an armed-reversal log")
+            first_target = 0  # the first generation goes to slot 0: "current" is the other one
+            return {}, HEADER_BYTES, 1 - first_target, (0, 0), dirty, sizes
+        i, epoch = best
         try:
-            self._live, self._head = _replay(data, gen)
+            live, head = _replay(datas[i], epoch)
         except (struct.error, UnicodeDecodeError, ValueError) as exc:
             raise ArmedStoreError(f"armed reversals file {self._paths[i]}: bad record ({exc})") from None
-        self._current, self._generation = i, gen
-        self._sizes[i] = len(data)
+        return live, head, i, epoch, dirty, sizes
 
     def _reseal_if_needed(self) -> None:
         """Open every record (SealingError stops the start); re-seal under the current KEK those sealed
-        under a previous one, in a new generation (the old slot is then zeroed)."""
+        under a previous one, in a new generation (the old slot is then zeroed and synced)."""
         stale = False
         for (acq, rrn), (sealed, _) in self._live.items():
             self._sealer.open(sealed, _context(acq, rrn))
@@ -240,18 +287,25 @@ class ArmedStore:
         for (acq, rrn), (sealed, created) in self._live.items():
             ctx = _context(acq, rrn)
             live[acq, rrn] = (reseal(self._sealer.open(sealed, ctx), ctx), created)
-        self._rotate(live)
+        self._rotate(live, sync_scrub=True)
 
     def _migrate(self) -> None:
-        """Move the rows of an SQLite store at `path` into a log, then scrub the old file."""
+        """Move the rows of an SQLite store of an older switch into the log, then scrub the old file.
+        The old file is first set aside under another name (armed_legacy), so slot 0 never shares its
+        name and a crash at any step leaves either the old file to read again or a committed log and
+        the old file to scrub."""
         self._take_writer_lock()
-        rows = armed_legacy.read_rows(self.path, self._sealer, _context)
-        live: Live = {(a, r): (self._sealer.seal(f, _context(a, r)), created) for a, r, f, created in rows}
-        self._fds[1] = self._open_slot(1, 0)
-        self._current, self._generation, self._head = 0, 0, HEADER_BYTES  # slot 0 is the old file: untouched
-        self._rotate(live)  # into slot 1, generation 1
-        armed_legacy.scrub(self.path)
-        self._fds[0] = self._open_slot(0, 0)
+        old = armed_legacy.set_aside(self.path)
+        self._load()
+        if self._epoch[0] == 0:  # not yet committed: the rows go into a first generation
+            rows = armed_legacy.read_rows(old, self._sealer, _context)
+            live: Live = {
+                (a, r): (self._sealer.seal(f, _context(a, r)), created) for a, r, f, created in rows
+            }
+            for i in (0, 1):
+                self._fds[i] = self._open_slot(i, 0)
+            self._rotate(live, sync_scrub=True)
+        armed_legacy.scrub(old)
 
     # --- writing ----------------------------------------------------------------------------------
     def _take_writer_lock(self) -> None:
@@ -268,8 +322,9 @@ class ArmedStore:
         self._lock_fd = fd
 
     def _writable(self) -> None:
-        """Become the writer: the lock, the state as on disk now, both slots open; a first slot
-        committed (generation 1) when nothing was."""
+        """Become the writer: the lock, the state as on disk now, both slots open, and a new
+        generation holding the live set, so nothing a crash left behind the last record is ever read
+        as part of the log."""
         if self._broken:
             raise ArmedStoreError(f"armed reversals file {self.path}: {self._broken}")
         if self._fds[self._current] >= 0:
@@ -279,9 +334,7 @@ class ArmedStore:
             self._load()
             for i in (0, 1):
                 self._fds[i] = self._open_slot(i, 0)
-            if self._generation == 0:
-                self._current = 1  # so that the first generation goes to slot 0
-                self._rotate({})
+            self._rotate(dict(self._live), sync_scrub=True)
         except OSError as exc:
             self._close_files()
             raise ArmedStoreError(f"armed reversals file {self.path}: {exc}") from None
@@ -294,9 +347,7 @@ class ArmedStore:
         size = os.fstat(fd).st_size
         want = max(self.slot_bytes, min_bytes)
         if size < want:
-            pos = size
-            while pos < want:
-                pos += os.pwrite(fd, _ZEROS[: min(len(_ZEROS), want - pos)], pos)
+            _zero(fd, size, want)
             os.fsync(fd)  # the size changed: metadata too
             size = want
         if created:
@@ -304,31 +355,37 @@ class ArmedStore:
         self._sizes[i] = size
         return fd
 
-    def _rotate(self, live: Live) -> None:
-        """Write `live` to the other slot under the next generation, switch to it, zero the old one."""
-        target, gen = 1 - self._current, self._generation + 1
-        body = _encode([(True, a, r, sealed, created) for (a, r), (sealed, created) in live.items()], gen)
+    def _rotate(self, live: Live, *, sync_scrub: bool = False) -> None:
+        """Write `live` to the other slot under the next generation (a fresh salt), switch to it by
+        its header, then zero the old slot (synced when `sync_scrub`: re-seal, take-over)."""
+        target = 1 - self._current
+        epoch = (self._epoch[0] + 1, secrets.randbits(64))
+        body = _encode([(True, a, r, sealed, created) for (a, r), (sealed, created) in live.items()], epoch)
+        need = HEADER_BYTES + len(body)
         try:
-            need = HEADER_BYTES + len(body)
             if need > self._sizes[target] // 2:  # room for the live set and at least as much again
                 self._fds[target] = self._open_slot(target, 2 * need)
             fd = self._fds[target]
             _pwrite_all(fd, body, HEADER_BYTES)
+            if self._dirty[target] > need:  # what an earlier use (or a crash) left there
+                _zero(fd, need, self._dirty[target])
             os.fdatasync(fd)
-            _pwrite_all(fd, _header(gen), 0)
+            _pwrite_all(fd, _header(epoch), 0)
             os.fdatasync(fd)
         except OSError as exc:
             raise self._break(exc) from None
-        old, old_head = self._current, self._head
-        self._current, self._generation, self._head, self._live = target, gen, need, live
+        old = self._current
+        self._current, self._epoch, self._head, self._live = target, epoch, need, live
+        self._dirty[target] = need
         old_fd = self._fds[old]
-        if old_fd >= 0 and old_head > HEADER_BYTES:
-            try:  # scrub released records; no sync needed: a stale record never checks again
-                pos = HEADER_BYTES
-                while pos < old_head:
-                    pos += os.pwrite(old_fd, _ZEROS[: min(len(_ZEROS), old_head - pos)], pos)
+        if old_fd >= 0 and self._dirty[old] > HEADER_BYTES:
+            try:  # scrub the released records; a stale record never checks again, synced or not
+                _zero(old_fd, HEADER_BYTES, self._dirty[old])
+                if sync_scrub:
+                    os.fdatasync(old_fd)
             except OSError as exc:
                 raise self._break(exc) from None
+            self._dirty[old] = HEADER_BYTES
 
     def _break(self, exc: OSError) -> ArmedStoreError:
         """After a failed write or sync the file's state is unknown: refuse every later write."""
@@ -350,29 +407,32 @@ def _context(acquirer: str, rrn: str) -> bytes:
     return row_context(SEAL_PURPOSE, acquirer, rrn)
 
 
-def _seeds(generation: int) -> tuple[int, int]:
-    """CRC-32 starting values of ARM and RELEASE records in a slot of `generation`."""
-    g = zlib.crc32(generation.to_bytes(8, "little"))
+def _seeds(epoch: Epoch) -> tuple[int, int]:
+    """CRC-32 starting values of ARM and RELEASE records in a slot of `epoch`."""
+    g = zlib.crc32(struct.pack("<QQ", *epoch))
     return zlib.crc32(bytes((ARM,)), g), zlib.crc32(bytes((RELEASE,)), g)
 
 
-def _header(generation: int) -> bytes:
-    crc = zlib.crc32(MAGIC + generation.to_bytes(8, "little"))
-    return _HEAD.pack(MAGIC, generation, crc)
+def _header(epoch: Epoch) -> bytes:
+    crc = zlib.crc32(MAGIC + struct.pack("<QQ", *epoch))
+    return _HEAD.pack(MAGIC, epoch[0], epoch[1], crc)
 
 
-def _header_generation(head: bytes) -> int | None:
-    """The generation of a slot header; 0 for a header never written (zeros); None if not a header."""
-    if len(head) < _HEAD.size or head == bytes(len(head)):
-        return 0
-    magic, gen, crc = _HEAD.unpack_from(head)
-    if magic != MAGIC or crc != zlib.crc32(MAGIC + gen.to_bytes(8, "little")):
+def _header_epoch(head: bytes) -> Epoch | None:
+    """The (generation, salt) of a slot header; (0, 0) for a header never written (zeros); None if it
+    is not a header."""
+    if head == bytes(len(head)):
+        return (0, 0)
+    if len(head) < _HEAD.size:
         return None
-    return gen
+    magic, gen, salt, crc = _HEAD.unpack_from(head)
+    if magic != MAGIC or crc != zlib.crc32(MAGIC + struct.pack("<QQ", gen, salt)):
+        return None
+    return (gen, salt)
 
 
-def _encode(ops: list[_Op], generation: int) -> bytes:
-    arm_seed, rel_seed = _seeds(generation)
+def _encode(ops: list[_Op], epoch: Epoch) -> bytes:
+    arm_seed, rel_seed = _seeds(epoch)
     out: list[bytes] = []
     for is_arm, acq, rrn, sealed, created in ops:
         a, r = acq.encode(), rrn.encode()
@@ -386,9 +446,9 @@ def _encode(ops: list[_Op], generation: int) -> bytes:
     return b"".join(out)
 
 
-def _replay(data: bytes, generation: int) -> tuple[Live, int]:
-    """The live set after every record of `generation` from HEADER_BYTES on, and where they end."""
-    arm_seed, rel_seed = _seeds(generation)
+def _replay(data: bytes, epoch: Epoch) -> tuple[Live, int]:
+    """The live set after every record of `epoch` from HEADER_BYTES on, and where they end."""
+    arm_seed, rel_seed = _seeds(epoch)
     live: Live = {}
     pos, end = HEADER_BYTES, len(data)
     view = memoryview(data)
@@ -409,7 +469,7 @@ def _replay(data: bytes, generation: int) -> tuple[Live, int]:
             k = _REL_BODY.size
             live.pop((bytes(body[k : k + na]).decode(), bytes(body[k + na : k + na + nr]).decode()), None)
         else:
-            break  # zeros past the end, a torn write, or a record of an older generation
+            break  # zeros past the end, a torn write, or a record of another epoch
         pos = stop
     return live, pos
 
@@ -428,6 +488,20 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
+
+
+def _zero(fd: int, start: int, end: int) -> None:
+    pos = start
+    while pos < end:
+        pos += os.pwrite(fd, _ZEROS[: min(len(_ZEROS), end - pos)], pos)
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return b""
 
 
 def _sync_dir(path: str) -> None:

@@ -2,9 +2,13 @@
 
 Why it exists: a switch upgraded with armed reversals still on disk must not lose them -- each stands
 for a request whose outcome the ledger may not show. `switch.server.armed.ArmedStore` finds the old
-file at its path (by SQLite's header), takes its rows from here, writes them to its log, and then
-scrubs the old file (`scrub`): overwritten with zeros, synced, removed, so no page with a PAN, sealed
-or (older still) in clear, stays behind.
+file at its path (by SQLite's header) and:
+1. sets it aside (`set_aside`: renamed with its WAL and shared-memory files to `<path>.sqlite-migrating`,
+   the directory synced), so the log's first slot, which has the same name, never holds its pages;
+2. reads its rows (`read_rows`, a read-only connection: SQLite neither checkpoints nor deletes the WAL,
+   whose frames may hold clear PANs of the oldest rows);
+3. commits them to the log, then scrubs the set-aside files (`scrub`: zeros, synced, removed).
+A crash before 3's commit leaves the set-aside file to read again; after it, only to scrub.
 """
 
 from __future__ import annotations
@@ -20,6 +24,25 @@ from switch.codec.sealing import FieldSealer, decode_legacy, is_legacy
 SQLITE_HEADER = b"SQLite format 3\x00"
 #: Files SQLite keeps beside a database in WAL mode.
 SIDE_FILES = ("-wal", "-shm", "-journal")
+#: Suffix of the old database while it is being migrated.
+MIGRATING_SUFFIX = ".sqlite-migrating"
+
+
+def pending(path: str) -> bool:
+    """An old database at `path`, or one set aside and not yet scrubbed."""
+    return is_sqlite(path) or os.path.exists(path + MIGRATING_SUFFIX)
+
+
+def set_aside(path: str) -> str:
+    """Rename the old database at `path` (if there) and its side files; the name it now has."""
+    moved = path + MIGRATING_SUFFIX
+    if is_sqlite(path):
+        for suffix in SIDE_FILES:  # side files first: a crash between leaves the database to move
+            if os.path.exists(path + suffix):
+                os.replace(path + suffix, moved + suffix)
+        os.replace(path, moved)
+        _sync_dir(path)
+    return moved
 
 
 def is_sqlite(path: str) -> bool:
@@ -35,10 +58,9 @@ def read_rows(
 ) -> list[tuple[str, str, dict[str, str], int]]:
     """(acquirer, rrn, opened fields, created_ms) of every row, oldest first. Rows written in clear
     (before sealing) are decoded; sealed rows are opened under the sealer's KEKs (SealingError names a
-    row that does not open). The WAL is checkpointed into the file first, so nothing is left in it."""
-    conn = sqlite3.connect(path, isolation_level=None)
+    row that does not open). Read-only: the files stay as they are for `scrub`."""
+    conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
     try:
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         rows = conn.execute(
             "SELECT acquirer, rrn, fields, created_ms FROM armed ORDER BY created_ms"
         ).fetchall()

@@ -626,6 +626,7 @@ def child_main(conn: Any, config_bytes: bytes, environ: dict[str, str] | None = 
             slot_bytes=config.server.armed_slot_bytes,
         )
         writer = open_writer(config.ledger)
+        armed.take_over()  # this process writes it; the switch's process only reads it at start-up
     except BaseException as exc:  # report why, so the switch's start-up error says it
         conn.send_bytes(_encoder.encode(Failed(f"{type(exc).__name__}: {exc}")))
         return

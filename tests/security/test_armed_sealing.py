@@ -78,12 +78,12 @@ def test_a_record_moved_to_another_rrn_stops_the_start(tmp_path: Path) -> None:
     store = ArmedStore(path, kek=KEK)
     store.arm_many([("alpha", "000000000001", reversal(PANS[0], "000000000001"))], 0)
     store.close()
-    raw = path.read_bytes()
-    gen = armed._header_generation(raw[: armed.HEADER_BYTES])
-    assert gen
-    live, _ = armed._replay(raw, gen)
+    raw = path.read_bytes()  # the first generation is in the first slot
+    epoch = armed._header_epoch(raw[: armed.HEADER_BYTES])
+    assert epoch and epoch[0] == 1
+    live, _ = armed._replay(raw, epoch)
     ((sealed, created),) = live.values()
-    forged = armed._encode([(True, "alpha", "000000000777", sealed, created)], gen)
+    forged = armed._encode([(True, "alpha", "000000000777", sealed, created)], epoch)
     with open(path, "r+b") as f:
         f.seek(armed.HEADER_BYTES)
         f.write(forged + bytes(64))

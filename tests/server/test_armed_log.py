@@ -70,15 +70,17 @@ def test_the_slots_take_turns_without_losing_an_arm_and_scrub_what_was_released(
             expected.discard(rrn(i - 5))
         store.apply(ops)
         expected.add(rrn(i))
-    generation = store._generation
+    generation = store._epoch[0]
     assert generation > 10, "the test should have made the slots take turns"
     store.close()
     assert set(rrns(ArmedStore(path, kek=KEK, slot_bytes=SMALL))) == expected
     # the slot not in use holds no record: what was released there was overwritten with zeros
-    current = Path(f"{path}{armed.SLOT_SUFFIXES[(generation + 1) % 2]}")
-    other = Path(f"{path}{armed.SLOT_SUFFIXES[generation % 2]}")
-    assert armed._header_generation(current.read_bytes()[: armed.HEADER_BYTES]) == generation
-    assert other.read_bytes()[armed.HEADER_BYTES :] == bytes(other.stat().st_size - armed.HEADER_BYTES)
+    slots = [Path(f"{path}{suffix}").read_bytes() for suffix in armed.SLOT_SUFFIXES]
+    epochs = [armed._header_epoch(raw[: armed.HEADER_BYTES]) for raw in slots]
+    current = max((0, 1), key=lambda i: epochs[i][0])  # type: ignore[index]
+    assert epochs[current][0] == generation  # type: ignore[index]
+    other = slots[1 - current]
+    assert other[armed.HEADER_BYTES :] == bytes(len(other) - armed.HEADER_BYTES)
 
 
 def test_a_live_set_larger_than_a_slot_grows_the_slot(tmp_path: Path) -> None:
@@ -91,10 +93,9 @@ def test_a_live_set_larger_than_a_slot_grows_the_slot(tmp_path: Path) -> None:
 
 
 def test_a_torn_last_write_ends_the_log_and_keeps_everything_before_it(tmp_path: Path) -> None:
-    path = tmp_path / "armed.db"
+    path = tmp_path / "armed.db"  # the first generation is in this slot file
     store = ArmedStore(path, kek=KEK)
     store.arm_many([("alpha", rrn(1), reversal(rrn(1)))], 1)
-    end_of_first = store._head
     store.arm_many([("alpha", rrn(2), reversal(rrn(2)))], 2)
     end_of_second = store._head
     store.close()
@@ -103,11 +104,72 @@ def test_a_torn_last_write_ends_the_log_and_keeps_everything_before_it(tmp_path:
         f.write(bytes(40))
     reopened = ArmedStore(path, kek=KEK)
     assert rrns(reopened) == [rrn(1)]
-    # the next arm goes where the torn one was, and reads back
     reopened.arm_many([("alpha", rrn(3), reversal(rrn(3)))], 3)
-    assert reopened._head > end_of_first
     reopened.close()
     assert rrns(ArmedStore(path, kek=KEK)) == [rrn(1), rrn(3)]
+
+
+def test_records_behind_a_hole_left_by_a_crash_never_come_back(tmp_path: Path) -> None:
+    """Power lost during the sync of a group [2, 3]: 3's bytes reached the disk, 2's did not. Neither
+    was acknowledged. Reading stops at the hole; the next writer must not let 3 (or a release behind
+    the hole) become readable by filling the hole with a record of the same length."""
+    path = tmp_path / "armed.db"
+    store = ArmedStore(path, kek=KEK)
+    store.arm_many([("alpha", rrn(1), reversal(rrn(1)))], 1)
+    start_of_second = store._head
+    store.apply([(True, ("alpha", rrn(i), reversal(rrn(i)), i)) for i in (2, 3)])
+    store.close()
+    with open(path, "r+b") as f:
+        f.seek(start_of_second)
+        f.write(bytes(200))  # record 2 never reached the disk
+    after_crash = ArmedStore(path, kek=KEK)
+    assert rrns(after_crash) == [rrn(1)]
+    after_crash.arm_many([("alpha", rrn(4), reversal(rrn(4)))], 4)  # same length as record 2
+    after_crash.close()
+    assert rrns(ArmedStore(path, kek=KEK)) == [rrn(1), rrn(4)]
+
+
+def test_a_rotation_cut_before_its_header_is_never_read_later(tmp_path: Path, monkeypatch) -> None:
+    """Killed between a rotation's body sync and its header: the old slot stays current. A later
+    rotation into the same slot with the same generation number must not read the dead body's
+    records (they would bring released reversals back)."""
+    path = tmp_path / "armed.db"
+    store = ArmedStore(path, kek=KEK, slot_bytes=SMALL)
+    store.apply([(True, ("alpha", rrn(i), reversal(rrn(i)), i)) for i in range(100)])
+
+    class Killed(BaseException):
+        pass
+
+    def killed(epoch: tuple[int, int]) -> bytes:
+        raise Killed
+
+    monkeypatch.setattr(armed, "_header", killed)
+    with pytest.raises(Killed):
+        for i in range(1_000, 10_000):  # traffic until the slot is full and a rotation starts
+            store.apply([(True, ("alpha", rrn(i), reversal(rrn(i)), i)), (False, ("alpha", rrn(i)))])
+    monkeypatch.undo()
+    store.close()  # the process is gone: its files and lock with it
+    after_kill = ArmedStore(path, kek=KEK, slot_bytes=SMALL)
+    assert len(after_kill) == 100
+    after_kill.release_many([("alpha", rrn(i)) for i in range(100)])  # their outcomes are durable
+    after_kill.close()  # and a crash (or a stop) right there: the slot was full, this moved slots
+    again = ArmedStore(path, kek=KEK, slot_bytes=SMALL)
+    assert rrns(again) == []
+    for i in range(20_000, 20_400):  # traffic moves the log on, across slots
+        again.apply([(True, ("alpha", rrn(i), reversal(rrn(i)), i)), (False, ("alpha", rrn(i)))])
+    again.close()
+    assert rrns(ArmedStore(path, kek=KEK, slot_bytes=SMALL)) == []
+
+
+def test_a_first_header_torn_by_a_crash_reads_as_empty(tmp_path: Path) -> None:
+    path = tmp_path / "armed.db"
+    ArmedStore(path, kek=KEK).close()
+    path.write_bytes(b"SWARM" + bytes(armed.DEFAULT_SLOT_BYTES - 5))  # the header half written
+    store = ArmedStore(path, kek=KEK)
+    assert len(store) == 0
+    store.arm_many([("alpha", rrn(1), reversal(rrn(1)))], 1)
+    store.close()
+    assert rrns(ArmedStore(path, kek=KEK)) == [rrn(1)]
 
 
 CRASHER = textwrap.dedent(
@@ -168,6 +230,34 @@ def test_one_process_writes_and_others_may_read(tmp_path: Path) -> None:
     second.close()
 
 
+def test_a_reader_reads_again_when_the_writer_moves_slots_under_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`switch keys check` against a running switch: the writer moves to the other slot (and zeroes
+    the one the reader chose) between the reader's look at the headers and its read of the data."""
+    path = tmp_path / "armed.db"
+    writer = ArmedStore(path, kek=KEK, slot_bytes=SMALL)
+    writer.apply([(True, ("alpha", rrn(i), reversal(rrn(i)), i)) for i in range(20)])
+    read_file = armed._read_file
+    moved: list[int] = []
+
+    def read_while_the_writer_moves(p: str) -> bytes:
+        if not moved:
+            generation = writer._epoch[0]
+            i = 1_000
+            while writer._epoch[0] == generation:
+                writer.apply([(True, ("alpha", rrn(i), reversal(rrn(i)), i)), (False, ("alpha", rrn(i)))])
+                i += 1
+            moved.append(i)
+        return read_file(p)
+
+    monkeypatch.setattr(armed, "_read_file", read_while_the_writer_moves)
+    reader = ArmedStore(path, kek=KEK, slot_bytes=SMALL)
+    assert moved and len(reader) == 20
+    reader.close()
+    writer.close()
+
+
 def test_a_failed_sync_refuses_every_later_arm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = ArmedStore(tmp_path / "armed.db", kek=KEK)
     store.arm_many([("alpha", rrn(1), reversal(rrn(1)))], 1)
@@ -187,7 +277,7 @@ def test_a_failed_sync_refuses_every_later_arm(tmp_path: Path, monkeypatch: pyte
 
 def test_a_file_that_is_not_an_armed_log_stops_the_start(tmp_path: Path) -> None:
     path = tmp_path / "armed.db"
-    path.write_bytes(b"something else entirely" + bytes(5000))
+    path.write_bytes(b"something else entirely\n" * 1_000)
     with pytest.raises(ArmedStoreError, match="not an armed-reversal log"):
         ArmedStore(path, kek=KEK)
 
@@ -213,8 +303,80 @@ def test_an_sqlite_store_of_an_older_switch_is_moved_into_the_log(tmp_path: Path
     assert rrns(ArmedStore(path, kek=KEK)) == [rrn(1), rrn(2)]
 
 
+OLD_SWITCH = textwrap.dedent(
+    """
+    import os, sqlite3, sys
+    conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(
+        "CREATE TABLE armed (acquirer TEXT NOT NULL, rrn TEXT NOT NULL, fields BLOB NOT NULL, "
+        "created_ms INTEGER NOT NULL, PRIMARY KEY (acquirer, rrn))"
+    )
+    for i in range(3):  # rows of the oldest format: fields in clear
+        body = '{"2":"4761739001010119","4":"000000000100","37":"00000000000%d"}' % i
+        conn.execute("INSERT INTO armed VALUES ('alpha', ?, ?, ?)", ("00000000000%d" % i, body.encode(), i))
+    os._exit(0)  # killed: no checkpoint, the rows are in the WAL only
+    """
+)
+
+
+def test_an_older_file_killed_with_its_rows_in_the_wal_is_migrated_and_scrubbed(tmp_path: Path) -> None:
+    path = tmp_path / "armed.db"
+    subprocess.run([sys.executable, "-c", OLD_SWITCH, str(path)], check=True, timeout=60)
+    assert Path(f"{path}-wal").stat().st_size > 0
+    store = ArmedStore(path, kek=KEK)
+    assert rrns(store) == [rrn(0), rrn(1), rrn(2)]
+    assert store.all()[0][2]["2"] == "4761739001010119"
+    store.close()
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    assert b"9001010119" not in raw  # neither the database nor its WAL left a PAN behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["armed.db", "armed.db-b", "armed.db.lock"]
+
+
+@pytest.mark.parametrize("cut", ["before the log's commit", "while scrubbing the old file"])
+def test_a_migration_cut_short_is_finished_at_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut: str
+) -> None:
+    path = tmp_path / "armed.db"
+    subprocess.run([sys.executable, "-c", OLD_SWITCH, str(path)], check=True, timeout=60)
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise Killed
+
+    if cut == "before the log's commit":
+        monkeypatch.setattr(armed, "_header", killed)
+    else:
+        monkeypatch.setattr(armed.armed_legacy, "scrub", killed)
+    with pytest.raises(Killed):
+        ArmedStore(path, kek=KEK)
+    monkeypatch.undo()
+    store = ArmedStore(path, kek=KEK)
+    assert rrns(store) == [rrn(0), rrn(1), rrn(2)]
+    store.close()
+    assert b"9001010119" not in b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    assert not any(p.name.startswith("armed.db.sqlite") for p in tmp_path.iterdir())
+
+
 def test_the_slot_size_is_a_named_limit() -> None:
     with pytest.raises(msgspec.ValidationError, match="armed_slot_bytes must be at least 65536"):
         msgspec.convert({"armed_slot_bytes": 4096}, ServerConfig)
     with pytest.raises(ValueError, match="slot_bytes"):
         ArmedStore("unused.db", kek=KEK, slot_bytes=4096)
+
+
+@pytest.mark.parametrize("ledger_writer_process", [True, False])
+def test_a_damaged_armed_file_stops_the_switch_start_with_its_reason(
+    tmp_path: Path, ledger_writer_process: bool
+) -> None:
+    from switch.server.app import StartupError, Switch
+    from switch.server.testbed import build
+
+    config, _ = build(
+        tmp_path, {"alpha": 1, "beta": 2}, server={"ledger_writer_process": ledger_writer_process}
+    )
+    Path(config.server.armed_path).write_bytes(b"not armed reversals\n" * 1_000)
+    with pytest.raises(StartupError, match=r"armed\.db: not an armed-reversal log"):
+        Switch(config)
