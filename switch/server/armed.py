@@ -23,7 +23,8 @@ so the fdatasync writes no file-system metadata (docs/performance.md, session 6)
 Format: a slot starts with a header block (`MAGIC`, generation, a random salt, CRC-32 of the three);
 records follow from `HEADER_BYTES`: CRC-32 (u32) | body length (u32) | kind (u8, `ARM` or `RELEASE`) |
 body, the CRC seeded with the slot's generation and salt, so a record left from any other use of the
-slot -- an older generation, or a rotation that crashed before its header -- never reads as current.
+slot -- an older generation, or a rotation that crashed before its header -- does not read as current
+(the main guard is that a rotation zeroes what it does not overwrite; the seed is the second).
 Reading stops at the first record that does not check (zeros, or a write torn by a crash), as SQLite's
 WAL does: an arm is acknowledged only after the fdatasync that covers it and everything before it, so
 every acknowledged arm lies before that point.
@@ -32,7 +33,8 @@ Slots: when a group does not fit, the live set (reversals armed and not released
 is written to the other slot under the next generation and synced, then that slot's header is written
 and synced. That header write is the switch; a crash before it leaves the old slot current and whole.
 The old slot is then overwritten with zeros, so the sealed bytes of released reversals stay on disk for
-at most one slot's worth of appends. A process that becomes the writer always starts a new generation
+at most one slot's worth of appends (that zeroing is synced only at a take-over or a re-seal: after
+a power loss it is redone at the next start). A process that becomes the writer always starts a new generation
 first: whatever a crash left past the last record (a group whose sync never completed, half on disk)
 can then never be read as part of the log, and is zeroed with the old slot.
 
@@ -218,14 +220,17 @@ class ArmedStore:
             return len(self._live)
 
     # --- reading ----------------------------------------------------------------------------------
-    def _load(self) -> None:
+    def _load(self, unreadable_ok: bool = False) -> None:
         """The live set of the current slot (the valid slot with the highest generation), read again
-        if a writer's rotation changed the headers meanwhile."""
+        if a writer's rotation changed the headers meanwhile. `unreadable_ok`: a slot whose header does
+        not check holds nothing committed (a migration's first header torn by a crash)."""
         for _ in range(READ_ATTEMPTS):
             headers = self._headers()
-            state = self._read(headers)
+            state = self._read(headers, unreadable_ok)
             if self._headers() == headers:
                 break
+        else:
+            raise ArmedStoreError(f"armed reversals file {self.path}: changing under the reader; retry")
         live, head, current, epoch, dirty, sizes = state
         self._live, self._head, self._current, self._epoch = live, head, current, epoch
         self._dirty, self._sizes = dirty, sizes
@@ -240,7 +245,9 @@ class ArmedStore:
                 out.append(None)
         return out
 
-    def _read(self, headers: list[bytes | None]) -> tuple[Live, int, int, Epoch, list[int], list[int]]:
+    def _read(
+        self, headers: list[bytes | None], unreadable_ok: bool
+    ) -> tuple[Live, int, int, Epoch, list[int], list[int]]:
         best: tuple[int, Epoch] | None = None
         unreadable: list[int] = []
         for i, head in enumerate(headers):
@@ -252,17 +259,16 @@ class ArmedStore:
             elif epoch[0] and (best is None or epoch[0] > best[1][0]):
                 best = (i, epoch)
         datas = [_read_file(p) for p in self._paths]
-        dirty = [
-            HEADER_BYTES + len(d[HEADER_BYTES:].rstrip(b"\0")) if len(d) > HEADER_BYTES else HEADER_BYTES
-            for d in datas
-        ]
+        ends = [len(d.rstrip(b"\0")) for d in datas]  # past these, zeros
+        dirty = [max(HEADER_BYTES, end) for end in ends]
         sizes = [len(d) for d in datas]
+        for i in unreadable:
+            # A first header torn by a crash: a preallocated slot, zeros behind the header (no arm is
+            # acknowledged before that header is synced). Anything else is not ours to overwrite.
+            torn = sizes[i] >= MIN_ARMED_SLOT_BYTES and ends[i] <= _HEAD.size
+            if not (torn or unreadable_ok):
+                raise ArmedStoreError(f"armed reversals file {self._paths[i]}: not an armed-reversal log")
         if best is None:
-            # Nothing was ever committed, unless a slot that is not a log holds data: a first header
-            # torn by a crash leaves zeros behind it (no arm is acknowledged before that header).
-            for i in unreadable:
-                if dirty[i] > HEADER_BYTES:
-                    raise ArmedStoreError(f"armed reversals file {self._paths[i]}: not an armed-reversal log")
             first_target = 0  # the first generation goes to slot 0: "current" is the other one
             return {}, HEADER_BYTES, 1 - first_target, (0, 0), dirty, sizes
         i, epoch = best
@@ -296,7 +302,7 @@ class ArmedStore:
         the old file to scrub."""
         self._take_writer_lock()
         old = armed_legacy.set_aside(self.path)
-        self._load()
+        self._load(unreadable_ok=True)
         if self._epoch[0] == 0:  # not yet committed: the rows go into a first generation
             rows = armed_legacy.read_rows(old, self._sealer, _context)
             live: Live = {
@@ -306,6 +312,7 @@ class ArmedStore:
                 self._fds[i] = self._open_slot(i, 0)
             self._rotate(live, sync_scrub=True)
         armed_legacy.scrub(old)
+        self._reseal_if_needed()  # every record opens (and is under the current KEK), as at any start
 
     # --- writing ----------------------------------------------------------------------------------
     def _take_writer_lock(self) -> None:

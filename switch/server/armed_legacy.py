@@ -29,8 +29,9 @@ MIGRATING_SUFFIX = ".sqlite-migrating"
 
 
 def pending(path: str) -> bool:
-    """An old database at `path`, or one set aside and not yet scrubbed."""
-    return is_sqlite(path) or os.path.exists(path + MIGRATING_SUFFIX)
+    """An old database at `path`, or one set aside (or any of its side files) not yet scrubbed."""
+    moved = path + MIGRATING_SUFFIX
+    return is_sqlite(path) or any(os.path.exists(moved + s) for s in ("", *SIDE_FILES))
 
 
 def set_aside(path: str) -> str:
@@ -74,8 +75,9 @@ def read_rows(
 
 
 def scrub(path: str) -> None:
-    """Overwrite the old database and its side files with zeros, sync them, and remove them."""
-    for name in (path, *(path + s for s in SIDE_FILES)):
+    """Overwrite the old database and its side files with zeros, sync them, and remove them: side
+    files first, so a crash half-way still leaves a name `pending` finds."""
+    for name in (*(path + s for s in SIDE_FILES), path):
         try:
             fd = os.open(name, os.O_WRONLY)
         except FileNotFoundError:

@@ -275,11 +275,13 @@ def test_a_failed_sync_refuses_every_later_arm(tmp_path: Path, monkeypatch: pyte
     store.close()
 
 
-def test_a_file_that_is_not_an_armed_log_stops_the_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize("content", [b"something else entirely\n" * 1_000, b"small\n"])
+def test_a_file_that_is_not_an_armed_log_stops_the_start(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "armed.db"
-    path.write_bytes(b"something else entirely\n" * 1_000)
+    path.write_bytes(content)
     with pytest.raises(ArmedStoreError, match="not an armed-reversal log"):
         ArmedStore(path, kek=KEK)
+    assert path.read_bytes() == content  # and it was left as it was
 
 
 def test_an_sqlite_store_of_an_older_switch_is_moved_into_the_log(tmp_path: Path) -> None:
@@ -358,6 +360,73 @@ def test_a_migration_cut_short_is_finished_at_the_next_start(
     store.close()
     assert b"9001010119" not in b"".join(p.read_bytes() for p in tmp_path.iterdir())
     assert not any(p.name.startswith("armed.db.sqlite") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("unlinks_done", [0, 1, 2])
+def test_a_scrub_cut_between_its_files_is_finished_at_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unlinks_done: int
+) -> None:
+    """Killed after the log's commit, part-way through removing the old files (WAL and shm first,
+    the database last): the next start still sees what is left and scrubs it."""
+    path = tmp_path / "armed.db"
+    subprocess.run([sys.executable, "-c", OLD_SWITCH, str(path)], check=True, timeout=60)
+    real_unlink = os.unlink
+    done: list[str] = []
+
+    class Killed(BaseException):
+        pass
+
+    def unlink(name: str) -> None:
+        if len(done) == unlinks_done:
+            raise Killed
+        real_unlink(name)
+        done.append(name)
+
+    monkeypatch.setattr(armed.armed_legacy.os, "unlink", unlink)
+    with pytest.raises(Killed):
+        ArmedStore(path, kek=KEK)
+    monkeypatch.undo()
+    assert any(p.name.startswith("armed.db.sqlite") for p in tmp_path.iterdir())
+    store = ArmedStore(path, kek=KEK)
+    assert rrns(store) == [rrn(0), rrn(1), rrn(2)]
+    store.close()
+    assert not any(p.name.startswith("armed.db.sqlite") for p in tmp_path.iterdir())
+    assert b"9001010119" not in b"".join(p.read_bytes() for p in tmp_path.iterdir())
+
+
+def test_a_migration_whose_first_header_was_torn_reads_the_old_file_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "armed.db"
+    subprocess.run([sys.executable, "-c", OLD_SWITCH, str(path)], check=True, timeout=60)
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*args: object) -> None:
+        raise Killed
+
+    real_header = armed._header
+    monkeypatch.setattr(armed, "_header", lambda epoch: real_header(epoch)[:11] + bytes(17))  # torn
+    monkeypatch.setattr(armed.armed_legacy, "scrub", killed)  # and the power went right after
+    with pytest.raises(Killed):
+        ArmedStore(path, kek=KEK)
+    monkeypatch.undo()
+    store = ArmedStore(path, kek=KEK)
+    assert rrns(store) == [rrn(0), rrn(1), rrn(2)]
+    store.close()
+
+
+def test_a_reader_gives_up_clearly_when_the_headers_never_hold_still(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "armed.db"
+    ArmedStore(path, kek=KEK).arm_many([("alpha", rrn(1), reversal(rrn(1)))], 1)
+    calls = iter(range(1_000))
+    real_headers = ArmedStore._headers  # each look differs from the one before (a busy writer)
+    monkeypatch.setattr(ArmedStore, "_headers", lambda self: real_headers(self) + [None] * (next(calls) % 2))
+    with pytest.raises(ArmedStoreError, match="changing under the reader; retry"):
+        ArmedStore(path, kek=KEK)
 
 
 def test_the_slot_size_is_a_named_limit() -> None:
