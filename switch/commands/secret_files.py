@@ -14,6 +14,8 @@ import os
 import secrets
 from pathlib import Path
 
+from switch.server.dirsync import sync_parent_dir
+
 #: Mode of every key file written by the switch's commands.
 SECRET_FILE_MODE = 0o600
 
@@ -45,11 +47,7 @@ def write_secret_file(path: str | Path, text: str, *, force: bool = False) -> Pa
         else:
             os.link(tmp, target)  # fails if the file appeared meanwhile: never replaced silently
             os.unlink(tmp)
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        sync_parent_dir(target)
     except FileExistsError:
         raise SecretFileError(f"{target} exists; refusing to overwrite a key file (use --force)") from None
     except OSError as exc:

@@ -63,6 +63,7 @@ from switch.codec.keys import Kek
 from switch.codec.sealing import FieldSealer, SealingError, row_context
 from switch.config import MIN_ARMED_SLOT_BYTES
 from switch.server import armed_legacy
+from switch.server.dirsync import sync_parent_dir
 
 #: Purpose of this store's data keys (each store derives its own).
 SEAL_PURPOSE = "armed"
@@ -358,7 +359,7 @@ class ArmedStore:
             os.fsync(fd)  # the size changed: metadata too
             size = want
         if created:
-            _sync_dir(path)
+            sync_parent_dir(path)
         self._sizes[i] = size
         return fd
 
@@ -516,11 +517,3 @@ def _read_file(path: str) -> bytes:
             return f.read()
     except FileNotFoundError:
         return b""
-
-
-def _sync_dir(path: str) -> None:
-    fd = os.open(str(Path(path).parent), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from switch.codec.sealing import FieldSealer, decode_legacy, is_legacy
+from switch.server.dirsync import sync_parent_dir
 
 #: The first 16 bytes of every SQLite database file.
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -42,7 +43,7 @@ def set_aside(path: str) -> str:
             if os.path.exists(path + suffix):
                 os.replace(path + suffix, moved + suffix)
         os.replace(path, moved)
-        _sync_dir(path)
+        sync_parent_dir(path)
     return moved
 
 
@@ -92,12 +93,4 @@ def scrub(path: str) -> None:
         finally:
             os.close(fd)
         os.unlink(name)
-    _sync_dir(path)
-
-
-def _sync_dir(path: str) -> None:
-    fd = os.open(str(Path(path).parent), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    sync_parent_dir(path)

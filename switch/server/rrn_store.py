@@ -13,6 +13,8 @@ import fcntl
 import os
 from pathlib import Path
 
+from switch.server.dirsync import sync_parent_dir
+
 #: RRNs start at 1 (000000000000 is never issued).
 FIRST_RRN = 1
 
@@ -58,8 +60,4 @@ class RrnStore:
         finally:
             os.close(fd)
         os.replace(tmp, self.path)
-        dfd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        sync_parent_dir(self.path)

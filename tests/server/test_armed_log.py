@@ -25,6 +25,14 @@ KEK = Kek(bytes(range(32)))
 SMALL = armed.MIN_ARMED_SLOT_BYTES  # 64 KiB: a few hundred arms per slot, so the slots take turns
 
 
+class Killed(BaseException):
+    """The process dies here (raised from a patched step; BaseException: nothing catches it)."""
+
+
+def killed(*args: object, **kwargs: object) -> bytes:
+    raise Killed
+
+
 def reversal(rrn: str) -> dict[str, str]:
     return {"t": "0400", "2": "4761739001010119", "4": "000000001000", "37": rrn, "52": "AB" * 8}
 
@@ -136,12 +144,6 @@ def test_a_rotation_cut_before_its_header_is_never_read_later(tmp_path: Path, mo
     path = tmp_path / "armed.db"
     store = ArmedStore(path, kek=KEK, slot_bytes=SMALL)
     store.apply([(True, ("alpha", rrn(i), reversal(rrn(i)), i)) for i in range(100)])
-
-    class Killed(BaseException):
-        pass
-
-    def killed(epoch: tuple[int, int]) -> bytes:
-        raise Killed
 
     monkeypatch.setattr(armed, "_header", killed)
     with pytest.raises(Killed):
@@ -322,6 +324,22 @@ OLD_SWITCH = textwrap.dedent(
 )
 
 
+def migrate_killed_then_again(
+    path: Path, monkeypatch: pytest.MonkeyPatch, *, left_behind: bool = False
+) -> None:
+    """Open the store of OLD_SWITCH with a step patched to kill it; then (unpatched, as after a
+    restart) it opens with the three rows, and nothing of the old file is left."""
+    with pytest.raises(Killed):
+        ArmedStore(path, kek=KEK)
+    monkeypatch.undo()
+    if left_behind:
+        assert any(p.name.startswith("armed.db.sqlite") for p in path.parent.iterdir())
+    store = ArmedStore(path, kek=KEK)
+    assert rrns(store) == [rrn(0), rrn(1), rrn(2)]
+    store.close()
+    assert not any(p.name.startswith("armed.db.sqlite") for p in path.parent.iterdir())
+
+
 def test_an_older_file_killed_with_its_rows_in_the_wal_is_migrated_and_scrubbed(tmp_path: Path) -> None:
     path = tmp_path / "armed.db"
     subprocess.run([sys.executable, "-c", OLD_SWITCH, str(path)], check=True, timeout=60)
@@ -341,23 +359,11 @@ def test_a_migration_cut_short_is_finished_at_the_next_start(
 ) -> None:
     path = tmp_path / "armed.db"
     subprocess.run([sys.executable, "-c", OLD_SWITCH, str(path)], check=True, timeout=60)
-
-    class Killed(BaseException):
-        pass
-
-    def killed(*args: object, **kwargs: object) -> None:
-        raise Killed
-
     if cut == "before the log's commit":
         monkeypatch.setattr(armed, "_header", killed)
     else:
         monkeypatch.setattr(armed.armed_legacy, "scrub", killed)
-    with pytest.raises(Killed):
-        ArmedStore(path, kek=KEK)
-    monkeypatch.undo()
-    store = ArmedStore(path, kek=KEK)
-    assert rrns(store) == [rrn(0), rrn(1), rrn(2)]
-    store.close()
+    migrate_killed_then_again(path, monkeypatch)
     assert b"9001010119" not in b"".join(p.read_bytes() for p in tmp_path.iterdir())
     assert not any(p.name.startswith("armed.db.sqlite") for p in tmp_path.iterdir())
 
@@ -373,9 +379,6 @@ def test_a_scrub_cut_between_its_files_is_finished_at_the_next_start(
     real_unlink = os.unlink
     done: list[str] = []
 
-    class Killed(BaseException):
-        pass
-
     def unlink(name: str) -> None:
         if len(done) == unlinks_done:
             raise Killed
@@ -383,13 +386,7 @@ def test_a_scrub_cut_between_its_files_is_finished_at_the_next_start(
         done.append(name)
 
     monkeypatch.setattr(armed.armed_legacy.os, "unlink", unlink)
-    with pytest.raises(Killed):
-        ArmedStore(path, kek=KEK)
-    monkeypatch.undo()
-    assert any(p.name.startswith("armed.db.sqlite") for p in tmp_path.iterdir())
-    store = ArmedStore(path, kek=KEK)
-    assert rrns(store) == [rrn(0), rrn(1), rrn(2)]
-    store.close()
+    migrate_killed_then_again(path, monkeypatch, left_behind=True)
     assert not any(p.name.startswith("armed.db.sqlite") for p in tmp_path.iterdir())
     assert b"9001010119" not in b"".join(p.read_bytes() for p in tmp_path.iterdir())
 
@@ -399,22 +396,10 @@ def test_a_migration_whose_first_header_was_torn_reads_the_old_file_again(
 ) -> None:
     path = tmp_path / "armed.db"
     subprocess.run([sys.executable, "-c", OLD_SWITCH, str(path)], check=True, timeout=60)
-
-    class Killed(BaseException):
-        pass
-
-    def killed(*args: object) -> None:
-        raise Killed
-
     real_header = armed._header
     monkeypatch.setattr(armed, "_header", lambda epoch: real_header(epoch)[:11] + bytes(17))  # torn
     monkeypatch.setattr(armed.armed_legacy, "scrub", killed)  # and the power went right after
-    with pytest.raises(Killed):
-        ArmedStore(path, kek=KEK)
-    monkeypatch.undo()
-    store = ArmedStore(path, kek=KEK)
-    assert rrns(store) == [rrn(0), rrn(1), rrn(2)]
-    store.close()
+    migrate_killed_then_again(path, monkeypatch)
 
 
 def test_a_reader_gives_up_clearly_when_the_headers_never_hold_still(
